@@ -1,0 +1,16 @@
+"""fxtp: tensor parallelism for any PyTorch / Hugging Face model by rewriting its FX graph.
+
+    tp = fxtp.transform(model, world_size)     # inside an initialised process group
+    print(fxtp.plan(model, world_size))        # the decisions, no process group needed
+"""
+from .errors import (CaptureError, FxtpError, InputError, NotDivisibleError, PlanOverrideError,
+                     ProcessGroupError, WorldSizeMismatchError)
+from .plan import Plan, PlanEntry
+from .transform import META_KEY, TPInfo, plan_model as plan, transform
+
+__all__ = [
+    "transform", "plan", "Plan", "PlanEntry", "TPInfo", "META_KEY",
+    "FxtpError", "CaptureError", "InputError", "NotDivisibleError", "PlanOverrideError",
+    "ProcessGroupError", "WorldSizeMismatchError",
+]
+__version__ = "0.1.0"

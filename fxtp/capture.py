@@ -1,0 +1,136 @@
+"""Model -> FX GraphModule, through torch.export (non-strict) with dynamic batch and sequence.
+
+Hugging Face models get dummy inputs built from their config (`input_ids`, `attention_mask`,
+`use_cache=False`); any other module is captured from the `example_inputs` the user gives.
+The exported module keeps the model's calling convention (pytree in/out specs), so the
+rewritten graph returns the same output type (`CausalLMOutputWithPast`, tuples, ...).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+
+from .errors import CaptureError
+
+
+@dataclass
+class Captured:
+    """A captured graph plus what is needed to call it like the original model."""
+
+    gm: fx.GraphModule
+    arg_count: int
+    kwarg_names: tuple[str, ...]
+    defaults: dict[str, Any] = field(default_factory=dict)   # filled in when the caller omits them
+    hf: bool = False
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def hf_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> dict[str, Any]:
+    """Dummy inputs for a Hugging Face model, from its config: token ids within the vocab."""
+    cfg = model.config
+    vocab = getattr(cfg, "vocab_size", None) or 32
+    ids = torch.randint(0, vocab, (batch, seq))
+    params = inspect.signature(model.forward).parameters
+    kwargs: dict[str, Any] = {"input_ids": ids}
+    if "attention_mask" in params:
+        kwargs["attention_mask"] = torch.ones_like(ids)
+    if "use_cache" in params:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def _dynamic_shapes(args: tuple, kwargs: dict, hf: bool) -> tuple:
+    def spec(x: Any, name: str = "") -> Any:
+        if isinstance(x, torch.Tensor):
+            if hf and name in ("input_ids", "attention_mask", "token_type_ids", "position_ids"):
+                return {0: Dim.AUTO, 1: Dim.AUTO}
+            return {d: Dim.AUTO for d in range(x.dim())}
+        if isinstance(x, (list, tuple)):
+            return type(x)(spec(v) for v in x)
+        if isinstance(x, dict):
+            return {k: spec(v, k) for k, v in x.items()}
+        return None
+
+    return tuple(spec(a) for a in args), {k: spec(v, k) for k, v in kwargs.items()}
+
+
+def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
+    """Exports `model` to an ATen-level GraphModule with dynamic batch/sequence dims.
+
+    `example_inputs` is an args tuple, a kwargs dict, or a pair (args, kwargs). Required for
+    modules that are not Hugging Face models.
+    """
+    hf = is_hf_model(model)
+    args, kwargs = _split_inputs(model, example_inputs, hf)
+    was_training = model.training
+    model.eval()
+    dyn_args, dyn_kwargs = _dynamic_shapes(args, kwargs, hf)
+    try:
+        ep = torch.export.export(model, args, kwargs, strict=False,
+                                 dynamic_shapes=_dyn_for(model, dyn_args, dyn_kwargs, args, kwargs))
+    except Exception as e:  # torch raises many types here; all mean "cannot capture"
+        raise CaptureError(
+            f"fxtp could not capture {type(model).__name__} with torch.export: "
+            f"{type(e).__name__}: {_first_line(e)}. Make the forward traceable (no data-dependent "
+            "Python control flow on tensor values) or pass example_inputs that match its signature."
+        ) from e
+    finally:
+        model.train(was_training)
+    gm = ep.module()
+    defaults = {}
+    if hf:
+        if "use_cache" in kwargs:
+            defaults["use_cache"] = False
+    return Captured(gm=gm, arg_count=len(args), kwarg_names=tuple(kwargs), defaults=defaults, hf=hf)
+
+
+def _dyn_for(model: nn.Module, dyn_args: tuple, dyn_kwargs: dict, args: tuple, kwargs: dict) -> Any:
+    """dynamic_shapes keyed by forward's parameter names, as torch.export matches them."""
+    if not args:
+        return dyn_kwargs
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as e:
+        raise CaptureError(f"example_inputs do not match {type(model).__name__}.forward: {e}") from e
+    names = list(bound.arguments)
+    out = {name: d for name, d in zip(names, dyn_args)}
+    out.update(dyn_kwargs)
+    return out
+
+
+def _split_inputs(model: nn.Module, example_inputs: Any, hf: bool) -> tuple[tuple, dict]:
+    if example_inputs is None:
+        if not hf:
+            raise CaptureError(
+                f"{type(model).__name__} is not a Hugging Face model: pass example_inputs= "
+                "(an args tuple, a kwargs dict, or (args, kwargs)) so fxtp can capture it."
+            )
+        return (), hf_example_inputs(model)
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if (isinstance(example_inputs, tuple) and len(example_inputs) == 2
+            and isinstance(example_inputs[0], tuple) and isinstance(example_inputs[1], dict)):
+        return example_inputs[0], dict(example_inputs[1])
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise CaptureError(f"example_inputs must be a tuple, a dict or (args, kwargs), got "
+                       f"{type(example_inputs).__name__}")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""

@@ -1,0 +1,33 @@
+"""fxtp's errors: one base class so callers can catch everything fxtp raises on purpose.
+
+Every message names the node or module involved and says what to do about it.
+"""
+from __future__ import annotations
+
+
+class FxtpError(Exception):
+    """Base class of every error fxtp raises deliberately."""
+
+
+class CaptureError(FxtpError):
+    """The model could not be captured as an FX graph."""
+
+
+class ProcessGroupError(FxtpError):
+    """torch.distributed is not initialised, or its group disagrees with the request."""
+
+
+class WorldSizeMismatchError(ProcessGroupError):
+    """`world_size` differs from the size of the process group."""
+
+
+class NotDivisibleError(FxtpError):
+    """A sharded dimension (heads, kv heads, features) is not divisible by the world size."""
+
+
+class PlanOverrideError(FxtpError):
+    """A user override names a module that does not exist or asks for something impossible."""
+
+
+class InputError(FxtpError):
+    """The transformed module was called with inputs it was not captured for."""

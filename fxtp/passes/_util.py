@@ -1,0 +1,56 @@
+"""Small graph helpers shared by the passes."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+
+def nodes_by_name(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    return {n.name: n for n in gm.graph.nodes}
+
+
+def get_arg(node: fx.Node, path: tuple) -> Any:
+    head = node.args[path[0]] if isinstance(path[0], int) else node.kwargs[path[0]]
+    for p in path[1:]:
+        head = head[p]
+    return head
+
+
+def set_arg(node: fx.Node, path: tuple, value: Any) -> None:
+    """Replaces the argument at `path` ((i,), (i, j) into a list arg, or (kwarg name,))."""
+    def replace(container, rest):
+        if not rest:
+            return value
+        items = list(container)
+        items[rest[0]] = replace(items[rest[0]], rest[1:])
+        return type(container)(items) if isinstance(container, tuple) else items
+
+    if isinstance(path[0], int):
+        args = list(node.args)
+        args[path[0]] = replace(args[path[0]], path[1:])
+        node.args = tuple(args)
+    else:
+        kwargs = dict(node.kwargs)
+        kwargs[path[0]] = replace(kwargs[path[0]], path[1:])
+        node.kwargs = kwargs
+
+
+def set_tensor_attr(gm: fx.GraphModule, qualname: str, value: torch.Tensor) -> None:
+    """Stores `value` under the same qualified name, as a parameter, buffer or plain attribute."""
+    owner_name, _, leaf = qualname.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    if leaf in owner._parameters:
+        old = owner._parameters[leaf]
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
+    elif leaf in owner._buffers:
+        owner._buffers[leaf] = value
+    else:
+        setattr(owner, leaf, value)
+
+
+def get_tensor_attr(gm: fx.GraphModule, qualname: str) -> torch.Tensor:
+    owner_name, _, leaf = qualname.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    return getattr(owner, leaf)

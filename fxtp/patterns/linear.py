@@ -1,0 +1,149 @@
+"""Finds the linear layers of a captured graph: matmul-like ops with a parameter as one operand.
+
+Found by structure, not by name: `aten.linear`, `aten.addmm` (GPT-2's Conv1D, weight stored
+[in, out]), `aten.mm` and `aten.matmul` whose right operand is a 2-D parameter, possibly reached
+through `t`/`transpose`/`permute`. Biases are split into a separate `add` so that a row-parallel
+linear can add its bias once, after the all-reduce; `cleanup.fuse_biases` joins the pairs that
+stayed local again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+_TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
+LINEAR_OPS = {aten.linear.default, aten.mm.default, aten.matmul.default}
+BIAS_META = "fxtp_bias_of"
+
+
+@dataclass(frozen=True)
+class LinearMatch:
+    """A matmul of an activation with a parameter weight."""
+
+    node: str          # the matmul node
+    input: str         # the activation operand
+    weight: str        # qualified parameter name
+    out_dim: int       # dim of the parameter that holds the output features
+    in_dim: int        # dim of the parameter that is contracted with the activation
+    exclusive: bool    # the parameter is used by this matmul only (safe to slice)
+    out_features: int
+    in_features: int
+    module: str        # owning module path, e.g. "model.layers.0.self_attn.q_proj"
+
+
+def _trace_weight(node: fx.Node) -> Optional[tuple[fx.Node, bool]]:
+    """Follows transposes back to a get_attr; returns (get_attr, transposed?)."""
+    flipped = False
+    while node.op == "call_function" and node.target in _TRANSPOSES:
+        if node.target == aten.permute.default and list(node.args[1]) not in ([1, 0], [-1, -2]):
+            return None
+        flipped = not flipped
+        node = node.args[0]
+    if node.op != "get_attr":
+        return None
+    return node, flipped
+
+
+def _chain_users_ok(attr: fx.Node, use: fx.Node) -> bool:
+    """True if every use of the parameter flows into `use` only (through transposes)."""
+    stack = list(attr.users)
+    while stack:
+        u = stack.pop()
+        if u is use:
+            continue
+        if u.op == "call_function" and u.target in _TRANSPOSES and len(u.users) >= 1:
+            stack.extend(u.users)
+            continue
+        return False
+    return True
+
+
+def module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return _normalise_path(path)
+
+
+def _normalise_path(path: str) -> str:
+    # export writes ModuleList entries as "layers.0" or "layers[0]" and may prefix "L['self']."
+    path = path.replace("L['self'].", "").replace("L__self__.", "")
+    out = []
+    for part in path.replace("[", ".").replace("]", "").split("."):
+        if part:
+            out.append(part.strip("'\""))
+    return ".".join(out)
+
+
+def find_linears(gm: fx.GraphModule) -> dict[str, LinearMatch]:
+    """Every matmul-like node whose weight is a 2-D parameter, keyed by node name."""
+    targets: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            targets[n.target] = targets.get(n.target, 0) + 1
+    found: dict[str, LinearMatch] = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target == aten.linear.default:
+            x, w = n.args[0], n.args[1]
+            param_out, param_in = 0, 1
+        elif n.target in (aten.mm.default, aten.matmul.default):
+            x, w = n.args[0], n.args[1]
+            param_out, param_in = 1, 0
+        else:
+            continue
+        if not isinstance(w, fx.Node):
+            continue
+        traced = _trace_weight(w)
+        if traced is None:
+            continue
+        attr, flipped = traced
+        val = attr.meta.get("val")
+        if val is None or val.dim() != 2:
+            continue
+        if flipped:
+            param_out, param_in = param_in, param_out
+        exclusive = targets.get(attr.target, 0) == 1 and _chain_users_ok(attr, n)
+        owner = attr.target.rsplit(".", 1)[0] if "." in attr.target else module_path(n)
+        found[n.name] = LinearMatch(
+            node=n.name, input=x.name, weight=attr.target, out_dim=param_out, in_dim=param_in,
+            exclusive=exclusive, out_features=int(val.shape[param_out]),
+            in_features=int(val.shape[param_in]), module=owner,
+        )
+    return found
+
+
+def split_biases(gm: fx.GraphModule) -> None:
+    """Rewrites linear(x, W, b) -> linear(x, W) + b and addmm(b, x, W) -> mm(x, W) + b."""
+    g = gm.graph
+    for n in list(g.nodes):
+        if n.op != "call_function":
+            continue
+        if n.target == aten.linear.default and len(n.args) > 2 and n.args[2] is not None:
+            x, w, b = n.args[:3]
+            with g.inserting_before(n):
+                mm = g.create_node("call_function", aten.linear.default, (x, w), name=n.name + "_nobias")
+        elif n.target == aten.addmm.default and not n.kwargs and isinstance(n.args[0], fx.Node):
+            b, x, w = n.args[:3]
+            if b.meta.get("val") is None or b.meta["val"].dim() != 1:
+                continue
+            with g.inserting_before(n):
+                mm = g.create_node("call_function", aten.mm.default, (x, w), name=n.name + "_mm")
+        else:
+            continue
+        with g.inserting_after(mm):
+            add = g.create_node("call_function", aten.add.Tensor, (mm, b), name=n.name + "_bias")
+        for new in (mm, add):
+            new.meta.update({k: v for k, v in n.meta.items() if k in ("val", "nn_module_stack", "stack_trace", "source_fn_stack")})
+        add.meta[BIAS_META] = mm.name
+        n.replace_all_uses_with(add)
+        g.erase_node(n)
+    g.lint()
+

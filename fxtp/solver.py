@@ -1,0 +1,763 @@
+"""Decides the sharding of a captured graph by propagating placements through it.
+
+Every linear whose input is replicated is tried as a column-parallel source: its output is
+sharded on the feature dim. That placement is pushed forward op by op (view into heads,
+transpose, rotary, softmax, sdpa, activations, ...). A linear that receives a tensor sharded on
+the dim it contracts becomes row-parallel and yields a partial sum; the partial sum flows through
+ops that are linear in it and is all-reduced where an op needs the full value (the residual add):
+the Megatron pattern, found rather than named.
+
+When an op cannot take a sharded input (no rule, a reduction over the sharded dim, the model's
+output, a head count not divisible by the world size), every source connected to it is marked
+replicated with the reason and the propagation starts again. A few ops ask instead for the source
+to be split differently (a fused qkv split into thirds, kv heads fewer than ranks); the source's
+split is refined and the propagation starts again. The final pass records rank-independent
+actions that the rewrite passes turn into this rank's graph.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Optional
+
+import torch
+from torch import fx
+
+from .patterns.linear import LinearMatch, module_path
+from .sharding import REPLICATE, DimShard, Partial, Placement, Sharded, group_dims
+
+aten = torch.ops.aten
+
+# ---------------------------------------------------------------------------------------------
+# op families
+
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_IDENTITY = {
+    aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+    aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default,
+    aten.lift_fresh_copy.default, aten.type_as.default,
+}
+_DROPOUT = {aten.dropout.default}
+_SOFTMAX = {aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default}
+_REDUCTIONS = {
+    aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
+    aten.var.correction, aten.std.correction, aten.var.dim, aten.std.dim,
+}
+_NORMS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
+_SDPA = {
+    aten.scaled_dot_product_attention.default,
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+_SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
+_PARTIAL_SHAPE_OPS = _VIEWS | {
+    aten.transpose.int, aten.permute.default, aten.t.default, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.squeeze.dims,
+} | _IDENTITY
+_NO_OUTPUT = {aten._assert_tensor_metadata.default}
+
+
+def _is_pointwise(target) -> bool:
+    tags = getattr(target, "tags", ())
+    return torch.Tag.pointwise in tags
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+
+@dataclass(frozen=True)
+class Reason:
+    """Why something stayed replicated."""
+
+    text: str
+    node: str = ""
+    module: str = ""
+    kind: str = "unsupported"      # unsupported | not_divisible | override | output | shared
+
+    def __str__(self) -> str:
+        where = f" at {self.node}" + (f" ({self.module})" if self.module else "") if self.node else ""
+        return f"{self.text}{where}"
+
+
+@dataclass
+class Actions:
+    """Rank-independent rewrite instructions, keyed by node name."""
+
+    columns: dict[str, DimShard] = field(default_factory=dict)     # linear -> out-dim split
+    rows: dict[str, DimShard] = field(default_factory=dict)        # linear -> in-dim split
+    int_args: list[tuple[str, tuple, int]] = field(default_factory=list)   # (node, arg path, new int)
+    narrows: list[tuple[str, tuple, int, Optional[DimShard], DimShard]] = field(default_factory=list)
+    reduces: dict[str, list[str]] = field(default_factory=dict)    # partial value -> users
+    placements: dict[str, Placement] = field(default_factory=dict)
+    regions: dict[str, frozenset] = field(default_factory=dict)    # node -> sources feeding it
+
+
+@dataclass
+class Solution:
+    world_size: int
+    linears: dict[str, LinearMatch]
+    actions: Actions
+    replicated: dict[str, Reason]          # linear node -> reason it stayed replicated
+    components: list[frozenset]            # groups of sources sharded together
+    iterations: int
+
+
+class _Fail(Exception):
+    def __init__(self, text: str, kind: str = "unsupported"):
+        super().__init__(text)
+        self.text, self.kind = text, kind
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, items) -> None:
+        items = list(items)
+        for a in items[1:]:
+            self.parent[self.find(a)] = self.find(items[0])
+
+    def groups(self) -> list[frozenset]:
+        out: dict[str, set] = {}
+        for x in self.parent:
+            out.setdefault(self.find(x), set()).add(x)
+        return [frozenset(v) for v in out.values()]
+
+
+def _shape(node: Any) -> Optional[list]:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if isinstance(val, torch.Tensor):
+        return list(val.shape)
+    return None
+
+
+def _static(x) -> Optional[int]:
+    if isinstance(x, int):
+        return x
+    try:
+        if x.node.is_constant():
+            return int(x)
+    except AttributeError:
+        pass
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# one propagation pass
+
+class _Pass:
+    def __init__(self, gm: fx.GraphModule, world_size: int, linears: dict[str, LinearMatch],
+                 blocked: dict[str, Reason], source_specs: dict[str, DimShard]):
+        self.gm, self.ws, self.linears = gm, world_size, linears
+        self.blocked, self.source_specs = blocked, source_specs
+        self.pl: dict[fx.Node, Any] = {}
+        self.regions: dict[fx.Node, frozenset] = {}
+        self.uf = _UnionFind()
+        self.failures: list[tuple[frozenset, Reason]] = []
+        self.refines: dict[str, DimShard] = {}
+        self.actions = Actions()
+        self._reduced: set[fx.Node] = set()
+
+    # -- helpers ---------------------------------------------------------------------------
+    def placement(self, x: Any) -> Any:
+        if isinstance(x, fx.Node):
+            return self.pl.get(x, REPLICATE)
+        return REPLICATE
+
+    def _reduce(self, value: fx.Node, user: fx.Node) -> None:
+        users = self.actions.reduces.setdefault(value.name, [])
+        if user.name not in users:
+            users.append(user.name)
+
+    def _region_of(self, nodes) -> frozenset:
+        out: set = set()
+        for n in nodes:
+            out |= self.regions.get(n, frozenset())
+        return frozenset(out)
+
+    def _refine(self, spec: Sharded, dim: int, make) -> bool:
+        """Asks for the source behind `dim` to be split differently; True if it could."""
+        org = spec.origin_of(dim)
+        if org is None:
+            return False
+        src, unit = org
+        current = self.source_specs.get(src) or self._default_spec(src)
+        new = make(current, unit)
+        if new is None or new == current:
+            return False
+        self.refines[src] = new
+        return True
+
+    def _default_spec(self, src: str) -> DimShard:
+        return DimShard(self.ws, 1, (self.linears[src].out_features,))
+
+    # -- the pass -------------------------------------------------------------------------
+    def run(self) -> None:
+        for n in self.gm.graph.nodes:
+            try:
+                self._visit(n)
+            except _Fail as f:
+                sharded_inputs = [a for a in n.all_input_nodes if isinstance(self.placement(a), Sharded)]
+                region = self._region_of(sharded_inputs)
+                if n.name in self.linears and not region:
+                    region = frozenset({n.name})
+                self.failures.append((region, Reason(f.text, n.name, module_path(n), f.kind)))
+                for a in n.all_input_nodes:
+                    if isinstance(self.placement(a), Partial):
+                        self._reduce(a, n)
+                self.pl[n] = REPLICATE
+            if n in self.regions and self.regions[n]:
+                self.uf.union(self.regions[n])
+            self.actions.placements[n.name] = self.pl.get(n, REPLICATE)
+            if n in self.regions:
+                self.actions.regions[n.name] = self.regions[n]
+
+    def _visit(self, n: fx.Node) -> None:
+        if n.op in ("placeholder", "get_attr"):
+            self.pl[n] = REPLICATE
+            return
+        if n.op == "output":
+            for a in n.all_input_nodes:
+                p = self.placement(a)
+                if isinstance(p, Partial):
+                    self._reduce(a, n)
+                elif isinstance(p, Sharded):
+                    raise _Fail("a sharded value reaches the model output (the full tensor is "
+                                "needed there)", "output")
+            return
+        ins = n.all_input_nodes
+        placements = [self.placement(a) for a in ins]
+        if n.name in self.linears:
+            self._linear(n)
+            return
+        if all(p is REPLICATE for p in placements):
+            self.pl[n] = REPLICATE
+            return
+        if n.op != "call_function":
+            raise _Fail(f"{n.op} {n.target} receives a sharded value and fxtp has no rule for it")
+        self.regions[n] = self._region_of(ins)
+        target = n.target
+        # partial sums flow through ops that are linear in them; elsewhere they are reduced
+        if any(isinstance(p, Partial) for p in placements):
+            if self._partial_rule(n, placements):
+                return
+            for a, p in zip(ins, placements):
+                if isinstance(p, Partial):
+                    self._reduce(a, n)
+            placements = [REPLICATE if isinstance(p, Partial) else p for p in placements]
+            if all(p is REPLICATE for p in placements):
+                self.pl[n] = REPLICATE
+                self.regions.pop(n, None)
+                return
+        self.pl[n] = self._sharded_rule(n, target)
+
+    # -- partial sums ---------------------------------------------------------------------
+    def _partial_rule(self, n: fx.Node, placements: list) -> bool:
+        t = n.target
+        kinds = [type(p) for p in placements]
+        tensors = [a for a in n.args if isinstance(a, fx.Node)]
+        if t in _PARTIAL_SHAPE_OPS or (t in _DROPOUT and not _dropout_active(n)):
+            if len(tensors) == 1 and Sharded not in kinds:
+                self.pl[n] = Partial()
+                return True
+            return False
+        if t in (aten.add.Tensor, aten.sub.Tensor) and len(tensors) == 2 and all(k is Partial for k in kinds):
+            self.pl[n] = Partial()
+            return True
+        if t in (aten.mul.Tensor, aten.div.Tensor, aten.neg.default) and Sharded not in kinds:
+            if kinds.count(Partial) == 1 and (t != aten.div.Tensor or isinstance(self.placement(n.args[0]), Partial)):
+                self.pl[n] = Partial()
+                return True
+        return False
+
+    # -- linears --------------------------------------------------------------------------
+    def _linear(self, n: fx.Node) -> None:
+        m = self.linears[n.name]
+        x = n.args[0]
+        xp = self.placement(x)
+        if isinstance(xp, Partial):
+            self._reduce(x, n)
+            xp = REPLICATE
+        if xp is REPLICATE:
+            self.pl[n] = REPLICATE
+            if n.name in self.blocked:
+                return
+            if not m.exclusive:
+                self.blocked[n.name] = Reason(f"weight {m.weight} is shared with another op (tied)",
+                                              n.name, m.module, "shared")
+                return
+            spec = self.source_specs.get(n.name) or self._default_spec(n.name)
+            if not spec.valid():
+                raise _Fail(f"{m.out_features} output features of {m.module} cannot be split "
+                            f"into {spec.parts} equal parts", "not_divisible")
+            out_rank = len(_shape(n))
+            self.regions[n] = frozenset({n.name})
+            self.actions.columns[n.name] = spec
+            self.pl[n] = Sharded.of({out_rank - 1: spec}, {out_rank - 1: (n.name, 1)})
+            return
+        # the activation is sharded
+        self.regions[n] = self._region_of([x])
+        rank = len(_shape(x))
+        contraction = xp.get(rank - 1)
+        if contraction is None:
+            # sharded on batch-like dims only: a replicated weight keeps that placement
+            self.pl[n] = Sharded.of(xp.as_dict())
+            return
+        if len(xp.dims) > 1:
+            raise _Fail("input is sharded on the contracted dim and another dim")
+        if n.name in self.blocked and self.blocked[n.name].kind == "override":
+            raise _Fail(f"user override keeps {m.module} replicated", "override")
+        if not m.exclusive:
+            raise _Fail(f"weight {m.weight} is shared with another op, its input dim cannot be "
+                        "split", "shared")
+        self.actions.rows[n.name] = contraction
+        self.pl[n] = Partial()
+
+    # -- sharded values -------------------------------------------------------------------
+    def _sharded_rule(self, n: fx.Node, t) -> Any:
+        x0 = n.args[0] if n.args else None
+        if t in _NO_OUTPUT:
+            return REPLICATE
+        if t == aten.sym_size.int:
+            sp = self.placement(x0)
+            if isinstance(sp, Sharded) and sp.get(_norm(n.args[1], len(_shape(x0)))):
+                raise _Fail("reads the size of a sharded dim")
+            return REPLICATE
+        if t is operator.getitem:
+            parent = self.placement(x0)
+            if isinstance(parent, (list, tuple)):
+                return parent[n.args[1]]
+            raise _Fail("getitem on a sharded tensor")
+        if t in _VIEWS:
+            return self._view(n)
+        if t in (aten.transpose.int, aten.permute.default, aten.t.default, aten.numpy_T.default):
+            return self._permute(n)
+        if t == aten.unsqueeze.default:
+            return self._unsqueeze(n)
+        if t in (aten.squeeze.dim, aten.squeeze.dims):
+            return self._squeeze(n)
+        if t == aten.expand.default:
+            return self._expand(n)
+        if t in _IDENTITY or (t in _DROPOUT and not _dropout_active(n)):
+            if len([a for a in n.all_input_nodes]) == 1:
+                return self._same(x0)
+        if t == aten.slice.Tensor:
+            return self._slice(n)
+        if t in _SPLITS:
+            return self._split(n)
+        if t == aten.cat.default:
+            return self._cat(n)
+        if t in _SDPA:
+            return self._sdpa(n)
+        if t in _SOFTMAX:
+            return self._keep_unless(n, [n.args[1]])
+        if t in _REDUCTIONS:
+            return self._reduction(n)
+        if t in _NORMS:
+            return self._norm(n)
+        if t in (aten.bmm.default, aten.matmul.default):
+            return self._matmul(n)
+        if _is_pointwise(t):
+            return self._pointwise(n)
+        raise _Fail(f"no sharding rule for {getattr(t, '__name__', t)}; the value it reads is sharded")
+
+    def _same(self, x) -> Sharded:
+        sp = self.placement(x)
+        if not isinstance(sp, Sharded):
+            raise _Fail("expected a sharded input")
+        return sp
+
+    def _input(self, n: fx.Node) -> tuple[fx.Node, Sharded, list]:
+        x = n.args[0]
+        sp = self.placement(x)
+        if not isinstance(sp, Sharded):
+            raise _Fail("expected a sharded input")
+        return x, sp, _shape(x)
+
+    def _view(self, n: fx.Node) -> Sharded:
+        x, sp, src = self._input(n)
+        dst = _shape(n)
+        groups = group_dims(src, dst)
+        if groups is None:
+            raise _Fail(f"cannot relate view shapes {src} -> {dst}")
+        dims: dict[int, DimShard] = {}
+        origin: dict[int, tuple[str, int]] = {}
+        for gi, go in groups:
+            sh = [(d, sp.get(d)) for d in gi if sp.get(d) is not None]
+            if not sh:
+                continue
+            if len(sh) > 1:
+                raise _Fail("merges two sharded dims")
+            d, ds = sh[0]
+            if any(_static(src[k]) != 1 for k in gi if k < d):
+                raise _Fail("merges a sharded dim into an outer dim; the shard would not be contiguous")
+            inner_in = _prod([src[k] for k in gi if k > d])
+            if inner_in is None:
+                raise _Fail("merges a sharded dim with a dynamic dim")
+            flat = ds.scaled(inner_in)
+            outs = [j for j in go if _static(dst[j]) != 1]
+            if not outs:
+                raise _Fail("views a sharded dim as size 1")
+            j = outs[0]
+            inner_out = _prod([dst[k] for k in go if k > j])
+            if inner_out is None:
+                raise _Fail("splits a sharded dim into a dynamic dim")
+            new = flat.scaled(1, inner_out)
+            org = sp.origin_of(d)
+            unit = None
+            if org is not None:
+                u = Fraction(org[1], inner_in) * inner_out
+                unit = int(u) if u.denominator == 1 else None
+            if new is None or not new.valid():
+                outer = _static(dst[j])
+                if (outer and len(ds.chunks) == 1 and ds.parts % outer == 0 and unit is not None
+                        and self._refine(sp, d, lambda cur, _u: DimShard(
+                            outer, cur.stride * (cur.parts // outer), cur.chunks)
+                            if cur.parts % outer == 0 and cur.parts != outer else None)):
+                    raise _Fail("source split refined", "refine")
+                raise _Fail(f"splits a dim of {ds.size} into {dst[j]} x {inner_out}: {dst[j]} is "
+                            f"not divisible by {ds.parts} ranks", "not_divisible")
+            dims[j] = new
+            if unit is not None:
+                origin[j] = (org[0], unit)
+            self._rewrite_size(n, 1, j, new)
+        return Sharded.of(dims, origin)
+
+    def _rewrite_size(self, n: fx.Node, arg: int, pos: int, spec: DimShard) -> None:
+        sizes = n.args[arg]
+        if not isinstance(sizes, (list, tuple)) or pos >= len(sizes):
+            raise _Fail("size argument not a list")
+        v = sizes[pos]
+        if isinstance(v, int):
+            if v == -1 or v == spec.local_size:
+                return
+            if v != spec.size:
+                raise _Fail(f"size constant {v} does not match the sharded dim of {spec.size}")
+            self.actions.int_args.append((n.name, (arg, pos), spec.local_size))
+            return
+        raise _Fail("a sharded dim's size is computed at run time")
+
+    def _permute(self, n: fx.Node) -> Sharded:
+        x, sp, src = self._input(n)
+        r = len(src)
+        if n.target == aten.transpose.int:
+            a, b = _norm(n.args[1], r), _norm(n.args[2], r)
+            perm = list(range(r))
+            perm[a], perm[b] = perm[b], perm[a]
+        elif n.target == aten.permute.default:
+            perm = [_norm(d, r) for d in n.args[1]]
+        else:
+            perm = list(reversed(range(r)))
+        inv = {old: new for new, old in enumerate(perm)}
+        return Sharded.of({inv[d]: s for d, s in sp.dims},
+                          {inv[d]: o for d, o in sp.origin_dict().items()})
+
+    def _unsqueeze(self, n: fx.Node) -> Sharded:
+        x, sp, src = self._input(n)
+        d0 = _norm(n.args[1], len(src) + 1)
+        shift = lambda d: d + 1 if d >= d0 else d
+        return Sharded.of({shift(d): s for d, s in sp.dims},
+                          {shift(d): o for d, o in sp.origin_dict().items()})
+
+    def _squeeze(self, n: fx.Node) -> Sharded:
+        x, sp, src = self._input(n)
+        dims = n.args[1] if isinstance(n.args[1], (list, tuple)) else [n.args[1]]
+        gone = {_norm(d, len(src)) for d in dims if _static(src[_norm(d, len(src))]) == 1}
+        if any(d in gone for d, _ in sp.dims):
+            raise _Fail("squeezes a sharded dim")
+        shift = lambda d: d - sum(1 for g in gone if g < d)
+        return Sharded.of({shift(d): s for d, s in sp.dims},
+                          {shift(d): o for d, o in sp.origin_dict().items()})
+
+    def _expand(self, n: fx.Node) -> Sharded:
+        x, sp, src = self._input(n)
+        off = len(n.args[1]) - len(src)
+        dims = {d + off: s for d, s in sp.dims}
+        for d, s in dims.items():
+            self._rewrite_size(n, 1, d, s)
+        return Sharded.of(dims, {d + off: o for d, o in sp.origin_dict().items()})
+
+    def _boundaries(self, ds: DimShard) -> list[int]:
+        out, acc = [0], 0
+        for c in ds.chunks:
+            acc += c
+            out.append(acc)
+        return out
+
+    def _cut(self, n: fx.Node, sp: Sharded, dim: int, cuts: list[int]) -> list[DimShard]:
+        """Splits a sharded dim at global offsets `cuts`; each piece must be whole chunks."""
+        ds = sp.get(dim)
+        bounds = self._boundaries(ds)
+        if all(c in bounds for c in cuts):
+            pieces = []
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                i, j = bounds.index(a), bounds.index(b)
+                pieces.append(DimShard(ds.parts, ds.stride, ds.chunks[i:j]))
+            return pieces
+
+        def make(cur: DimShard, unit: int) -> Optional[DimShard]:
+            src_cuts = sorted(set(self._boundaries(cur)) | {c * unit for c in cuts})
+            chunks = tuple(b - a for a, b in zip(src_cuts[:-1], src_cuts[1:]) if b > a)
+            return DimShard(cur.parts, cur.stride, chunks)
+        if self._refine(sp, dim, make):
+            raise _Fail("source split refined", "refine")
+        raise _Fail(f"cuts a sharded dim at {cuts}, not at the boundaries of its shards")
+
+    def _slice(self, n: fx.Node) -> Sharded:
+        x, sp, src = self._input(n)
+        dim = _norm(n.args[1] if len(n.args) > 1 else 0, len(src))
+        ds = sp.get(dim)
+        if ds is None:
+            return sp
+        start = n.args[2] if len(n.args) > 2 else 0
+        end = n.args[3] if len(n.args) > 3 else None
+        step = n.args[4] if len(n.args) > 4 else 1
+        if step != 1 or not isinstance(start, (int, type(None))) or not isinstance(end, (int, type(None))):
+            raise _Fail("strided or dynamic slice of a sharded dim")
+        size = ds.size
+        start = 0 if start is None else (start + size if start < 0 else min(start, size))
+        end = size if end is None else (end + size if end < 0 else min(end, size))
+        piece, = self._cut(n, sp, dim, [start, end])
+        lstart = sum(c // ds.parts for c, b in zip(ds.chunks, self._boundaries(ds)) if b < start)
+        self.actions.int_args.append((n.name, (2,), lstart))
+        self.actions.int_args.append((n.name, (3,), lstart + piece.local_size))
+        dims = sp.as_dict()
+        dims[dim] = piece
+        return Sharded.of(dims)
+
+    def _split(self, n: fx.Node) -> list:
+        x, sp, src = self._input(n)
+        outs = n.meta.get("val")
+        dim = _norm(n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0), len(src))
+        ds = sp.get(dim)
+        if ds is None:
+            return [sp for _ in outs]
+        sizes = [int(o.shape[dim]) for o in outs]
+        cuts = [0]
+        for s in sizes:
+            cuts.append(cuts[-1] + s)
+        pieces = self._cut(n, sp, dim, cuts)
+        locals_ = [p.local_size for p in pieces]
+        if n.target == aten.split_with_sizes.default:
+            for i, v in enumerate(locals_):
+                self.actions.int_args.append((n.name, (1, i), v))
+        elif n.target == aten.split.Tensor:
+            if any(v != locals_[0] for v in locals_[:-1]) or locals_[-1] > locals_[0]:
+                raise _Fail("split pieces would have unequal local sizes")
+            self.actions.int_args.append((n.name, (1,), locals_[0]))
+        # chunk(n) keeps its count: equal global pieces give equal local pieces
+        result = []
+        for p in pieces:
+            dims = sp.as_dict()
+            dims[dim] = p
+            result.append(Sharded.of(dims))
+        return result
+
+    def _cat(self, n: fx.Node) -> Sharded:
+        tensors = n.args[0]
+        out = _shape(n)
+        dim = _norm(n.args[1] if len(n.args) > 1 else 0, len(out))
+        specs = [self.placement(t) for t in tensors]
+        if all(isinstance(s, Sharded) and s.get(dim) for s in specs):
+            first = specs[0].get(dim)
+            if any((s.get(dim).parts, s.get(dim).stride) != (first.parts, first.stride) for s in specs):
+                raise _Fail("concatenates differently sharded pieces")
+            rest = [tuple((d, v) for d, v in s.dims if d != dim) for s in specs]
+            if any(r != rest[0] for r in rest):
+                raise _Fail("concatenates differently sharded pieces")
+            chunks = tuple(c for s in specs for c in s.get(dim).chunks)
+            dims = dict(rest[0])
+            dims[dim] = DimShard(first.parts, first.stride, chunks)
+            return Sharded.of(dims)
+        return self._align(n, [(0, i) for i in range(len(tensors))], out, forbid=[dim])
+
+    def _sdpa(self, n: fx.Node) -> Sharded:
+        q = n.args[0]
+        out = _shape(q)
+        r = len(out)
+        operands = [(i,) for i in range(3)]
+        if len(n.args) > 3 and isinstance(n.args[3], fx.Node):
+            operands.append((3,))
+        if n.kwargs.get("enable_gqa"):
+            raise _Fail("sdpa with enable_gqa has no sharding rule yet")
+        result = self._align(n, operands, out, forbid=[r - 2, r - 1], allow_rank_diff=True)
+        return result
+
+    def _keep_unless(self, n: fx.Node, dims: list) -> Sharded:
+        x, sp, src = self._input(n)
+        for d in dims:
+            if sp.get(_norm(d, len(src))) is not None:
+                raise _Fail(f"{n.target} runs along a sharded dim")
+        if n.target in _SOFTMAX or len(n.all_input_nodes) == 1:
+            return sp
+        raise _Fail("unexpected operands")
+
+    def _reduction(self, n: fx.Node) -> Sharded:
+        x, sp, src = self._input(n)
+        r = len(src)
+        dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        if dims is None:
+            raise _Fail("reduces over all dims of a sharded tensor")
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        dims = {_norm(d, r) for d in dims}
+        keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+        if any(d in dims for d, _ in sp.dims):
+            raise _Fail(f"{n.target} reduces over a sharded dim")
+        if keep:
+            return sp
+        shift = lambda d: d - sum(1 for g in dims if g < d)
+        return Sharded.of({shift(d): s for d, s in sp.dims})
+
+    def _norm(self, n: fx.Node) -> Any:
+        x, sp, src = self._input(n)
+        if any(isinstance(self.placement(a), Sharded) for a in n.all_input_nodes if a is not x):
+            raise _Fail("normalisation with sharded affine parameters")
+        k = len(n.args[1]) if len(n.args) > 1 and isinstance(n.args[1], (list, tuple)) else 1
+        if any(d >= len(src) - k for d, _ in sp.dims):
+            raise _Fail("normalises over a sharded dim")
+        if n.target == aten.native_layer_norm.default:
+            return [sp, sp, sp]
+        return sp
+
+    def _matmul(self, n: fx.Node) -> Any:
+        a, b = n.args[0], n.args[1]
+        sa, sb = _shape(a), _shape(b)
+        if len(sa) < 2 or len(sb) < 2:
+            raise _Fail("matmul of vectors on sharded values")
+        out = _shape(n)
+        pa, pb = self.placement(a), self.placement(b)
+        ka = pa.get(len(sa) - 1) if isinstance(pa, Sharded) else None
+        kb = pb.get(len(sb) - 2) if isinstance(pb, Sharded) else None
+        if ka is not None or kb is not None:
+            raise _Fail("matmul contracts a sharded dim")
+        for p, s, d in ((pa, sa, len(sa) - 2), (pb, sb, len(sb) - 1)):
+            if isinstance(p, Sharded) and p.get(d) is not None:
+                raise _Fail("matmul with a sharded row/column dim")
+        # batch dims behave like broadcasting
+        return self._align(n, [(0,), (1,)], out, forbid=[len(out) - 2, len(out) - 1],
+                           allow_rank_diff=True, trailing=2)
+
+    def _pointwise(self, n: fx.Node) -> Sharded:
+        out = _shape(n)
+        if out is None:
+            raise _Fail("pointwise op without a tensor result")
+        paths = []
+        for i, a in enumerate(n.args):
+            if isinstance(a, fx.Node) and _shape(a) is not None:
+                paths.append((i,))
+        for k, a in n.kwargs.items():
+            if isinstance(a, fx.Node) and _shape(a) is not None:
+                paths.append((k,))
+        return self._align(n, paths, out)
+
+    def _align(self, n: fx.Node, paths: list[tuple], out: list, forbid=(), allow_rank_diff=False,
+               trailing: int = 0) -> Sharded:
+        """Broadcast-aligns operands; all sharded dims must agree, replicated ones are narrowed."""
+        r = len(out)
+        operands = []
+        for path in paths:
+            node = _get(n, path)
+            shp = _shape(node)
+            operands.append((path, node, self.placement(node), shp, r - len(shp)))
+        want: dict[int, DimShard] = {}
+        origin: dict[int, tuple[str, int]] = {}
+        for path, node, p, shp, off in operands:
+            if isinstance(p, Partial):
+                raise _Fail("partial sum meets a sharded value")
+            if isinstance(p, Sharded):
+                for d, s in p.dims:
+                    od = d + off
+                    if od in forbid or (od < 0):
+                        raise _Fail(f"{n.target} needs dim {d} whole but it is sharded")
+                    cur = want.get(od)
+                    if cur is None or s.parts > cur.parts:
+                        want[od] = s
+                        if p.origin_of(d) is not None and str(shp[d]) == str(out[od]):
+                            origin[od] = p.origin_of(d)
+                        else:
+                            origin.pop(od, None)
+        for path, node, p, shp, off in operands:
+            for od, s in want.items():
+                d = od - off
+                if d < 0 or _static(shp[d]) == 1:
+                    continue
+                have = p.get(d) if isinstance(p, Sharded) else None
+                if have == s:
+                    continue
+                if have is not None and not have.covers(s, self.ws):
+                    raise _Fail(f"operands of {n.target} are sharded differently")
+                if isinstance(p, Sharded) and have is None:
+                    raise _Fail(f"operands of {n.target} are sharded on different dims")
+                if have is None and _static(shp[d]) != s.size:
+                    raise _Fail(f"operand size {shp[d]} does not match the sharded dim")
+                self.actions.narrows.append((n.name, path, d, have, s))
+        return Sharded.of(want, origin)
+
+
+def _dropout_active(n: fx.Node) -> bool:
+    train = n.args[2] if len(n.args) > 2 else n.kwargs.get("train", False)
+    p = n.args[1] if len(n.args) > 1 else n.kwargs.get("p", 0.0)
+    return bool(train) and p > 0
+
+
+def _get(n: fx.Node, path: tuple):
+    head = n.args[path[0]] if isinstance(path[0], int) else n.kwargs[path[0]]
+    for p in path[1:]:
+        head = head[p]
+    return head
+
+
+def _norm(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+def _prod(sizes) -> Optional[int]:
+    out = 1
+    for s in sizes:
+        v = _static(s)
+        if v is None:
+            return None
+        out *= v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+def solve(gm: fx.GraphModule, world_size: int, linears: dict[str, LinearMatch],
+          overrides: Optional[dict[str, Reason]] = None, max_iterations: int = 200) -> Solution:
+    """Finds the sharding: runs propagation passes until no region fails or needs refining."""
+    blocked: dict[str, Reason] = dict(overrides or {})
+    source_specs: dict[str, DimShard] = {}
+    refined_count: dict[str, int] = {}
+    for it in range(1, max_iterations + 1):
+        p = _Pass(gm, world_size, linears, blocked, source_specs)
+        p.run()
+        real = [(reg, why) for reg, why in p.failures if why.kind != "refine"]
+        if not real and not p.refines:
+            return Solution(world_size, linears, p.actions,
+                            {k: v for k, v in blocked.items() if k in linears},
+                            p.uf.groups(), it)
+        for region, why in real:
+            group: set = set()
+            for src in region:
+                root = p.uf.find(src)
+                group |= {s for s in p.uf.parent if p.uf.find(s) == root}
+            for src in group | set(region):
+                blocked.setdefault(src, why)
+        for src, spec in p.refines.items():
+            if src in blocked:
+                continue
+            refined_count[src] = refined_count.get(src, 0) + 1
+            if refined_count[src] > 8:
+                blocked[src] = Reason("its split could not be settled", src, linears[src].module)
+                continue
+            source_specs[src] = spec
+    raise RuntimeError("fxtp: sharding propagation did not converge")

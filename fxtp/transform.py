@@ -1,0 +1,124 @@
+"""fxtp.plan and fxtp.transform: capture, solve, rewrite for this rank."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import fx, nn
+
+from .capture import Captured, capture
+from .errors import InputError, NotDivisibleError, PlanOverrideError
+from .passes import (cleanup, insert_all_reduces, insert_local_slices, rewrite_shape_constants,
+                     shard_linear_params)
+from .patterns.linear import split_biases
+from .plan import Plan, build_plan
+from .runtime import GroupInfo, resolve_group
+
+META_KEY = "fxtp"
+
+
+@dataclass
+class TPInfo:
+    """What fxtp did to a graph; stored in `tp.meta["fxtp"]` for explain/draw and tests."""
+
+    plan: Plan
+    rank: int
+    world_size: int
+    group_name: str
+    sharded_params: dict[str, tuple[tuple, tuple]] = field(default_factory=dict)
+    sliced_attrs: list[str] = field(default_factory=list)
+    rewritten_constants: list[tuple[str, object, int]] = field(default_factory=list)
+    all_reduce_nodes: list[str] = field(default_factory=list)
+
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "config", None)
+    kind = getattr(cfg, "model_type", None)
+    return f"{type(model).__name__}" + (f" ({kind})" if kind else "")
+
+
+def plan_model(model: nn.Module, world_size: int, *, example_inputs: Any = None,
+         overrides: Optional[dict[str, str]] = None) -> Plan:
+    """The sharding decisions for `model` at `world_size`; needs no process group."""
+    if world_size < 1:
+        raise PlanOverrideError(f"world_size must be >= 1, got {world_size}")
+    captured = capture(model, example_inputs)
+    split_biases(captured.gm)
+    return build_plan(captured, world_size, _model_name(model), overrides)
+
+
+def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
+              group: Optional[dist.ProcessGroup] = None, example_inputs: Any = None) -> fx.GraphModule:
+    """Returns this rank's tensor-parallel GraphModule of `model`.
+
+    Call it on every rank of an initialised process group (`group`, default WORLD) with the
+    same model weights. The result takes the model's inputs and returns its outputs on every
+    rank; its parameters keep their names and hold this rank's slices.
+    """
+    info = resolve_group(world_size, group)
+    if plan is None:
+        plan = plan_model(model, world_size, example_inputs=example_inputs)
+    elif plan.world_size != world_size:
+        raise PlanOverrideError(f"the plan was made for world_size={plan.world_size}, not "
+                                f"{world_size}: rebuild it with fxtp.plan(model, {world_size})")
+    if plan.captured is None:
+        raise PlanOverrideError("the plan has no captured graph (loaded from JSON?); build it "
+                                "with fxtp.plan(model, world_size)")
+    if plan.not_divisible:
+        r = plan.not_divisible[0]
+        raise NotDivisibleError(
+            f"{r.module or r.node}: {r.text} (node {r.node}). Choose a world_size that divides "
+            f"the head count, or keep it replicated: fxtp.transform(model, {world_size}, "
+            f"plan=fxtp.plan(model, {world_size}).override({{{(r.module or r.node)!r}: 'replicate'}}))")
+    gm = rewrite(plan, info)
+    _install_input_defaults(gm, plan.captured)
+    return gm
+
+
+def rewrite(plan: Plan, info: GroupInfo) -> fx.GraphModule:
+    """Applies the plan's actions to a copy of the captured graph for `info.rank`."""
+    captured, sol = plan.captured, plan.solution
+    gm = copy.deepcopy(captured.gm)
+    tp = TPInfo(plan=plan, rank=info.rank, world_size=info.world_size, group_name=info.group_name)
+    if info.world_size > 1:
+        tp.sharded_params = shard_linear_params(gm, sol.actions, sol.linears, info.rank)
+        tp.rewritten_constants = rewrite_shape_constants(gm, sol.actions)
+        tp.sliced_attrs = insert_local_slices(gm, sol.actions, info.rank)
+        tp.all_reduce_nodes = insert_all_reduces(gm, sol.actions, info.group_name)
+    cleanup(gm)
+    gm.meta[META_KEY] = tp
+    return gm
+
+
+def _install_input_defaults(gm: fx.GraphModule, captured: Captured) -> None:
+    """Lets the result be called like the model: fills inputs the capture fixed (use_cache=False,
+    an all-ones attention_mask) and names the accepted inputs when a caller passes others."""
+    names = captured.kwarg_names
+    defaults = dict(captured.defaults)
+
+    def hook(module, args, kwargs):
+        if len(args) > captured.arg_count:
+            raise InputError(f"fxtp: got {len(args)} positional inputs, captured with "
+                             f"{captured.arg_count}; pass inputs as {names or 'positional'}")
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            raise InputError(f"fxtp: inputs {unknown} were not part of the capture; the "
+                             f"transformed model takes {list(names)}. Pass example_inputs with "
+                             "them to fxtp.plan/transform to capture them.")
+        missing = [k for k in names if k not in kwargs]
+        if missing:
+            kwargs = dict(kwargs)
+            for k in missing:
+                if k in defaults:
+                    kwargs[k] = defaults[k]
+                elif k == "attention_mask" and captured.hf and "input_ids" in kwargs:
+                    kwargs[k] = torch.ones_like(kwargs["input_ids"])
+                else:
+                    raise InputError(f"fxtp: input {k!r} is required (the model was captured "
+                                     "with it)")
+        return args, kwargs
+
+    gm.register_forward_pre_hook(hook, with_kwargs=True)
