@@ -7,9 +7,10 @@ from .errors import (CaptureError, FxtpError, InputError, NotDivisibleError, Pla
                      ProcessGroupError, WorldSizeMismatchError)
 from .plan import Plan, PlanEntry
 from .transform import META_KEY, TPInfo, plan_model as plan, transform
+from .verify import verify  # noqa: E402  (the function; the module stays importable)
 
 __all__ = [
-    "transform", "plan", "Plan", "PlanEntry", "TPInfo", "META_KEY",
+    "transform", "plan", "verify", "Plan", "PlanEntry", "TPInfo", "META_KEY",
     "FxtpError", "CaptureError", "InputError", "NotDivisibleError", "PlanOverrideError",
     "ProcessGroupError", "WorldSizeMismatchError",
 ]

@@ -83,7 +83,7 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
     except Exception as e:  # torch raises many types here; all mean "cannot capture"
         raise CaptureError(
             f"fxtp could not capture {type(model).__name__} with torch.export: "
-            f"{type(e).__name__}: {_first_line(e)}. Make the forward traceable (no data-dependent "
+            f"{type(e).__name__}: {_first_line(e)}{_user_code(e)}. Make the forward traceable (no data-dependent "
             "Python control flow on tensor values) or pass example_inputs that match its signature."
         ) from e
     finally:
@@ -129,6 +129,19 @@ def _split_inputs(model: nn.Module, example_inputs: Any, hf: bool) -> tuple[tupl
         return tuple(example_inputs), {}
     raise CaptureError(f"example_inputs must be a tuple, a dict or (args, kwargs), got "
                        f"{type(example_inputs).__name__}")
+
+
+def _user_code(e: Exception) -> str:
+    """The model source line torch.export stopped at, when its message names one."""
+    import re
+
+    m = re.search(r"File: (\S+?):(\d+) in (\w+), code: (.+)", str(e))
+    if not m:
+        m = re.search(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.+)', str(e))
+    if not m:
+        return ""
+    path, line, func, code = m.groups()
+    return f" (at {path}:{line} in {func}: `{code.strip()}`)"
 
 
 def _first_line(e: Exception) -> str:

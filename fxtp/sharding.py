@@ -186,6 +186,12 @@ def group_dims(src: list, dst: list) -> Optional[list[tuple[list[int], list[int]
             elif num == 1 and j < m:
                 pd, gj = pd * b[j], gj + [j]
                 j += 1
+            elif i < n:  # neither divides the other ([2, 3] -> [3, 2]): widen the group
+                ps, gi = ps * a[i], gi + [i]
+                i += 1
+            elif j < m:
+                pd, gj = pd * b[j], gj + [j]
+                j += 1
             else:
                 return None
         groups.append((gi, gj))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -81,7 +82,10 @@ def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
 def rewrite(plan: Plan, info: GroupInfo) -> fx.GraphModule:
     """Applies the plan's actions to a copy of the captured graph for `info.rank`."""
     captured, sol = plan.captured, plan.solution
-    gm = copy.deepcopy(captured.gm)
+    with warnings.catch_warnings():
+        # torch's own pytree spec pickling warns about its deprecated LeafSpec; not ours to fix
+        warnings.simplefilter("ignore", FutureWarning)
+        gm = copy.deepcopy(captured.gm)
     tp = TPInfo(plan=plan, rank=info.rank, world_size=info.world_size, group_name=info.group_name)
     if info.world_size > 1:
         tp.sharded_params = shard_linear_params(gm, sol.actions, sol.linears, info.rank)

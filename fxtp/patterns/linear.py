@@ -1,8 +1,9 @@
 """Finds the linear layers of a captured graph: matmul-like ops with a parameter as one operand.
 
-Found by structure, not by name: `aten.linear`, `aten.addmm` (GPT-2's Conv1D, weight stored
-[in, out]), `aten.mm` and `aten.matmul` whose right operand is a 2-D parameter, possibly reached
-through `t`/`transpose`/`permute`. Biases are split into a separate `add` so that a row-parallel
+Found by structure, not by name: `aten.linear`, `aten.mm` and `aten.matmul` whose right operand
+is a 2-D parameter, possibly reached through `t`/`transpose`/`permute`. `aten.addmm` (GPT-2's
+Conv1D, weight stored [in, out]) is found after `split_biases` has turned it into `mm` + `add`
+(an addmm with a 2-D bias or alpha/beta is left alone and stays replicated). Biases are split into a separate `add` so that a row-parallel
 linear can add its bias once, after the all-reduce; `cleanup.fuse_biases` joins the pairs that
 stayed local again.
 """
@@ -40,9 +41,16 @@ def _trace_weight(node: fx.Node) -> Optional[tuple[fx.Node, bool]]:
     """Follows transposes back to a get_attr; returns (get_attr, transposed?)."""
     flipped = False
     while node.op == "call_function" and node.target in _TRANSPOSES:
-        if node.target == aten.permute.default and list(node.args[1]) not in ([1, 0], [-1, -2]):
-            return None
-        flipped = not flipped
+        if node.target == aten.permute.default:
+            dims = [d % 2 for d in node.args[1]]
+            if sorted(dims) != [0, 1]:
+                return None
+            swaps = dims == [1, 0]
+        elif node.target == aten.transpose.int:
+            swaps = node.args[1] % 2 != node.args[2] % 2
+        else:
+            swaps = True
+        flipped ^= swaps
         node = node.args[0]
     if node.op != "get_attr":
         return None

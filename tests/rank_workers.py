@@ -1,0 +1,147 @@
+"""Code that runs inside each spawned gloo rank (importable, so `spawn` can pickle it).
+
+One spawn per world size runs every case and returns plain data; the tests assert on it. No
+assertion is raised inside a rank (that could leave the other ranks waiting in a collective).
+"""
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+import torch
+
+import fxtp
+from fxtp.plan import layer_of
+from fxtp.runtime import ALL_REDUCE
+from fxtp.verify import check_equivalence, hf_inputs, tensor_inputs
+
+HF_CASES = ("llama", "gpt2", "bert")
+EXAMPLES = 8
+
+
+def _all_reduce_nodes(tp) -> list:
+    return [n for n in tp.graph.nodes if n.op == "call_function" and n.target == ALL_REDUCE]
+
+
+def _graph_facts(model, tp) -> dict[str, Any]:
+    """All-reduce placement and parameter sizes, measured on the rewritten module."""
+    ars = _all_reduce_nodes(tp)
+    per_layer: dict[str, int] = {}
+    producers = []
+    for n in ars:
+        from fxtp.patterns.linear import module_path
+
+        src = n.args[0]
+        per_layer[layer_of(module_path(src))] = per_layer.get(layer_of(module_path(src)), 0) + 1
+        # walk back through the ops a partial sum may flow through to the producing matmul
+        while src.op == "call_function" and src.target not in (
+                torch.ops.aten.linear.default, torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            src = src.args[0]
+        weight = src.args[1] if src.target != torch.ops.aten.addmm.default else src.args[2]
+        producers.append(weight.target if hasattr(weight, "target") else str(weight))
+    full = dict(model.named_parameters())
+    local = dict(tp.named_parameters())
+    layer_full = sum(p.numel() for k, p in full.items() if layer_of(k))
+    layer_local = sum(local[k].numel() for k in full if layer_of(k) and k in local)
+    return {
+        "all_reduces": len(ars),
+        "all_reduces_per_layer": per_layer,
+        "all_reduce_producers": producers,
+        "param_names_kept": sorted(full) == sorted(local),
+        "missing_params": sorted(set(full) - set(local)),
+        "layer_param_fraction": layer_local / layer_full if layer_full else 1.0,
+        "local_shapes": {k: tuple(v.shape) for k, v in local.items()},
+    }
+
+
+def _fingerprint(tp, inputs) -> list[float]:
+    with torch.no_grad():
+        out = tp(**inputs) if isinstance(inputs, dict) else tp(*inputs)
+    from fxtp.verify import flatten_tensors
+
+    return [float(t.double().sum()) for _, t in flatten_tensors(out)]
+
+
+def _run_case(name: str, rank: int, ws: int) -> dict[str, Any]:
+    from fxtp.models import tiny_model
+
+    from .modules import tiny_net
+
+    if name in HF_CASES:
+        model = tiny_model(name)
+        tp = fxtp.transform(model, ws)
+        strategy = hf_inputs(model.config.vocab_size)
+        probe = {"input_ids": torch.arange(12).view(2, 6) % model.config.vocab_size}
+    elif name == "tinynet":
+        model = tiny_net()
+        tp = fxtp.transform(model, ws, example_inputs=(torch.randn(2, 5, 32),))
+        strategy = tensor_inputs([(2, 5, 32)], dynamic_dims=(0, 1))
+        probe = (torch.linspace(-1, 1, 2 * 3 * 32).view(2, 3, 32),)
+    else:
+        raise KeyError(name)
+    report = check_equivalence(model, tp, strategy, max_examples=EXAMPLES)
+    probe_out_type = None
+    if isinstance(probe, dict):
+        with torch.no_grad():
+            probe_out_type = (type(model(**probe)).__name__, type(tp(**probe)).__name__)
+    plan = tp.meta["fxtp"].plan
+    return {
+        "examples": report.examples,
+        "max_error": report.max_error,
+        "worst_input": report.worst_input,
+        "fingerprint": _fingerprint(tp, probe),
+        "output_types": probe_out_type,
+        "placements": {e.module: e.placement for e in plan.entries},
+        "plan_all_reduces": dict(plan.all_reduces),
+        **_graph_facts(model, tp),
+    }
+
+
+def _not_divisible_case(ws: int) -> dict[str, Any]:
+    """3 heads on 2 or 4 ranks: a named error, then an override keeps attention replicated."""
+    from .modules import tiny_net
+
+    model = tiny_net(dim=24, heads=3, hidden=48)
+    x = (torch.randn(2, 5, 24),)
+    out: dict[str, Any] = {}
+    try:
+        fxtp.transform(model, ws, example_inputs=x)
+        out["error"] = None
+    except fxtp.FxtpError as e:
+        out["error"] = (type(e).__name__, str(e))
+    plan = fxtp.plan(model, ws, example_inputs=x)
+    plan = plan.override({"blocks.0.attn": "replicate", "blocks.1.attn": "replicate"})
+    tp = fxtp.transform(model, ws, plan=plan, example_inputs=x)
+    rep = check_equivalence(model, tp, tensor_inputs([(2, 5, 24)], dynamic_dims=(0, 1)),
+                            max_examples=4)
+    out["override_max_error"] = rep.worst
+    out["override_all_reduces"] = len(_all_reduce_nodes(tp))
+    out["override_placements"] = {e.module: e.placement for e in plan.entries}
+    return out
+
+
+def _override_case(ws: int) -> dict[str, Any]:
+    """A user keeps one MLP replicated: one all-reduce fewer in that layer, same outputs."""
+    from fxtp.models import tiny_model
+
+    model = tiny_model("llama")
+    plan = fxtp.plan(model, ws).override({"model.layers.0.mlp": "replicate"})
+    tp = fxtp.transform(model, ws, plan=plan)
+    rep = check_equivalence(model, tp, hf_inputs(model.config.vocab_size), max_examples=4)
+    return {"max_error": rep.worst, **_graph_facts(model, tp),
+            "placements": {e.module: e.placement for e in plan.entries}}
+
+
+def run_all(rank: int, world_size: int) -> dict[str, Any]:
+    """Every multi-rank case at this world size; exceptions are returned as text per case."""
+    results: dict[str, Any] = {}
+    cases = {name: (lambda n=name: _run_case(n, rank, world_size)) for name in HF_CASES + ("tinynet",)}
+    if world_size > 1:
+        cases["not_divisible"] = lambda: _not_divisible_case(world_size)
+        cases["override"] = lambda: _override_case(world_size)
+    for name, fn in cases.items():
+        try:
+            results[name] = fn()
+        except Exception:
+            results[name] = {"exception": traceback.format_exc()}
+    return results

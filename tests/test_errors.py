@@ -1,0 +1,96 @@
+"""Bad input gets a named fxtp error that says what to do; never a silent wrong answer."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import fxtp
+from fxtp.models import tiny_model
+from fxtp.verify import free_port
+
+from .modules import DataDependent, PlainMLP
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+def test_every_error_is_an_fxtp_error():
+    for cls in (fxtp.CaptureError, fxtp.InputError, fxtp.NotDivisibleError,
+                fxtp.PlanOverrideError, fxtp.ProcessGroupError, fxtp.WorldSizeMismatchError):
+        assert issubclass(cls, fxtp.FxtpError)
+
+
+def test_no_process_group(llama):
+    assert not dist.is_initialized()
+    with pytest.raises(fxtp.ProcessGroupError, match="init_process_group"):
+        fxtp.transform(llama, 2)
+
+
+def test_world_size_below_one(llama):
+    with pytest.raises(fxtp.FxtpError, match=">= 1"):
+        fxtp.plan(llama, 0)
+
+
+def test_world_size_mismatch(llama):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    try:
+        with pytest.raises(fxtp.WorldSizeMismatchError, match="world_size=2 but the process group has 1"):
+            fxtp.transform(llama, 2)
+        # the matching size works inside the group
+        tp = fxtp.transform(llama, 1)
+        assert tp.meta["fxtp"].group_name == dist.group.WORLD.group_name
+    finally:
+        dist.destroy_process_group()
+
+
+def test_capture_failure_names_the_code():
+    with pytest.raises(fxtp.CaptureError, match=r"DataDependent.*if x\.sum\(\) > 0"):
+        fxtp.plan(DataDependent(), 2, example_inputs=(torch.randn(2, 4),))
+
+
+def test_non_hf_model_needs_example_inputs():
+    with pytest.raises(fxtp.CaptureError, match="example_inputs"):
+        fxtp.plan(PlainMLP(), 2)
+
+
+def test_override_of_unknown_module(llama):
+    plan = fxtp.plan(llama, 2)
+    with pytest.raises(fxtp.PlanOverrideError, match=r"model\.layers\.9\.mlp.*not in the model"):
+        plan.override({"model.layers.9.mlp": "replicate"})
+    with pytest.raises(fxtp.PlanOverrideError, match="Did you mean"):
+        plan.override({"model.layers.0.mpl": "replicate"})
+
+
+def test_override_with_unsupported_choice(llama):
+    with pytest.raises(fxtp.PlanOverrideError, match="supported: replicate"):
+        fxtp.plan(llama, 2).override({"model.layers.0.mlp": "column"})
+
+
+def test_plan_for_other_world_size_is_refused(llama):
+    plan = fxtp.plan(llama, 2)
+    with pytest.raises(fxtp.PlanOverrideError, match="world_size=2, not 1"):
+        fxtp.transform(llama, 1, plan=plan)
+
+
+def test_heads_not_divisible_reported_by_plan():
+    model = tiny_model("llama", num_attention_heads=4, num_key_value_heads=4)
+    plan = fxtp.plan(model, 3)
+    assert plan.not_divisible, "4 heads on 3 ranks must be reported"
+    assert all(e.placement == "replicate" for e in plan.entries if "self_attn" in e.module)
+    assert any("not divisible" in why or "cannot be split" in why for why in plan.replicated.values())
+
+
+def test_unknown_input_names_the_accepted_ones(llama):
+    tp = fxtp.transform(llama, 1)
+    ids = torch.randint(0, 128, (1, 4))
+    with pytest.raises(fxtp.InputError, match="input_ids"):
+        tp(input_ids=ids, pixel_values=ids)
+    # omitted inputs the capture fixed are filled in like the model would
+    out = tp(input_ids=ids)
+    with torch.no_grad():
+        ref = llama(input_ids=ids)
+    assert torch.allclose(out.logits, ref.logits, atol=1e-5)

@@ -1,0 +1,127 @@
+"""Real multi-process runs: gloo ranks over 127.0.0.1, one spawn per world size, many cases.
+
+Each case compares the transformed model with the untouched one on hypothesis-drawn inputs
+(batch, sequence length, token ids / values) and measures the rewritten graph.
+"""
+from __future__ import annotations
+
+import pytest
+
+from fxtp.verify import run_ranks
+
+from .rank_workers import HF_CASES, run_all
+
+TOL = 1e-4
+WORLD_SIZES = (1, 2, 4)
+CASES = HF_CASES + ("tinynet",)
+_cache: dict[int, list] = {}
+
+
+def results(ws: int) -> list[dict]:
+    if ws not in _cache:
+        _cache[ws] = run_ranks(run_all, ws, timeout=600)
+    return _cache[ws]
+
+
+def case(ws: int, name: str) -> list[dict]:
+    per_rank = [r[name] for r in results(ws)]
+    for r in per_rank:
+        assert "exception" not in r, r.get("exception")
+    return per_rank
+
+
+@pytest.mark.parametrize("ws", WORLD_SIZES)
+@pytest.mark.parametrize("name", CASES)
+def test_equivalent_on_every_rank(ws, name):
+    per_rank = case(ws, name)
+    for rank, r in enumerate(per_rank):
+        assert r["examples"] >= 8
+        worst = max(r["max_error"].values())
+        assert worst <= TOL, f"rank {rank}: max error {worst} on {r['worst_input']}"
+    # every rank returns the same outputs
+    for r in per_rank[1:]:
+        assert r["fingerprint"] == pytest.approx(per_rank[0]["fingerprint"], rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("ws", WORLD_SIZES)
+@pytest.mark.parametrize("name", CASES)
+def test_two_all_reduces_per_layer_after_row_linears(ws, name):
+    r = case(ws, name)[0]
+    if ws == 1:
+        assert r["all_reduces"] == 0
+        return
+    layers = r["all_reduces_per_layer"]
+    assert len(layers) == 2 and set(layers.values()) == {2}, layers
+    assert r["plan_all_reduces"] == layers
+    rows = {"llama": ("o_proj", "down_proj"), "gpt2": ("attn.c_proj", "mlp.c_proj"),
+            "bert": ("attention.output.dense", "output.dense"), "tinynet": ("attn.o", "down")}[name]
+    for producer in r["all_reduce_producers"]:
+        assert producer.rsplit(".", 1)[0].endswith(rows), producer
+
+
+@pytest.mark.parametrize("ws", WORLD_SIZES)
+@pytest.mark.parametrize("name", CASES)
+def test_local_parameters_and_names(ws, name):
+    r = case(ws, name)[0]
+    assert r["param_names_kept"], r["missing_params"]
+    frac = r["layer_param_fraction"]
+    # norms stay replicated and GQA kv heads may be replicated, so a little above 1/N
+    assert 1 / ws <= frac <= 1 / ws + 0.2 if ws > 1 else frac == 1.0, frac
+
+
+@pytest.mark.parametrize("ws", WORLD_SIZES)
+def test_llama_placements_and_shapes(ws):
+    r = case(ws, "llama")[0]
+    p = r["placements"]
+    for q in ("q_proj", "k_proj", "v_proj"):
+        assert p[f"model.layers.0.self_attn.{q}"] == "column"
+    assert p["model.layers.0.self_attn.o_proj"] == "row"
+    assert p["model.layers.1.mlp.gate_proj"] == p["model.layers.1.mlp.up_proj"] == "column"
+    assert p["model.layers.1.mlp.down_proj"] == "row"
+    assert p["lm_head"] == "replicate"
+    shapes = r["local_shapes"]
+    # 4 heads x 16, 2 kv heads: at world 4 each rank keeps 1 q head and 1 (replicated) kv head
+    assert shapes["model.layers.0.self_attn.q_proj.weight"] == (64 // ws, 64)
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (32 // min(ws, 2), 64)
+    assert shapes["model.layers.0.self_attn.o_proj.weight"] == (64, 64 // ws)
+    assert shapes["model.layers.0.mlp.down_proj.weight"] == (64, 128 // ws)
+    assert r["output_types"] == ("CausalLMOutputWithPast", "CausalLMOutputWithPast")
+
+
+@pytest.mark.parametrize("ws", (2, 4))
+def test_gpt2_fused_qkv_takes_heads_from_each_third(ws):
+    r = case(ws, "gpt2")[0]
+    assert r["local_shapes"]["transformer.h.0.attn.c_attn.weight"] == (64, 192 // ws)
+    assert r["local_shapes"]["transformer.h.0.attn.c_attn.bias"] == (192 // ws,)
+    assert r["local_shapes"]["transformer.h.0.attn.c_proj.weight"] == (64 // ws, 64)
+    assert r["placements"]["lm_head"] == "replicate"
+
+
+@pytest.mark.parametrize("ws", (2, 4))
+def test_bert_keeps_output_type(ws):
+    r = case(ws, "bert")[0]
+    assert r["output_types"] == ("BaseModelOutputWithPoolingAndCrossAttentions",) * 2
+    assert r["placements"]["pooler.dense"] == "replicate"
+
+
+@pytest.mark.parametrize("ws", (2, 4))
+def test_heads_not_divisible_is_a_named_error_and_override_works(ws):
+    for r in case(ws, "not_divisible"):
+        kind, msg = r["error"]
+        assert kind == "NotDivisibleError"
+        assert "blocks.0.attn" in msg and "override" in msg
+        assert r["override_max_error"] <= TOL
+        # attention replicated, MLPs still sharded: one all-reduce per layer
+        assert r["override_all_reduces"] == 2
+        assert r["override_placements"]["blocks.0.attn.q"] == "replicate"
+        assert r["override_placements"]["blocks.0.up"] == "column"
+
+
+@pytest.mark.parametrize("ws", (2, 4))
+def test_override_keeps_one_mlp_replicated(ws):
+    r = case(ws, "override")[0]
+    assert r["max_error"] <= TOL
+    assert r["placements"]["model.layers.0.mlp.down_proj"] == "replicate"
+    assert r["placements"]["model.layers.1.mlp.down_proj"] == "row"
+    assert r["all_reduces_per_layer"] == {"model.layers.0": 1, "model.layers.1": 2}
+    assert r["local_shapes"]["model.layers.0.mlp.up_proj.weight"] == (128, 64)
