@@ -251,7 +251,7 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
         else:
             reason = sol.replicated.get(name)
             text = str(reason) if reason else "not between a replicated input and a row-parallel linear"
-            if reason is not None and reason.kind == "not_divisible":
+            if reason is not None and reason.kind == "not_divisible" and reason not in not_div:
                 not_div.append(reason)
             replicated[m.module] = text
             entries.append(PlanEntry(m.module, m.weight, "replicate", "Replicate()", text, "none",

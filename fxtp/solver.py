@@ -164,7 +164,10 @@ class _Pass:
         self.failures: list[tuple[frozenset, Reason]] = []
         self.refines: dict[str, DimShard] = {}
         self.actions = Actions()
-        self._reduced: set[fx.Node] = set()
+        self.doomed: dict[str, Reason] = {}
+        # sources whose features were viewed as a single head ([b, s, 16] -> [b, s, 1, 16]):
+        # if their region fails, keeping just them replicated is tried first (MQA, as vLLM does)
+        self.single_head: set[str] = set()
 
     # -- helpers ---------------------------------------------------------------------------
     def placement(self, x: Any) -> Any:
@@ -219,6 +222,17 @@ class _Pass:
             self.actions.placements[n.name] = self.pl.get(n, REPLICATE)
             if n in self.regions:
                 self.actions.regions[n.name] = self.regions[n]
+        failed: set = set()
+        for region, _ in self.failures:
+            for src in region:
+                failed |= self.group_of(src)
+        for src, why in self.doomed.items():
+            if src not in failed:
+                self.failures.append((frozenset({src}), why))
+
+    def group_of(self, src: str) -> set:
+        root = self.uf.find(src)
+        return {s for s in self.uf.parent if self.uf.find(s) == root}
 
     def _visit(self, n: fx.Node) -> None:
         if n.op in ("placeholder", "get_attr"):
@@ -296,8 +310,14 @@ class _Pass:
                 return
             spec = self.source_specs.get(n.name) or self._default_spec(n.name)
             if not spec.valid():
-                raise _Fail(f"{m.out_features} output features of {m.module} cannot be split "
-                            f"into {spec.parts} equal parts", "not_divisible")
+                # Propagate a stand-in split (one part) to learn whether the region could be
+                # sharded at all: if it fails anyway (say, it reaches the model output) that
+                # reason is reported; if not, the uneven split is.
+                self.doomed[n.name] = Reason(
+                    f"{m.out_features} output features of {m.module} cannot be split into "
+                    f"{spec.parts} equal parts (uneven shards are not supported yet)",
+                    n.name, m.module, "not_divisible")
+                spec = DimShard(1, self.ws, spec.chunks)
             out_rank = len(_shape(n))
             self.regions[n] = frozenset({n.name})
             self.actions.columns[n.name] = spec
@@ -407,6 +427,9 @@ class _Pass:
             if not outs:
                 raise _Fail("views a sharded dim as size 1")
             j = outs[0]
+            new_unit_dim = j != go[0] or ([], [j - 1]) in groups
+            if new_unit_dim and _static(dst[j - 1]) == 1 and sp.origin_of(d) is not None:
+                self.single_head.add(sp.origin_of(d)[0])
             inner_out = _prod([dst[k] for k in go if k > j])
             if inner_out is None:
                 raise _Fail("splits a sharded dim into a dynamic dim")
@@ -733,7 +756,14 @@ def _prod(sizes) -> Optional[int]:
 
 def solve(gm: fx.GraphModule, world_size: int, linears: dict[str, LinearMatch],
           overrides: Optional[dict[str, Reason]] = None, max_iterations: int = 200) -> Solution:
-    """Finds the sharding: runs propagation passes until no region fails or needs refining."""
+    """Finds the sharding: runs propagation passes until no region fails or needs refining.
+
+    A pass that asks for refined source splits only applies those (its failures may stem from
+    the old splits and are found again if real). Otherwise each failed region is blocked, whole,
+    except that sources seen as a single head are first tried replicated on their own.
+    """
+    from .errors import FxtpError
+
     blocked: dict[str, Reason] = dict(overrides or {})
     source_specs: dict[str, DimShard] = {}
     refined_count: dict[str, int] = {}
@@ -745,19 +775,28 @@ def solve(gm: fx.GraphModule, world_size: int, linears: dict[str, LinearMatch],
             return Solution(world_size, linears, p.actions,
                             {k: v for k, v in blocked.items() if k in linears},
                             p.uf.groups(), it)
+        if p.refines:
+            for src, spec in p.refines.items():
+                refined_count[src] = refined_count.get(src, 0) + 1
+                if refined_count[src] > 8:
+                    blocked[src] = Reason("its split could not be settled", src, linears[src].module)
+                else:
+                    source_specs[src] = spec
+            continue
         for region, why in real:
-            group: set = set()
+            group: set = set(region)
             for src in region:
-                root = p.uf.find(src)
-                group |= {s for s in p.uf.parent if p.uf.find(s) == root}
-            for src in group | set(region):
+                group |= p.group_of(src)
+            single = {s for s in group & p.single_head if s not in blocked}
+            if single and why.kind != "override":
+                for src in single:
+                    blocked[src] = Reason(
+                        "its features form a single head, fewer than the ranks: kept whole on "
+                        "every rank (MQA kv replicated, as vLLM does)", src, linears[src].module,
+                        "single_head")
+                continue
+            for src in group:
                 blocked.setdefault(src, why)
-        for src, spec in p.refines.items():
-            if src in blocked:
-                continue
-            refined_count[src] = refined_count.get(src, 0) + 1
-            if refined_count[src] > 8:
-                blocked[src] = Reason("its split could not be settled", src, linears[src].module)
-                continue
-            source_specs[src] = spec
-    raise RuntimeError("fxtp: sharding propagation did not converge")
+    raise FxtpError(f"fxtp: sharding propagation did not settle in {max_iterations} passes; "
+                    "please report the model (a plan override can keep the offending modules "
+                    "replicated)")

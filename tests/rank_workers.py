@@ -15,7 +15,7 @@ from fxtp.plan import layer_of
 from fxtp.runtime import ALL_REDUCE
 from fxtp.verify import check_equivalence, hf_inputs, tensor_inputs
 
-HF_CASES = ("llama", "gpt2", "bert")
+HF_CASES = ("llama", "gpt2", "bert", "llama_mqa")
 EXAMPLES = 8
 
 
@@ -68,7 +68,7 @@ def _run_case(name: str, rank: int, ws: int) -> dict[str, Any]:
     from .modules import tiny_net
 
     if name in HF_CASES:
-        model = tiny_model(name)
+        model = tiny_model("llama", num_key_value_heads=1) if name == "llama_mqa" else tiny_model(name)
         tp = fxtp.transform(model, ws)
         strategy = hf_inputs(model.config.vocab_size)
         probe = {"input_ids": torch.arange(12).view(2, 6) % model.config.vocab_size}

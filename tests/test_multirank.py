@@ -53,7 +53,7 @@ def test_two_all_reduces_per_layer_after_row_linears(ws, name):
     layers = r["all_reduces_per_layer"]
     assert len(layers) == 2 and set(layers.values()) == {2}, layers
     assert r["plan_all_reduces"] == layers
-    rows = {"llama": ("o_proj", "down_proj"), "gpt2": ("attn.c_proj", "mlp.c_proj"),
+    rows = {"llama": ("o_proj", "down_proj"), "llama_mqa": ("o_proj", "down_proj"), "gpt2": ("attn.c_proj", "mlp.c_proj"),
             "bert": ("attention.output.dense", "output.dense"), "tinynet": ("attn.o", "down")}[name]
     for producer in r["all_reduce_producers"]:
         assert producer.rsplit(".", 1)[0].endswith(rows), producer
@@ -125,3 +125,14 @@ def test_override_keeps_one_mlp_replicated(ws):
     assert r["placements"]["model.layers.1.mlp.down_proj"] == "row"
     assert r["all_reduces_per_layer"] == {"model.layers.0": 1, "model.layers.1": 2}
     assert r["local_shapes"]["model.layers.0.mlp.up_proj.weight"] == (128, 64)
+
+
+@pytest.mark.parametrize("ws", (2, 4))
+def test_mqa_single_kv_head_is_replicated_and_attention_still_sharded(ws):
+    r = case(ws, "llama_mqa")[0]
+    p = r["placements"]
+    assert p["model.layers.0.self_attn.q_proj"] == "column"
+    assert p["model.layers.0.self_attn.k_proj"] == p["model.layers.0.self_attn.v_proj"] == "replicate"
+    assert p["model.layers.0.self_attn.o_proj"] == "row"
+    assert r["local_shapes"]["model.layers.0.self_attn.k_proj.weight"] == (16, 64)
+    assert r["local_shapes"]["model.layers.0.self_attn.q_proj.weight"] == (64 // ws, 64)
