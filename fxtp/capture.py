@@ -46,6 +46,8 @@ def hf_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> dict[st
     kwargs: dict[str, Any] = {"input_ids": ids}
     if "attention_mask" in params:
         kwargs["attention_mask"] = torch.ones_like(ids)
+    if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+        kwargs["decoder_input_ids"] = torch.randint(0, vocab, (batch, max(2, seq // 2)))
     if "use_cache" in params:
         kwargs["use_cache"] = False
     return kwargs
@@ -54,7 +56,8 @@ def hf_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> dict[st
 def _dynamic_shapes(args: tuple, kwargs: dict, hf: bool) -> tuple:
     def spec(x: Any, name: str = "") -> Any:
         if isinstance(x, torch.Tensor):
-            if hf and name in ("input_ids", "attention_mask", "token_type_ids", "position_ids"):
+            if hf and name in ("input_ids", "attention_mask", "token_type_ids", "position_ids",
+                               "decoder_input_ids", "decoder_attention_mask"):
                 return {0: Dim.AUTO, 1: Dim.AUTO}
             return {d: Dim.AUTO for d in range(x.dim())}
         if isinstance(x, (list, tuple)):

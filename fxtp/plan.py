@@ -233,7 +233,7 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
     replicated = {}
     not_div = []
     for name, m in linears.items():
-        numel = m.out_features * m.in_features
+        numel = m.numel or m.out_features * m.in_features
         if name in act.columns:
             spec = act.columns[name]
             comp = comp_of.get(name, frozenset({name}))

@@ -56,6 +56,10 @@ _PARTIAL_SHAPE_OPS = _VIEWS | {
     aten.squeeze.dim, aten.squeeze.dims,
 } | _IDENTITY
 _NO_OUTPUT = {aten._assert_tensor_metadata.default}
+_PARTIAL_LINEAR_IN_FIRST = {
+    aten.index.Tensor, aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.select.int,
+    aten.slice.Tensor, aten.expand.default,
+}
 
 
 def _is_pointwise(target) -> bool:
@@ -89,6 +93,7 @@ class Actions:
     int_args: list[tuple[str, tuple, int]] = field(default_factory=list)   # (node, arg path, new int)
     narrows: list[tuple[str, tuple, int, Optional[DimShard], DimShard]] = field(default_factory=list)
     reduces: dict[str, list[str]] = field(default_factory=dict)    # partial value -> users
+    rank0_adds: list[tuple[str, str]] = field(default_factory=list)  # (add, its partial operand)
     placements: dict[str, Placement] = field(default_factory=dict)
     regions: dict[str, frozenset] = field(default_factory=dict)    # node -> sources feeding it
 
@@ -168,10 +173,13 @@ class _Pass:
         # sources whose features were viewed as a single head ([b, s, 16] -> [b, s, 1, 16]):
         # if their region fails, keeping just them replicated is tried first (MQA, as vLLM does)
         self.single_head: set[str] = set()
+        self._reduced_for_current: set[fx.Node] = set()  # partial inputs all-reduced for this node
 
     # -- helpers ---------------------------------------------------------------------------
     def placement(self, x: Any) -> Any:
         if isinstance(x, fx.Node):
+            if x in self._reduced_for_current:
+                return REPLICATE
             return self.pl.get(x, REPLICATE)
         return REPLICATE
 
@@ -205,6 +213,7 @@ class _Pass:
     # -- the pass -------------------------------------------------------------------------
     def run(self) -> None:
         for n in self.gm.graph.nodes:
+            self._reduced_for_current = set()
             try:
                 self._visit(n)
             except _Fail as f:
@@ -266,6 +275,7 @@ class _Pass:
             for a, p in zip(ins, placements):
                 if isinstance(p, Partial):
                     self._reduce(a, n)
+                    self._reduced_for_current.add(a)
             placements = [REPLICATE if isinstance(p, Partial) else p for p in placements]
             if all(p is REPLICATE for p in placements):
                 self.pl[n] = REPLICATE
@@ -278,12 +288,30 @@ class _Pass:
         t = n.target
         kinds = [type(p) for p in placements]
         tensors = [a for a in n.args if isinstance(a, fx.Node)]
+        if t in _NO_OUTPUT:  # metadata checks: dtype/device hold for a partial sum too
+            self.pl[n] = REPLICATE
+            return True
         if t in _PARTIAL_SHAPE_OPS or (t in _DROPOUT and not _dropout_active(n)):
             if len(tensors) == 1 and Sharded not in kinds:
                 self.pl[n] = Partial()
                 return True
             return False
         if t in (aten.add.Tensor, aten.sub.Tensor) and len(tensors) == 2 and all(k is Partial for k in kinds):
+            self.pl[n] = Partial()
+            return True
+        if (t == aten.add.Tensor and len(tensors) == 2 and kinds.count(Partial) == 1
+                and Sharded not in kinds and not n.kwargs):
+            # a constant (bias) added to a partial sum: rank 0 adds it, the others skip the add,
+            # so parallel branches (attention + MLP) still share one all-reduce
+            part, const = (tensors[0], tensors[1]) if isinstance(self.placement(tensors[0]), Partial) \
+                else (tensors[1], tensors[0])
+            if const.op == "get_attr" and str(_shape(part)) == str(_shape(n)):
+                self.actions.rank0_adds.append((n.name, part.name))
+                self.pl[n] = Partial()
+                return True
+        if t in _PARTIAL_LINEAR_IN_FIRST and Sharded not in kinds and kinds.count(Partial) == 1 \
+                and isinstance(self.placement(n.args[0]), Partial):
+            # gathering rows, summing or slicing a partial sum commutes with the all-reduce
             self.pl[n] = Partial()
             return True
         if t in (aten.mul.Tensor, aten.div.Tensor, aten.neg.default) and Sharded not in kinds:
@@ -309,6 +337,11 @@ class _Pass:
                                               n.name, m.module, "shared")
                 return
             spec = self.source_specs.get(n.name) or self._default_spec(n.name)
+            if m.out_features < self.ws:
+                self.blocked[n.name] = Reason(
+                    f"{m.out_features} output feature(s), fewer than the {self.ws} ranks",
+                    n.name, m.module, "too_small")
+                return
             if not spec.valid():
                 # Propagate a stand-in split (one part) to learn whether the region could be
                 # sharded at all: if it fails anyway (say, it reaches the model output) that

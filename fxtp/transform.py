@@ -12,8 +12,8 @@ from torch import fx, nn
 
 from .capture import Captured, capture
 from .errors import InputError, NotDivisibleError, PlanOverrideError
-from .passes import (cleanup, insert_all_reduces, insert_local_slices, rewrite_shape_constants,
-                     shard_linear_params)
+from .passes import (cleanup, insert_all_reduces, insert_local_slices, keep_constant_adds_on_rank0,
+                     rewrite_shape_constants, shard_linear_params)
 from .patterns.linear import split_biases
 from .plan import Plan, build_plan
 from .runtime import GroupInfo, resolve_group
@@ -92,6 +92,7 @@ def rewrite(plan: Plan, info: GroupInfo) -> fx.GraphModule:
         tp.rewritten_constants = rewrite_shape_constants(gm, sol.actions)
         tp.sliced_attrs = insert_local_slices(gm, sol.actions, info.rank)
         tp.all_reduce_nodes = insert_all_reduces(gm, sol.actions, info.group_name)
+        keep_constant_adds_on_rank0(gm, sol.actions, info.rank)
     cleanup(gm)
     gm.meta[META_KEY] = tp
     return gm

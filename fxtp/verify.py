@@ -152,19 +152,31 @@ class EquivalenceReport:
             self.worst_input = described
 
 
-def hf_inputs(vocab: int, max_batch: int = 3, max_seq: int = 24):
-    """Hypothesis strategy of HF kwargs: batch, sequence length and token ids drawn."""
+def hf_inputs(vocab: int, max_batch: int = 3, max_seq: int = 24, encoder_decoder: bool = False):
+    """Hypothesis strategy of HF kwargs: batch, sequence length(s) and token ids drawn."""
     from hypothesis import strategies as st
+
+    def ids(d, b: int, s: int) -> torch.Tensor:
+        flat = d(st.lists(st.integers(0, vocab - 1), min_size=b * s, max_size=b * s))
+        return torch.tensor(flat, dtype=torch.long).view(b, s)
 
     @st.composite
     def draw(d):
         b = d(st.integers(1, max_batch))
-        s = d(st.integers(1, max_seq))
-        ids = d(st.lists(st.integers(0, vocab - 1), min_size=b * s, max_size=b * s))
-        t = torch.tensor(ids, dtype=torch.long).view(b, s)
-        return {"input_ids": t, "attention_mask": torch.ones_like(t)}
+        t = ids(d, b, d(st.integers(1, max_seq)))
+        out = {"input_ids": t, "attention_mask": torch.ones_like(t)}
+        if encoder_decoder:
+            out["decoder_input_ids"] = ids(d, b, d(st.integers(1, max_seq)))
+        return out
 
     return draw()
+
+
+def hf_inputs_for(model: nn.Module, **kw):
+    """`hf_inputs` matching a Hugging Face model's config (vocab, encoder-decoder)."""
+    cfg = model.config
+    return hf_inputs(int(cfg.vocab_size), encoder_decoder=bool(getattr(cfg, "is_encoder_decoder", False)),
+                     **kw)
 
 
 def tensor_inputs(shapes: list[tuple], dynamic_dims: tuple = (0,), max_size: int = 6):
@@ -223,7 +235,7 @@ def _verify_rank(rank: int, world_size: int, model: nn.Module, example_inputs: A
 
         if not is_hf_model(model):
             raise FxtpError("fxtp.verify needs a hypothesis strategy for non-HF models")
-        strategy = hf_inputs(int(model.config.vocab_size))
+        strategy = hf_inputs_for(model)
     report = check_equivalence(model, tp, strategy, max_examples)
     return {"rank": rank, "examples": report.examples, "max_error": report.max_error,
             "worst_input": report.worst_input, "all_reduces": len(info.all_reduce_nodes),

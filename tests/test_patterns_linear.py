@@ -279,7 +279,8 @@ def test_find_nn_linear():
     m = found[lin.name]
     assert isinstance(m, LinearMatch)
     assert m == LinearMatch(node=lin.name, input="x", weight="fc.weight", out_dim=0, in_dim=1,
-                            exclusive=True, out_features=6, in_features=8, module="fc")
+                            exclusive=True, out_features=6, in_features=8, module="fc",
+                            numel=48)
 
 
 def test_find_nested_module_paths():
@@ -309,7 +310,7 @@ def test_find_matmul_with_in_out_parameter():
     mm = _only(c.gm, aten.matmul.default)
     assert found == {mm.name: LinearMatch(node=mm.name, input="x", weight="w", out_dim=1,
                                           in_dim=0, exclusive=True, out_features=6,
-                                          in_features=8, module="")}
+                                          in_features=8, module="", numel=48)}
 
 
 def test_find_mm_with_in_out_parameter():

@@ -1,9 +1,9 @@
 """Rewrite passes: each takes the captured GraphModule and the solver's actions and does one job."""
 from .cleanup import cleanup
-from .collectives import insert_all_reduces
+from .collectives import insert_all_reduces, keep_constant_adds_on_rank0
 from .local_slices import insert_local_slices
 from .shape_constants import rewrite_shape_constants
 from .shard_params import shard_linear_params
 
-__all__ = ["cleanup", "insert_all_reduces", "insert_local_slices", "rewrite_shape_constants",
+__all__ = ["cleanup", "insert_all_reduces", "keep_constant_adds_on_rank0", "insert_local_slices", "rewrite_shape_constants",
            "shard_linear_params"]

@@ -1,4 +1,5 @@
-"""Inserts one all-reduce after each partial sum, feeding the ops that need the full value."""
+"""Partial sums: one all-reduce after each, feeding the ops that need the full value; constants
+added to a partial sum are added on rank 0 only."""
 from __future__ import annotations
 
 from torch import fx
@@ -30,3 +31,14 @@ def insert_all_reduces(gm: fx.GraphModule, actions: Actions, group_name: str) ->
             nodes[u].replace_input_with(value, waited)
         inserted.append(waited.name)
     return inserted
+
+
+def keep_constant_adds_on_rank0(gm: fx.GraphModule, actions: Actions, rank: int) -> None:
+    """A constant added to a partial sum is added by rank 0 only; other ranks skip the add."""
+    if rank == 0:
+        return
+    nodes = nodes_by_name(gm)
+    for add_name, partial_name in actions.rank0_adds:
+        add = nodes[add_name]
+        add.replace_all_uses_with(nodes[partial_name])
+        gm.graph.erase_node(add)

@@ -1,7 +1,8 @@
 """Finds the linear layers of a captured graph: matmul-like ops with a parameter as one operand.
 
 Found by structure, not by name: `aten.linear`, `aten.mm` and `aten.matmul` whose right operand
-is a 2-D parameter, possibly reached through `t`/`transpose`/`permute`. `aten.addmm` (GPT-2's
+is a 2-D parameter, possibly reached through `t`/`transpose`/`permute`, and grouped (per-expert)
+matmuls of MoE layers whose weight is a 3-D [experts, in, out] parameter. `aten.addmm` (GPT-2's
 Conv1D, weight stored [in, out]) is found after `split_biases` has turned it into `mm` + `add`
 (an addmm with a 2-D bias or alpha/beta is left alone and stays replicated). Biases are split into a separate `add` so that a row-parallel
 linear can add its bias once, after the all-reduce; `cleanup.fuse_biases` joins the pairs that
@@ -35,26 +36,34 @@ class LinearMatch:
     out_features: int
     in_features: int
     module: str        # owning module path, e.g. "model.layers.0.self_attn.q_proj"
+    numel: int = 0     # elements of the whole parameter (experts included)
 
 
-def _trace_weight(node: fx.Node) -> Optional[tuple[fx.Node, bool]]:
-    """Follows transposes back to a get_attr; returns (get_attr, transposed?)."""
-    flipped = False
+def _trace_weight(node: fx.Node) -> Optional[tuple[fx.Node, list[int]]]:
+    """Follows transposes back to a get_attr; returns (get_attr, perm) where operand dim k of
+    the matmul's weight operand is parameter dim perm[k]."""
+    steps = []
     while node.op == "call_function" and node.target in _TRANSPOSES:
-        if node.target == aten.permute.default:
-            dims = [d % 2 for d in node.args[1]]
-            if sorted(dims) != [0, 1]:
-                return None
-            swaps = dims == [1, 0]
-        elif node.target == aten.transpose.int:
-            swaps = node.args[1] % 2 != node.args[2] % 2
-        else:
-            swaps = True
-        flipped ^= swaps
+        steps.append(node)
         node = node.args[0]
-    if node.op != "get_attr":
+    if node.op != "get_attr" or not isinstance(node.meta.get("val"), torch.Tensor):
         return None
-    return node, flipped
+    perm = list(range(node.meta["val"].dim()))
+    for step in reversed(steps):  # from the parameter towards the matmul
+        r = len(perm)
+        if step.target == aten.permute.default:
+            perm = [perm[d % r] for d in step.args[1]]
+        elif step.target == aten.transpose.int:
+            a, b = step.args[1] % r, step.args[2] % r
+            perm[a], perm[b] = perm[b], perm[a]
+        else:  # t / numpy_T reverse the dims
+            perm = perm[::-1]
+    return node, perm
+
+
+def _is_grouped_mm(target) -> bool:
+    """Grouped (per-expert) matmuls: x[T, in] @ W[e][in, out] for token groups given by offsets."""
+    return target == aten._grouped_mm.default or "grouped_mm" in str(getattr(target, "name", lambda: "")())
 
 
 def _chain_users_ok(attr: fx.Node, use: fx.Node) -> bool:
@@ -90,7 +99,8 @@ def _normalise_path(path: str) -> str:
 
 
 def find_linears(gm: fx.GraphModule) -> dict[str, LinearMatch]:
-    """Every matmul-like node whose weight is a 2-D parameter, keyed by node name."""
+    """Every matmul-like node whose weight is a parameter (2-D, or 3-D [experts, ...] for
+    grouped matmuls), keyed by node name."""
     targets: dict[str, int] = {}
     for n in gm.graph.nodes:
         if n.op == "get_attr":
@@ -101,10 +111,13 @@ def find_linears(gm: fx.GraphModule) -> dict[str, LinearMatch]:
             continue
         if n.target == aten.linear.default:
             x, w = n.args[0], n.args[1]
-            param_out, param_in = 0, 1
+            operand_out, operand_in, rank = 0, 1, 2      # weight operand [out, in]
         elif n.target in (aten.mm.default, aten.matmul.default):
             x, w = n.args[0], n.args[1]
-            param_out, param_in = 1, 0
+            operand_out, operand_in, rank = 1, 0, 2      # weight operand [in, out]
+        elif _is_grouped_mm(n.target):
+            x, w = n.args[0], n.args[1]
+            operand_out, operand_in, rank = 2, 1, 3      # weight operand [experts, in, out]
         else:
             continue
         if not isinstance(w, fx.Node):
@@ -112,18 +125,17 @@ def find_linears(gm: fx.GraphModule) -> dict[str, LinearMatch]:
         traced = _trace_weight(w)
         if traced is None:
             continue
-        attr, flipped = traced
-        val = attr.meta.get("val")
-        if val is None or val.dim() != 2:
+        attr, perm = traced
+        val = attr.meta["val"]
+        if val.dim() != rank:
             continue
-        if flipped:
-            param_out, param_in = param_in, param_out
+        param_out, param_in = perm[operand_out], perm[operand_in]
         exclusive = targets.get(attr.target, 0) == 1 and _chain_users_ok(attr, n)
         owner = attr.target.rsplit(".", 1)[0] if "." in attr.target else module_path(n)
         found[n.name] = LinearMatch(
             node=n.name, input=x.name, weight=attr.target, out_dim=param_out, in_dim=param_in,
             exclusive=exclusive, out_features=int(val.shape[param_out]),
-            in_features=int(val.shape[param_in]), module=owner,
+            in_features=int(val.shape[param_in]), module=owner, numel=int(val.numel()),
         )
     return found
 

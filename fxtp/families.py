@@ -1,0 +1,61 @@
+"""Tiny random-weight configs of many transformer families (examples of structures, never
+special-cased by fxtp): used by the tests and the breadth benchmark. Nothing is downloaded."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+_COMMON = dict(vocab_size=128)
+
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama_mha": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256),
+    "llama_bias": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                       mlp_bias=True, max_position_embeddings=256),
+    "llama_tied": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                       max_position_embeddings=256),
+    "mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    sliding_window=None),
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+    "gemma": dict(model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=256),
+    "phi3": dict(model_type="phi3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                 pad_token_id=0),
+    "phi": dict(model_type="phi", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=256),
+    "gpt_neox": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=256),
+    "opt": dict(model_type="opt", hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64),
+    "bloom": dict(model_type="bloom", hidden_size=64, n_layer=2, n_head=4),
+    "falcon": dict(model_type="falcon", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   parallel_attn=True, new_decoder_architecture=False, multi_query=True),
+    "mixtral": dict(model_type="mixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                    num_experts_per_tok=2, max_position_embeddings=256),
+    "qwen2_moe": dict(model_type="qwen2_moe", hidden_size=64, intermediate_size=128,
+                      moe_intermediate_size=64, shared_expert_intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      num_experts=4, num_experts_per_tok=2, max_position_embeddings=256),
+    "t5": dict(model_type="t5", d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2,
+               num_heads=4, decoder_start_token_id=0),
+}
+
+
+def family_model(name: str, seed: int = 0) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    kwargs = {**_COMMON, **FAMILIES[name]}
+    model_type = kwargs.pop("model_type")
+    cfg = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)
+    cls = AutoModelForSeq2SeqLM if model_type == "t5" else AutoModelForCausalLM
+    return cls.from_config(cfg).eval()
