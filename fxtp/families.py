@@ -36,8 +36,15 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "opt": dict(model_type="opt", hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                 num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64),
     "bloom": dict(model_type="bloom", hidden_size=64, n_layer=2, n_head=4),
+    # Falcon-40B/180B layout: kv groups fused with their q heads in one linear, parallel block
     "falcon": dict(model_type="falcon", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   parallel_attn=True, new_decoder_architecture=False, multi_query=True),
+                   parallel_attn=True, new_decoder_architecture=True, num_kv_heads=2),
+    # Falcon-7B layout (multi-query, the single kv head fused after the q heads) and BLOOM
+    # (ALiBi, heads merged into the batch dim) are not sharded yet: fxtp keeps them replicated
+    # (equivalent) and says why; see docs/architecture.md.
+    "falcon_mqa": dict(model_type="falcon", hidden_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, parallel_attn=True, new_decoder_architecture=False,
+                       multi_query=True),
     "mixtral": dict(model_type="mixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                     num_experts_per_tok=2, max_position_embeddings=256),

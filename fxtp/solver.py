@@ -67,6 +67,18 @@ def _is_pointwise(target) -> bool:
     return torch.Tag.pointwise in tags
 
 
+def _functional(target):
+    """aten.add_.Tensor -> aten.add.Tensor: in-place ops follow their functional twin's rule
+    (export keeps a model's `x += y`; the data flow is the same)."""
+    schema = getattr(target, "_schema", None)
+    if schema is None or not schema.name.startswith("aten::") or not schema.name.endswith("_"):
+        return target
+    packet = getattr(aten, schema.name[len("aten::"):-1], None)
+    if packet is None:
+        return target
+    return getattr(packet, target._overloadname, target)
+
+
 # ---------------------------------------------------------------------------------------------
 # results
 
@@ -226,7 +238,12 @@ class _Pass:
                     if isinstance(self.placement(a), Partial):
                         self._reduce(a, n)
                 self.pl[n] = REPLICATE
-            if n in self.regions and self.regions[n]:
+            out = self.pl.get(n)
+            if n in self.regions and self.regions[n] and (
+                    isinstance(out, Sharded) or
+                    (isinstance(out, (list, tuple)) and any(isinstance(o, Sharded) for o in out))):
+                # sharded values meeting tie their sources together (all or none); partial sums
+                # meeting do not: if one side stays replicated the other is simply reduced
                 self.uf.union(self.regions[n])
             self.actions.placements[n.name] = self.pl.get(n, REPLICATE)
             if n in self.regions:
@@ -281,11 +298,13 @@ class _Pass:
                 self.pl[n] = REPLICATE
                 self.regions.pop(n, None)
                 return
-        self.pl[n] = self._sharded_rule(n, target)
+            # a reduced partial sum is a full value here: its region is not joined to this one
+            self.regions[n] = self._region_of([a for a in ins if a not in self._reduced_for_current])
+        self.pl[n] = self._sharded_rule(n, _functional(target))
 
     # -- partial sums ---------------------------------------------------------------------
     def _partial_rule(self, n: fx.Node, placements: list) -> bool:
-        t = n.target
+        t = _functional(n.target)
         kinds = [type(p) for p in placements]
         tensors = [a for a in n.args if isinstance(a, fx.Node)]
         if t in _NO_OUTPUT:  # metadata checks: dtype/device hold for a partial sum too
@@ -371,6 +390,15 @@ class _Pass:
         if not m.exclusive:
             raise _Fail(f"weight {m.weight} is shared with another op, its input dim cannot be "
                         "split", "shared")
+        if contraction.parts != self.ws:
+            # ranks that share a piece (replicated kv groups) would add it twice: each rank
+            # keeps a disjoint part of the features it holds before contracting them
+            want = DimShard(self.ws, 1, contraction.chunks)
+            if not (want.valid() and contraction.covers(want, self.ws)):
+                raise _Fail("its input features are held by several ranks and cannot be split "
+                            "into disjoint parts for a row-parallel sum", "not_divisible")
+            self.actions.narrows.append((n.name, (0,), rank - 1, contraction, want))
+            contraction = want
         self.actions.rows[n.name] = contraction
         self.pl[n] = Partial()
 
@@ -397,8 +425,14 @@ class _Pass:
             return self._unsqueeze(n)
         if t in (aten.squeeze.dim, aten.squeeze.dims):
             return self._squeeze(n)
-        if t == aten.expand.default:
+        if t in (aten.expand.default, aten.broadcast_to.default):
             return self._expand(n)
+        if t in (aten.flatten.using_ints, aten.unflatten.int):
+            return self._view(n, size_arg=None)
+        if t == aten.select.int:
+            return self._select(n)
+        if t == aten.index.Tensor:
+            return self._index(n)
         if t in _IDENTITY or (t in _DROPOUT and not _dropout_active(n)):
             if len([a for a in n.all_input_nodes]) == 1:
                 return self._same(x0)
@@ -435,7 +469,7 @@ class _Pass:
             raise _Fail("expected a sharded input")
         return x, sp, _shape(x)
 
-    def _view(self, n: fx.Node) -> Sharded:
+    def _view(self, n: fx.Node, size_arg: Optional[int] = 1) -> Sharded:
         x, sp, src = self._input(n)
         dst = _shape(n)
         groups = group_dims(src, dst)
@@ -474,17 +508,25 @@ class _Pass:
                 unit = int(u) if u.denominator == 1 else None
             if new is None or not new.valid():
                 outer = _static(dst[j])
-                if (outer and len(ds.chunks) == 1 and ds.parts % outer == 0 and unit is not None
-                        and self._refine(sp, d, lambda cur, _u: DimShard(
-                            outer, cur.stride * (cur.parts // outer), cur.chunks)
-                            if cur.parts % outer == 0 and cur.parts != outer else None)):
+                if len(ds.chunks) > 1:
+                    raise _Fail(f"fused chunks {list(ds.chunks)} cannot each be split into whole "
+                                f"units of {inner_out} on {ds.parts} ranks")
+                # fewer heads than parts (or a count sharing a factor with them): coarsen the
+                # source so that groups of ranks hold the same heads (kv heads as in vLLM)
+                g = math.gcd(outer or 0, ds.parts)
+                if (g > 1 and unit is not None and self._refine(sp, d, lambda cur, _u: DimShard(
+                        g, cur.stride * (cur.parts // g), cur.chunks)
+                        if cur.parts % g == 0 and cur.parts != g else None)):
                     raise _Fail("source split refined", "refine")
                 raise _Fail(f"splits a dim of {ds.size} into {dst[j]} x {inner_out}: {dst[j]} is "
                             f"not divisible by {ds.parts} ranks", "not_divisible")
             dims[j] = new
             if unit is not None:
                 origin[j] = (org[0], unit)
-            self._rewrite_size(n, 1, j, new)
+            if size_arg is not None:
+                self._rewrite_size(n, size_arg, j, new)
+            elif n.target == aten.unflatten.int and new.local_size != new.size:
+                raise _Fail("unflattens a sharded dim (its sizes are not rewritten yet)")
         return Sharded.of(dims, origin)
 
     def _rewrite_size(self, n: fx.Node, arg: int, pos: int, spec: DimShard) -> None:
@@ -500,6 +542,30 @@ class _Pass:
             self.actions.int_args.append((n.name, (arg, pos), spec.local_size))
             return
         raise _Fail("a sharded dim's size is computed at run time")
+
+    def _select(self, n: fx.Node) -> Sharded:
+        x, sp, src = self._input(n)
+        dim = _norm(n.args[1], len(src))
+        if sp.get(dim) is not None:
+            raise _Fail("selects an index of a sharded dim")
+        shift = lambda d: d - 1 if d > dim else d
+        return Sharded.of({shift(d): s for d, s in sp.dims},
+                          {shift(d): o for d, o in sp.origin_dict().items()})
+
+    def _index(self, n: fx.Node) -> Sharded:
+        """x[..., idx, ...] with one index tensor on a dim that is not sharded."""
+        x, sp, src = self._input(n)
+        indices = list(n.args[1])
+        used = [k for k, i in enumerate(indices) if i is not None]
+        if len(used) != 1 or isinstance(self.placement(indices[used[0]]), Sharded):
+            raise _Fail("advanced indexing of a sharded tensor")
+        k = used[0]
+        if sp.get(k) is not None:
+            raise _Fail("indexes a sharded dim")
+        extra = len(_shape(indices[k]) or []) - 1
+        shift = lambda d: d + extra if d > k else d
+        return Sharded.of({shift(d): s for d, s in sp.dims},
+                          {shift(d): o for d, o in sp.origin_dict().items()})
 
     def _permute(self, n: fx.Node) -> Sharded:
         x, sp, src = self._input(n)

@@ -33,12 +33,11 @@ def _graph_facts(model, tp) -> dict[str, Any]:
 
         src = n.args[0]
         per_layer[layer_of(module_path(src))] = per_layer.get(layer_of(module_path(src)), 0) + 1
-        # walk back through the ops a partial sum may flow through to the producing matmul
-        while src.op == "call_function" and src.target not in (
-                torch.ops.aten.linear.default, torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+        # walk back through the ops a partial sum may flow through to the producing linear
+        linears = tp.meta["fxtp"].plan.solution.linears
+        while src.op == "call_function" and src.name not in linears:
             src = src.args[0]
-        weight = src.args[1] if src.target != torch.ops.aten.addmm.default else src.args[2]
-        producers.append(weight.target if hasattr(weight, "target") else str(weight))
+        producers.append(linears[src.name].weight if src.name in linears else str(src))
     full = dict(model.named_parameters())
     local = dict(tp.named_parameters())
     layer_full = sum(p.numel() for k, p in full.items() if layer_of(k))
@@ -142,6 +141,38 @@ def run_all(rank: int, world_size: int) -> dict[str, Any]:
     for name, fn in cases.items():
         try:
             results[name] = fn()
+        except Exception:
+            results[name] = {"exception": traceback.format_exc()}
+    return results
+
+
+def _family_case(name: str, ws: int) -> dict[str, Any]:
+    from fxtp.families import family_model
+    from fxtp.verify import hf_inputs_for
+
+    model = family_model(name)
+    tp = fxtp.transform(model, ws)
+    report = check_equivalence(model, tp, hf_inputs_for(model, max_seq=16), max_examples=5)
+    plan = tp.meta["fxtp"].plan
+    return {
+        "examples": report.examples,
+        "max_error": report.max_error,
+        "worst_input": report.worst_input,
+        "placements": {e.module: e.placement for e in plan.entries},
+        "param_placements": {e.parameter: e.placement for e in plan.entries},
+        "replicated": dict(plan.replicated),
+        "plan_all_reduces": dict(plan.all_reduces),
+        "linear_fraction": plan.param_fraction(),
+        **_graph_facts(model, tp),
+    }
+
+
+def run_families(rank: int, world_size: int, names: tuple) -> dict[str, Any]:
+    """Every family case at this world size (one spawn); exceptions returned as text."""
+    results: dict[str, Any] = {}
+    for name in names:
+        try:
+            results[name] = _family_case(name, world_size)
         except Exception:
             results[name] = {"exception": traceback.format_exc()}
     return results
