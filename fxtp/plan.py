@@ -20,6 +20,7 @@ from .solver import _SDPA, _SOFTMAX, Reason, Solution, solve
 
 _LAYER = re.compile(r"^(.*?\.\d+)(\.|$)")
 OVERRIDE_CHOICES = ("replicate",)
+OUTSIDE_LAYERS = "(outside the layers)"   # e.g. a vocab-parallel embedding's all-reduce
 
 
 def layer_of(path: str) -> str:
@@ -52,6 +53,7 @@ class Plan:
     replicated: dict[str, str]                  # module -> reason
     not_divisible: list[Reason]
     overrides: dict[str, str] = field(default_factory=dict)
+    vocab_parallel: bool = False
     captured: Optional[Captured] = field(default=None, repr=False, compare=False)
     solution: Optional[Solution] = field(default=None, repr=False, compare=False)
 
@@ -90,7 +92,8 @@ class Plan:
                     " (fxtp decides column/row placement itself; it can only be told to keep a "
                     "module replicated)")
             merged[module] = choice
-        return build_plan(self.captured, self.world_size, self.model_name, merged)
+        return build_plan(self.captured, self.world_size, self.model_name, merged,
+                          self.vocab_parallel)
 
     # -- output ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -103,6 +106,7 @@ class Plan:
             "replicated": dict(self.replicated),
             "not_divisible": [str(r) for r in self.not_divisible],
             "overrides": dict(self.overrides),
+            "vocab_parallel": self.vocab_parallel,
             "param_fraction_layers": self.param_fraction(),
         }
 
@@ -185,14 +189,33 @@ def _module_paths(gm: fx.GraphModule) -> set[str]:
 
 
 def build_plan(captured: Captured, world_size: int, model_name: str,
-               overrides: Optional[dict[str, str]] = None) -> Plan:
+               overrides: Optional[dict[str, str]] = None, vocab_parallel: bool = False) -> Plan:
     """Solves the sharding of a captured (bias-split) graph and describes it."""
     from .patterns.linear import find_linears
 
     overrides = dict(overrides or {})
     linears = find_linears(captured.gm)
-    sol = solve(captured.gm, world_size, linears, _override_reasons(captured, linears, overrides))
-    return describe(captured, sol, model_name, overrides)
+    sol = solve(captured.gm, world_size, linears, _override_reasons(captured, linears, overrides),
+                vocab_parallel=vocab_parallel, replicate_modules=frozenset(overrides))
+    plan = describe(captured, sol, model_name, overrides)
+    plan.vocab_parallel = vocab_parallel
+    return plan
+
+
+def _partial_producer(nodes: dict, act, value: str) -> fx.Node:
+    """The op that made a partial sum (a row-parallel linear, a vocab-parallel lookup), found by
+    walking back through the ops it flowed through; all-reduces are attributed to its layer."""
+    from .sharding import Partial
+
+    node = nodes[value]
+    while (node.name not in act.rows and node.name not in act.vocab_embeddings
+           and isinstance(act.placements.get(node.name), Partial)):
+        partial_args = [a for a in node.all_input_nodes
+                        if isinstance(act.placements.get(a.name), Partial)]
+        if not partial_args:
+            break
+        node = partial_args[0]
+    return node
 
 
 def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict[str, str]) -> Plan:
@@ -222,9 +245,9 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
     sites = []
     per_layer: dict[str, int] = {}
     for value in act.reduces:
-        mod = module_path(nodes[value])
+        mod = module_path(_partial_producer(nodes, act, value))
         sites.append((mod, value))
-        layer = layer_of(mod)
+        layer = layer_of(mod) or OUTSIDE_LAYERS
         per_layer[layer] = per_layer.get(layer, 0) + 1
         for row in act.rows:
             if row in act.regions and act.regions.get(value, frozenset()) & act.regions[row]:
@@ -232,6 +255,17 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
     entries = []
     replicated = {}
     not_div = []
+    gathered = {v for v, _, _ in act.gathers}
+    for name, spec in act.vocab_embeddings.items():
+        w = nodes[name].args[0]
+        owner = w.target.rsplit(".", 1)[0]
+        numel = int(w.meta["val"].numel())
+        entries.append(PlanEntry(owner, w.target, "vocab", f"Shard(0): {spec.describe()}",
+                                 "vocab-parallel lookup: ids outside this rank's rows are masked",
+                                 "all_reduce(sum) of the lookup" if ws > 1 else "none", numel,
+                                 numel * spec.local_size // spec.size))
+    for name, reason in sol.embedding_reasons.items():
+        replicated[reason.module] = str(reason)
     for name, m in linears.items():
         numel = m.numel or m.out_features * m.in_features
         if name in act.columns:
@@ -239,9 +273,12 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
             comp = comp_of.get(name, frozenset({name}))
             sinks = sorted(set(sinks_of.get(comp, [])))
             why = f"column-parallel: its {region_kind(comp)} feed {', '.join(sinks) or 'a row-parallel linear'}"
+            collective = "none (input replicated)"
+            if any(act.regions.get(v, frozenset()) >= {name} for v in gathered):
+                why = "column-parallel output projection (vocab_parallel): its output is a model output"
+                collective = "all_gather of the output" if ws > 1 else "none"
             entries.append(PlanEntry(m.module, m.weight, "column", f"Shard({m.out_dim}): {spec.describe()}",
-                                     why, "none (input replicated)", numel,
-                                     numel * spec.local_size // spec.size))
+                                     why, collective, numel, numel * spec.local_size // spec.size))
         elif name in act.rows:
             spec = act.rows[name]
             ar = "all_reduce(sum) of the output" if ws > 1 else "none (world_size=1)"

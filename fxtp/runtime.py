@@ -16,6 +16,7 @@ from .errors import ProcessGroupError, WorldSizeMismatchError
 
 ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
 WAIT = torch.ops._c10d_functional.wait_tensor.default
+ALL_GATHER = torch.ops._c10d_functional.all_gather_into_tensor.default
 
 
 @dataclass(frozen=True)

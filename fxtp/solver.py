@@ -106,6 +106,8 @@ class Actions:
     narrows: list[tuple[str, tuple, int, Optional[DimShard], DimShard]] = field(default_factory=list)
     reduces: dict[str, list[str]] = field(default_factory=dict)    # partial value -> users
     rank0_adds: list[tuple[str, str]] = field(default_factory=list)  # (add, its partial operand)
+    vocab_embeddings: dict[str, DimShard] = field(default_factory=dict)  # embedding -> row split
+    gathers: list[tuple[str, int, list[str]]] = field(default_factory=list)  # (value, dim, users)
     placements: dict[str, Placement] = field(default_factory=dict)
     regions: dict[str, frozenset] = field(default_factory=dict)    # node -> sources feeding it
 
@@ -118,6 +120,7 @@ class Solution:
     replicated: dict[str, Reason]          # linear node -> reason it stayed replicated
     components: list[frozenset]            # groups of sources sharded together
     iterations: int
+    embedding_reasons: dict[str, Reason] = field(default_factory=dict)  # replicated lookups
 
 
 class _Fail(Exception):
@@ -172,8 +175,12 @@ def _static(x) -> Optional[int]:
 
 class _Pass:
     def __init__(self, gm: fx.GraphModule, world_size: int, linears: dict[str, LinearMatch],
-                 blocked: dict[str, Reason], source_specs: dict[str, DimShard]):
+                 blocked: dict[str, Reason], source_specs: dict[str, DimShard],
+                 vocab_parallel: bool = False, replicate_modules: frozenset = frozenset(),
+                 eager_reduce: frozenset = frozenset()):
         self.gm, self.ws, self.linears = gm, world_size, linears
+        self.eager_reduce = eager_reduce
+        self.vocab_parallel = vocab_parallel
         self.blocked, self.source_specs = blocked, source_specs
         self.pl: dict[fx.Node, Any] = {}
         self.regions: dict[fx.Node, frozenset] = {}
@@ -186,6 +193,8 @@ class _Pass:
         # if their region fails, keeping just them replicated is tried first (MQA, as vLLM does)
         self.single_head: set[str] = set()
         self._reduced_for_current: set[fx.Node] = set()  # partial inputs all-reduced for this node
+        self.embedding_reasons: dict[str, Reason] = {}
+        self.replicate_modules = replicate_modules   # user overrides, by module path
 
     # -- helpers ---------------------------------------------------------------------------
     def placement(self, x: Any) -> Any:
@@ -270,11 +279,23 @@ class _Pass:
                 if isinstance(p, Partial):
                     self._reduce(a, n)
                 elif isinstance(p, Sharded):
-                    raise _Fail("a sharded value reaches the model output (the full tensor is "
-                                "needed there)", "output")
+                    dim = self._gatherable(p)
+                    if dim is None:
+                        raise _Fail("a sharded value reaches the model output (the full tensor "
+                                    "is needed there; vocab_parallel=True gathers it)", "output")
+                    self.actions.gathers.append((a.name, dim, [n.name]))
             return
         ins = n.all_input_nodes
+        for a in ins:
+            if a.name in self.eager_reduce and isinstance(self.pl.get(a), Partial):
+                # this partial sum is all-reduced for another user anyway: use the full value
+                self._reduce(a, n)
+                self._reduced_for_current.add(a)
         placements = [self.placement(a) for a in ins]
+        if self.vocab_parallel and n.target == aten.embedding.default and all(
+                p is REPLICATE for p in placements):
+            self._embedding(n)
+            return
         if n.name in self.linears:
             self._linear(n)
             return
@@ -301,6 +322,68 @@ class _Pass:
             # a reduced partial sum is a full value here: its region is not joined to this one
             self.regions[n] = self._region_of([a for a in ins if a not in self._reduced_for_current])
         self.pl[n] = self._sharded_rule(n, _functional(target))
+
+    # -- vocab parallel (plan option) -------------------------------------------------------
+    def _gatherable(self, p: Sharded) -> Optional[int]:
+        """The dim to all-gather a sharded model output on, when vocab_parallel allows it."""
+        if not self.vocab_parallel or len(p.dims) != 1:
+            return None
+        dim, ds = p.dims[0]
+        if len(ds.chunks) != 1 or ds.parts != self.ws or ds.stride != 1:
+            return None
+        return dim
+
+    def _weight_users(self, attr: fx.Node) -> list[fx.Node]:
+        """The ops using a parameter under any of its names, looking through transposes."""
+        from .patterns.linear import _TRANSPOSES, tensor_key
+
+        key = tensor_key(self.gm, attr.target)
+        stack = [u for a in self.gm.graph.nodes
+                 if a.op == "get_attr" and tensor_key(self.gm, a.target) == key for u in a.users]
+        out = []
+        while stack:
+            u = stack.pop()
+            if u.op == "call_function" and u.target in _TRANSPOSES:
+                stack.extend(u.users)
+            else:
+                out.append(u)
+        return out
+
+    def _tied_only_to_embeddings(self, n: fx.Node) -> bool:
+        attr = next(a for a in self.gm.graph.nodes
+                    if a.op == "get_attr" and a.target == self.linears[n.name].weight)
+        return all(u is n or u.target == aten.embedding.default
+                   for u in self._weight_users(attr))
+
+    def _embedding(self, n: fx.Node) -> None:
+        """A lookup in a vocab-sharded table: each rank holds rows [start, end), the masked
+        lookup is a partial sum."""
+        w = n.args[0]
+        self.pl[n] = REPLICATE
+        val = w.meta.get("val") if isinstance(w, fx.Node) else None
+        if w.op != "get_attr" or val is None or val.dim() != 2:
+            return
+        vocab = int(val.shape[0])
+        owner = w.target.rsplit(".", 1)[0]
+        if any(owner == m or owner.startswith(m + ".") for m in self.replicate_modules) \
+                or vocab % self.ws:
+            if vocab % self.ws:
+                self.embedding_reasons[n.name] = Reason(
+                    f"vocab of {vocab} rows cannot be split into {self.ws} equal parts",
+                    n.name, owner, "unsupported")
+            return
+        for u in self._weight_users(w):
+            if u is n or u.target == aten.embedding.default:
+                continue
+            if u.name in self.linears and u.name not in self.blocked \
+                    and self.linears[u.name].out_dim == 0:
+                continue  # a tied output projection, column-parallel on the same rows
+            self.embedding_reasons[n.name] = Reason(
+                f"its table {w.target} is also used by {u.name}, which is not vocab-parallel",
+                n.name, owner, "shared")
+            return
+        self.actions.vocab_embeddings[n.name] = DimShard(self.ws, 1, (vocab,))
+        self.pl[n] = Partial()
 
     # -- partial sums ---------------------------------------------------------------------
     def _partial_rule(self, n: fx.Node, placements: list) -> bool:
@@ -351,7 +434,7 @@ class _Pass:
             self.pl[n] = REPLICATE
             if n.name in self.blocked:
                 return
-            if not m.exclusive:
+            if not m.exclusive and not (self.vocab_parallel and self._tied_only_to_embeddings(n)):
                 self.blocked[n.name] = Reason(f"weight {m.weight} is shared with another op (tied)",
                                               n.name, m.module, "shared")
                 return
@@ -395,8 +478,9 @@ class _Pass:
             # keeps a disjoint part of the features it holds before contracting them
             want = DimShard(self.ws, 1, contraction.chunks)
             if not (want.valid() and contraction.covers(want, self.ws)):
-                raise _Fail("its input features are held by several ranks and cannot be split "
-                            "into disjoint parts for a row-parallel sum", "not_divisible")
+                raise _Fail(f"its {contraction.size} input features cannot be split into "
+                            f"{self.ws} disjoint equal parts for a row-parallel sum (uneven "
+                            "shards are not supported yet)", "not_divisible")
             self.actions.narrows.append((n.name, (0,), rank - 1, contraction, want))
             contraction = want
         self.actions.rows[n.name] = contraction
@@ -854,7 +938,8 @@ def _prod(sizes) -> Optional[int]:
 # ---------------------------------------------------------------------------------------------
 
 def solve(gm: fx.GraphModule, world_size: int, linears: dict[str, LinearMatch],
-          overrides: Optional[dict[str, Reason]] = None, max_iterations: int = 200) -> Solution:
+          overrides: Optional[dict[str, Reason]] = None, max_iterations: int = 200,
+          vocab_parallel: bool = False, replicate_modules: frozenset = frozenset()) -> Solution:
     """Finds the sharding: runs propagation passes until no region fails or needs refining.
 
     A pass that asks for refined source splits only applies those (its failures may stem from
@@ -865,15 +950,21 @@ def solve(gm: fx.GraphModule, world_size: int, linears: dict[str, LinearMatch],
 
     blocked: dict[str, Reason] = dict(overrides or {})
     source_specs: dict[str, DimShard] = {}
+    eager_reduce: set[str] = set()
     refined_count: dict[str, int] = {}
     for it in range(1, max_iterations + 1):
-        p = _Pass(gm, world_size, linears, blocked, source_specs)
+        p = _Pass(gm, world_size, linears, blocked, source_specs, vocab_parallel, replicate_modules,
+                  frozenset(eager_reduce))
         p.run()
         real = [(reg, why) for reg, why in p.failures if why.kind != "refine"]
+        if not real and not p.refines and not set(p.actions.reduces) <= eager_reduce:
+            # a partial sum reduced for one user serves all its users: no second reduction later
+            eager_reduce |= set(p.actions.reduces)
+            continue
         if not real and not p.refines:
             return Solution(world_size, linears, p.actions,
                             {k: v for k, v in blocked.items() if k in linears},
-                            p.uf.groups(), it)
+                            p.uf.groups(), it, p.embedding_reasons)
         if p.refines:
             for src, spec in p.refines.items():
                 refined_count[src] = refined_count.get(src, 0) + 1

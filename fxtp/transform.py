@@ -12,8 +12,9 @@ from torch import fx, nn
 
 from .capture import Captured, capture
 from .errors import InputError, NotDivisibleError, PlanOverrideError
-from .passes import (cleanup, insert_all_reduces, insert_local_slices, keep_constant_adds_on_rank0,
-                     rewrite_shape_constants, shard_linear_params)
+from .passes import (cleanup, gather_vocab_outputs, insert_all_reduces, insert_local_slices,
+                     keep_constant_adds_on_rank0, mask_vocab_embeddings, rewrite_shape_constants,
+                     shard_linear_params)
 from .patterns.linear import split_biases
 from .plan import Plan, build_plan
 from .runtime import GroupInfo, resolve_group
@@ -33,6 +34,7 @@ class TPInfo:
     sliced_attrs: list[str] = field(default_factory=list)
     rewritten_constants: list[tuple[str, object, int]] = field(default_factory=list)
     all_reduce_nodes: list[str] = field(default_factory=list)
+    all_gather_nodes: list[str] = field(default_factory=list)
 
 
 def _model_name(model: nn.Module) -> str:
@@ -42,17 +44,23 @@ def _model_name(model: nn.Module) -> str:
 
 
 def plan_model(model: nn.Module, world_size: int, *, example_inputs: Any = None,
-         overrides: Optional[dict[str, str]] = None) -> Plan:
-    """The sharding decisions for `model` at `world_size`; needs no process group."""
+               overrides: Optional[dict[str, str]] = None, vocab_parallel: bool = False) -> Plan:
+    """The sharding decisions for `model` at `world_size`; needs no process group.
+
+    `vocab_parallel=True` also splits embedding tables by rows (masked lookup + all-reduce) and
+    makes output projections (lm_head) column-parallel with their logits all-gathered; tied
+    weights stay tied (both uses slice the same rows).
+    """
     if world_size < 1:
         raise PlanOverrideError(f"world_size must be >= 1, got {world_size}")
     captured = capture(model, example_inputs)
     split_biases(captured.gm)
-    return build_plan(captured, world_size, _model_name(model), overrides)
+    return build_plan(captured, world_size, _model_name(model), overrides, vocab_parallel)
 
 
 def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
-              group: Optional[dist.ProcessGroup] = None, example_inputs: Any = None) -> fx.GraphModule:
+              group: Optional[dist.ProcessGroup] = None, example_inputs: Any = None,
+              vocab_parallel: bool = False) -> fx.GraphModule:
     """Returns this rank's tensor-parallel GraphModule of `model`.
 
     Call it on every rank of an initialised process group (`group`, default WORLD) with the
@@ -61,7 +69,8 @@ def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
     """
     info = resolve_group(world_size, group)
     if plan is None:
-        plan = plan_model(model, world_size, example_inputs=example_inputs)
+        plan = plan_model(model, world_size, example_inputs=example_inputs,
+                          vocab_parallel=vocab_parallel)
     elif plan.world_size != world_size:
         raise PlanOverrideError(f"the plan was made for world_size={plan.world_size}, not "
                                 f"{world_size}: rebuild it with fxtp.plan(model, {world_size})")
@@ -91,7 +100,9 @@ def rewrite(plan: Plan, info: GroupInfo) -> fx.GraphModule:
         tp.sharded_params = shard_linear_params(gm, sol.actions, sol.linears, info.rank)
         tp.rewritten_constants = rewrite_shape_constants(gm, sol.actions)
         tp.sliced_attrs = insert_local_slices(gm, sol.actions, info.rank)
+        mask_vocab_embeddings(gm, sol.actions, info.rank)
         tp.all_reduce_nodes = insert_all_reduces(gm, sol.actions, info.group_name)
+        tp.all_gather_nodes = gather_vocab_outputs(gm, sol.actions, info.world_size, info.group_name)
         keep_constant_adds_on_rank0(gm, sol.actions, info.rank)
     cleanup(gm)
     gm.meta[META_KEY] = tp

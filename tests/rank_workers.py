@@ -38,8 +38,8 @@ def _graph_facts(model, tp) -> dict[str, Any]:
         while src.op == "call_function" and src.name not in linears:
             src = src.args[0]
         producers.append(linears[src.name].weight if src.name in linears else str(src))
-    full = dict(model.named_parameters())
-    local = dict(tp.named_parameters())
+    full = dict(model.named_parameters(remove_duplicate=False))
+    local = dict(tp.named_parameters(remove_duplicate=False))
     layer_full = sum(p.numel() for k, p in full.items() if layer_of(k))
     layer_local = sum(local[k].numel() for k in full if layer_of(k) and k in local)
     return {
@@ -131,6 +131,25 @@ def _override_case(ws: int) -> dict[str, Any]:
             "placements": {e.module: e.placement for e in plan.entries}}
 
 
+def _vocab_case(name: str, ws: int) -> dict[str, Any]:
+    """vocab_parallel=True: embedding rows split (masked lookup), lm_head column-parallel with
+    its logits all-gathered; tied tables stay tied."""
+    from fxtp.families import family_model
+    from fxtp.models import tiny_model
+    from fxtp.runtime import ALL_GATHER
+
+    model = family_model("llama_tied") if name == "llama_tied" else tiny_model(name)
+    tp = fxtp.transform(model, ws, vocab_parallel=True)
+    rep = check_equivalence(model, tp, hf_inputs(model.config.vocab_size), max_examples=5)
+    plan = tp.meta["fxtp"].plan
+    gathers = [n for n in tp.graph.nodes if n.op == "call_function" and n.target == ALL_GATHER]
+    return {"max_error": rep.worst, "all_gathers": len(gathers),
+            "plan_all_reduces": dict(plan.all_reduces),
+            "param_placements": {e.parameter: e.placement for e in plan.entries},
+            "param_count": len(list(tp.parameters())), "model_param_count": len(list(model.parameters())),
+            **_graph_facts(model, tp)}
+
+
 def run_all(rank: int, world_size: int) -> dict[str, Any]:
     """Every multi-rank case at this world size; exceptions are returned as text per case."""
     results: dict[str, Any] = {}
@@ -138,6 +157,8 @@ def run_all(rank: int, world_size: int) -> dict[str, Any]:
     if world_size > 1:
         cases["not_divisible"] = lambda: _not_divisible_case(world_size)
         cases["override"] = lambda: _override_case(world_size)
+        cases["vocab_llama_tied"] = lambda: _vocab_case("llama_tied", world_size)
+        cases["vocab_gpt2"] = lambda: _vocab_case("gpt2", world_size)
     for name, fn in cases.items():
         try:
             results[name] = fn()

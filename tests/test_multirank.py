@@ -136,3 +136,20 @@ def test_mqa_single_kv_head_is_replicated_and_attention_still_sharded(ws):
     assert p["model.layers.0.self_attn.o_proj"] == "row"
     assert r["local_shapes"]["model.layers.0.self_attn.k_proj.weight"] == (16, 64)
     assert r["local_shapes"]["model.layers.0.self_attn.q_proj.weight"] == (64 // ws, 64)
+
+
+@pytest.mark.parametrize("ws", (2, 4))
+@pytest.mark.parametrize("name, table", [("vocab_llama_tied", "model.embed_tokens.weight"),
+                                         ("vocab_gpt2", "transformer.wte.weight")])
+def test_vocab_parallel_embedding_and_gathered_logits(ws, name, table):
+    for r in case(ws, name):
+        assert r["max_error"] <= TOL
+        assert r["all_gathers"] == 1                       # the logits, once
+        # one all-reduce for the (masked) lookup, then 2 per layer
+        assert r["all_reduces"] == 1 + 2 * 2
+        assert r["plan_all_reduces"]["(outside the layers)"] == 1
+        # rows of the vocab, under both names of the tied table
+        assert r["local_shapes"][table] == r["local_shapes"]["lm_head.weight"] == (128 // ws, 64)
+        # the tied table is one parameter, used by the lookup and by the column-parallel head
+        assert r["param_count"] == r["model_param_count"]
+        assert r["param_placements"]["lm_head.weight"] in ("vocab", "column")

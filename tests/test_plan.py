@@ -81,3 +81,32 @@ def test_override_is_recorded(llama_plan):
     assert new.all_reduces == {"model.layers.0": 2, "model.layers.1": 1}
     assert "user override" in new.replicated["model.layers.1.self_attn.o_proj"]
     assert llama_plan.all_reduces == {"model.layers.0": 2, "model.layers.1": 2}
+
+
+def test_vocab_parallel_plan_option():
+    plan = fxtp.plan(tiny_model("bert"), 4, vocab_parallel=True)
+    placements = {e.parameter: e.placement for e in plan.entries}
+    assert placements["embeddings.word_embeddings.weight"] == "vocab"
+    assert placements["embeddings.position_embeddings.weight"] == "vocab"
+    # 2 token types cannot be split over 4 ranks: replicated, with the reason
+    assert "embeddings.token_type_embeddings.weight" not in placements
+    assert "cannot be split" in plan.replicated["embeddings.token_type_embeddings"]
+    # the pooler's output leaves the model: column-parallel, gathered
+    pooler = {e.module: e for e in plan.entries}["pooler.dense"]
+    assert pooler.placement == "column" and "all_gather" in pooler.collectives
+    assert plan.to_dict()["vocab_parallel"] is True
+    # word and position lookups are partial sums; the replicated token-type lookup between
+    # them makes the first one reduce early: 2 all-reduces before the layers at this size
+    assert plan.all_reduces["(outside the layers)"] == 2
+    assert fxtp.plan(tiny_model("bert"), 2, vocab_parallel=True).all_reduces[
+        "(outside the layers)"] == 1
+    # overrides keep the option
+    assert plan.override({"encoder.layer.0.intermediate": "replicate"}).vocab_parallel
+
+
+def test_vocab_parallel_table_override():
+    plan = fxtp.plan(tiny_model("llama"), 2, vocab_parallel=True)
+    assert {e.parameter: e.placement for e in plan.entries}["model.embed_tokens.weight"] == "vocab"
+    kept = plan.override({"model.embed_tokens": "replicate"})
+    assert "model.embed_tokens.weight" not in {e.parameter for e in kept.entries if e.placement == "vocab"}
+    assert "(outside the layers)" not in kept.all_reduces

@@ -38,16 +38,24 @@ def set_arg(node: fx.Node, path: tuple, value: Any) -> None:
 
 
 def set_tensor_attr(gm: fx.GraphModule, qualname: str, value: torch.Tensor) -> None:
-    """Stores `value` under the same qualified name, as a parameter, buffer or plain attribute."""
+    """Stores `value` under the same qualified name, as a parameter, buffer or plain attribute.
+
+    Aliases of the old tensor elsewhere in the module tree (tied weights registered under two
+    names) are replaced too, so they stay tied and the full tensor is not kept alive."""
     owner_name, _, leaf = qualname.rpartition(".")
     owner = gm.get_submodule(owner_name) if owner_name else gm
+    old = getattr(owner, leaf)
     if leaf in owner._parameters:
-        old = owner._parameters[leaf]
-        owner._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
-    elif leaf in owner._buffers:
-        owner._buffers[leaf] = value
+        new = nn.Parameter(value, requires_grad=old.requires_grad)
     else:
-        setattr(owner, leaf, value)
+        new = value
+    for module in gm.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in list(table.items()):
+                if tensor is old:
+                    table[name] = new
+    if leaf not in owner._parameters and leaf not in owner._buffers:
+        setattr(owner, leaf, new)
 
 
 def get_tensor_attr(gm: fx.GraphModule, qualname: str) -> torch.Tensor:

@@ -98,13 +98,23 @@ def _normalise_path(path: str) -> str:
     return ".".join(out)
 
 
+def tensor_key(gm: fx.GraphModule, qualname: str) -> int:
+    """Identity of the tensor behind a get_attr target (the same for all names of a tied weight)."""
+    obj = gm
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return id(obj)
+
+
 def find_linears(gm: fx.GraphModule) -> dict[str, LinearMatch]:
     """Every matmul-like node whose weight is a parameter (2-D, or 3-D [experts, ...] for
     grouped matmuls), keyed by node name."""
-    targets: dict[str, int] = {}
+    # a tensor may sit under several names (tied weights): count get_attr nodes per tensor
+    uses: dict[int, int] = {}
     for n in gm.graph.nodes:
         if n.op == "get_attr":
-            targets[n.target] = targets.get(n.target, 0) + 1
+            key = tensor_key(gm, n.target)
+            uses[key] = uses.get(key, 0) + 1
     found: dict[str, LinearMatch] = {}
     for n in gm.graph.nodes:
         if n.op != "call_function":
@@ -130,7 +140,7 @@ def find_linears(gm: fx.GraphModule) -> dict[str, LinearMatch]:
         if val.dim() != rank:
             continue
         param_out, param_in = perm[operand_out], perm[operand_in]
-        exclusive = targets.get(attr.target, 0) == 1 and _chain_users_ok(attr, n)
+        exclusive = uses.get(tensor_key(gm, attr.target), 0) == 1 and _chain_users_ok(attr, n)
         owner = attr.target.rsplit(".", 1)[0] if "." in attr.target else module_path(n)
         found[n.name] = LinearMatch(
             node=n.name, input=x.name, weight=attr.target, out_dim=param_out, in_dim=param_in,

@@ -1,0 +1,73 @@
+"""Vocab-parallel embedding lookups and gathered vocab-parallel logits (plan option).
+
+Each rank keeps rows [start, end) of the embedding table. A lookup masks the ids outside that
+range, looks the rest up in the local rows and zeroes the masked rows: the result is a partial
+sum that the solver all-reduces where the full value is needed (Megatron's
+VocabParallelEmbedding). Logits sharded on the vocab dim are all-gathered where they leave the
+model, so the output equals the untouched model's.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from ..runtime import ALL_GATHER, WAIT
+from ..solver import Actions
+from ._util import nodes_by_name
+
+aten = torch.ops.aten
+
+
+def mask_vocab_embeddings(gm: fx.GraphModule, actions: Actions, rank: int) -> None:
+    """Rewrites embedding(W, ids) for this rank's rows of W (W itself is sliced elsewhere)."""
+    nodes = nodes_by_name(gm)
+    g = gm.graph
+    for name, spec in actions.vocab_embeddings.items():
+        emb = nodes[name]
+        ids = emb.args[1]
+        (start, length), = spec.local_ranges(rank)
+        with g.inserting_before(emb):
+            below = g.call_function(aten.lt.Scalar, (ids, start))
+            above = g.call_function(aten.ge.Scalar, (ids, start + length))
+            outside = g.call_function(aten.logical_or.default, (below, above))
+            shifted = g.call_function(aten.sub.Tensor, (ids, start))
+            local_ids = g.call_function(aten.masked_fill.Scalar, (shifted, outside, 0))
+        emb.args = (emb.args[0], local_ids, *emb.args[2:])
+        with g.inserting_after(emb):
+            keep = g.call_function(aten.unsqueeze.default, (outside, -1))
+        with g.inserting_after(keep):
+            masked = g.call_function(aten.masked_fill.Scalar, (emb, keep, 0.0))
+        for user in list(emb.users):
+            if user not in (keep, masked):
+                user.replace_input_with(emb, masked)
+        masked.meta["val"] = emb.meta.get("val")
+        masked.meta["nn_module_stack"] = emb.meta.get("nn_module_stack", {})
+
+
+def gather_vocab_outputs(gm: fx.GraphModule, actions: Actions, world_size: int,
+                         group_name: str) -> list[str]:
+    """All-gathers each vocab-sharded output along its last dim; returns the gather nodes."""
+    nodes = nodes_by_name(gm)
+    g = gm.graph
+    out = []
+    for value_name, dim, user_names in actions.gathers:
+        value = nodes[value_name]
+        with g.inserting_after(value):
+            front = g.call_function(aten.movedim.int, (value, dim, 0))
+        with g.inserting_after(front):
+            contiguous = g.call_function(aten.clone.default, (front,),
+                                         {"memory_format": torch.contiguous_format})
+        with g.inserting_after(contiguous):
+            gathered = g.call_function(ALL_GATHER, (contiguous, world_size, group_name))
+        with g.inserting_after(gathered):
+            waited = g.call_function(WAIT, (gathered,))
+        with g.inserting_after(waited):
+            back = g.call_function(aten.movedim.int, (waited, 0, dim))
+        for n in (gathered, waited):
+            n.meta["fxtp_collective"] = {"op": "all_gather", "of": value_name}
+            n.meta["nn_module_stack"] = value.meta.get("nn_module_stack", {})
+        back.meta["val"] = value.meta.get("val")
+        for u in user_names:
+            nodes[u].replace_input_with(value, back)
+        out.append(gathered.name)
+    return out
