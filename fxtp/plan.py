@@ -19,7 +19,7 @@ from .patterns.linear import module_path
 from .solver import _SDPA, _SOFTMAX, Reason, Solution, solve
 
 _LAYER = re.compile(r"^(.*?\.\d+)(\.|$)")
-OVERRIDE_CHOICES = ("replicate",)
+OVERRIDE_CHOICES = ("replicate", "shard")
 OUTSIDE_LAYERS = "(outside the layers)"   # e.g. a vocab-parallel embedding's all-reduce
 
 
@@ -89,8 +89,8 @@ class Plan:
             if choice not in OVERRIDE_CHOICES:
                 raise PlanOverrideError(
                     f"override for {module!r} is {choice!r}; supported: {', '.join(OVERRIDE_CHOICES)}"
-                    " (fxtp decides column/row placement itself; it can only be told to keep a "
-                    "module replicated)")
+                    " (fxtp decides column/row placement itself: 'replicate' keeps a module "
+                    "whole, 'shard' demands that it be sharded and fails if that is unsafe)")
             merged[module] = choice
         return build_plan(self.captured, self.world_size, self.model_name, merged,
                           self.vocab_parallel)
@@ -169,10 +169,29 @@ def _override_reasons(captured: Captured, linears, overrides: dict[str, str]) ->
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise PlanOverrideError(f"override names module {module!r}, which is not in the model."
                                     f"{hint}")
+        if choice != "replicate":
+            continue
         for name, m in linears.items():
             if m.module == module or m.module.startswith(module + "."):
                 out[name] = Reason(f"user override: {module} -> {choice}", name, m.module, "override")
     return out
+
+
+def _check_shard_overrides(linears, sol: Solution, overrides: dict[str, str]) -> None:
+    """A module the user wants sharded must be: fxtp never shards what it found unsafe."""
+    for module, choice in overrides.items():
+        if choice != "shard":
+            continue
+        inside = [n for n, m in linears.items() if m.module == module or m.module.startswith(module + ".")]
+        if not inside:
+            raise PlanOverrideError(f"override asks to shard {module!r}, which has no linear layer")
+        for name in inside:
+            if name not in sol.actions.columns and name not in sol.actions.rows:
+                reason = sol.replicated.get(name)
+                raise PlanOverrideError(
+                    f"override asks to shard {module!r}, but {linears[name].module} cannot be "
+                    f"sharded safely: {reason or 'it is not between a replicated input and a row-parallel linear'}."
+                    " Remove the override or make it 'replicate'.")
 
 
 def _module_paths(gm: fx.GraphModule) -> set[str]:
@@ -196,7 +215,9 @@ def build_plan(captured: Captured, world_size: int, model_name: str,
     overrides = dict(overrides or {})
     linears = find_linears(captured.gm)
     sol = solve(captured.gm, world_size, linears, _override_reasons(captured, linears, overrides),
-                vocab_parallel=vocab_parallel, replicate_modules=frozenset(overrides))
+                vocab_parallel=vocab_parallel,
+                replicate_modules=frozenset(m for m, c in overrides.items() if c == "replicate"))
+    _check_shard_overrides(linears, sol, overrides)
     plan = describe(captured, sol, model_name, overrides)
     plan.vocab_parallel = vocab_parallel
     return plan

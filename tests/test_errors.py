@@ -66,8 +66,26 @@ def test_override_of_unknown_module(llama):
 
 
 def test_override_with_unsupported_choice(llama):
-    with pytest.raises(fxtp.PlanOverrideError, match="supported: replicate"):
+    with pytest.raises(fxtp.PlanOverrideError, match="supported: replicate, shard"):
         fxtp.plan(llama, 2).override({"model.layers.0.mlp": "column"})
+
+
+def test_override_that_would_be_wrong_is_refused():
+    from .modules import ReducesFeatures
+
+    plan = fxtp.plan(ReducesFeatures(), 2, example_inputs=(torch.randn(2, 3, 16),))
+    # sharding fc would split the dim that sum(-1) reduces over
+    with pytest.raises(fxtp.PlanOverrideError, match=r"'fc'.*reduces over a sharded dim"):
+        plan.override({"fc": "shard"})
+
+
+def test_shard_override_of_a_shardable_module_is_accepted(llama):
+    plan = fxtp.plan(llama, 2).override({"model.layers.0.self_attn": "shard"})
+    assert plan.placement_of("model.layers.0.self_attn.o_proj") == "row"
+    with pytest.raises(fxtp.PlanOverrideError, match="no linear layer"):
+        fxtp.plan(llama, 2).override({"model.norm": "shard"})
+    with pytest.raises(fxtp.PlanOverrideError, match="lm_head.*cannot be sharded safely"):
+        fxtp.plan(llama, 2).override({"lm_head": "shard"})
 
 
 def test_plan_for_other_world_size_is_refused(llama):
