@@ -16,7 +16,8 @@ from torch import fx
 from .capture import Captured
 from .errors import PlanOverrideError
 from .patterns.linear import module_path
-from .solver import _SDPA, _SOFTMAX, Reason, Solution, solve
+from .rules import _SDPA, _SOFTMAX
+from .solver import Reason, Solution, solve
 
 _LAYER = re.compile(r"^(.*?\.\d+)(\.|$)")
 OVERRIDE_CHOICES = ("replicate", "shard")

@@ -1,0 +1,550 @@
+"""Per-op sharding rules: how a sharded value passes through each aten op.
+
+The rules are methods of `ShardingRules`, mixed into the solver's propagation pass: given the
+placements of a node's inputs they return the placement of its output, record the rewrites the
+op needs (size constants, local slices) or raise `_Fail` (the op cannot take that placement;
+kind "refine" asks for the source to be split differently). Ops are recognised by their aten
+overload and tags, never by the model they come from.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from fractions import Fraction
+from typing import Any, Optional
+
+import torch
+from torch import fx
+
+from .sharding import REPLICATE, DimShard, Partial, Sharded, group_dims
+
+aten = torch.ops.aten
+
+# ---------------------------------------------------------------------------------------------
+# op families
+
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_IDENTITY = {
+    aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+    aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default,
+    aten.lift_fresh_copy.default, aten.type_as.default,
+}
+_DROPOUT = {aten.dropout.default}
+_SOFTMAX = {aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default}
+_REDUCTIONS = {
+    aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
+    aten.var.correction, aten.std.correction, aten.var.dim, aten.std.dim,
+}
+_NORMS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
+_SDPA = {
+    aten.scaled_dot_product_attention.default,
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+_SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
+_PARTIAL_SHAPE_OPS = _VIEWS | {
+    aten.transpose.int, aten.permute.default, aten.t.default, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.squeeze.dims,
+} | _IDENTITY
+_NO_OUTPUT = {aten._assert_tensor_metadata.default}
+_PARTIAL_LINEAR_IN_FIRST = {
+    aten.index.Tensor, aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.select.int,
+    aten.slice.Tensor, aten.expand.default,
+}
+
+
+def _is_pointwise(target) -> bool:
+    tags = getattr(target, "tags", ())
+    return torch.Tag.pointwise in tags
+
+
+def _functional(target):
+    """aten.add_.Tensor -> aten.add.Tensor: in-place ops follow their functional twin's rule
+    (export keeps a model's `x += y`; the data flow is the same)."""
+    schema = getattr(target, "_schema", None)
+    if schema is None or not schema.name.startswith("aten::") or not schema.name.endswith("_"):
+        return target
+    packet = getattr(aten, schema.name[len("aten::"):-1], None)
+    if packet is None:
+        return target
+    return getattr(packet, target._overloadname, target)
+
+
+
+class _Fail(Exception):
+    def __init__(self, text: str, kind: str = "unsupported"):
+        super().__init__(text)
+        self.text, self.kind = text, kind
+
+
+
+def _shape(node: Any) -> Optional[list]:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if isinstance(val, torch.Tensor):
+        return list(val.shape)
+    return None
+
+
+def _static(x) -> Optional[int]:
+    if isinstance(x, int):
+        return x
+    try:
+        if x.node.is_constant():
+            return int(x)
+    except AttributeError:
+        pass
+    return None
+
+
+
+class ShardingRules:
+    """Rules for ops that receive a sharded value (mixed into the solver's pass, which provides
+    `placement`, `actions`, `ws`, `single_head` and `_refine`)."""
+
+    # -- sharded values -------------------------------------------------------------------
+    def _sharded_rule(self, n: fx.Node, t) -> Any:
+        x0 = n.args[0] if n.args else None
+        if t in _NO_OUTPUT:
+            return REPLICATE
+        if t == aten.sym_size.int:
+            sp = self.placement(x0)
+            if isinstance(sp, Sharded) and sp.get(_norm(n.args[1], len(_shape(x0)))):
+                raise _Fail("reads the size of a sharded dim")
+            return REPLICATE
+        if t is operator.getitem:
+            parent = self.placement(x0)
+            if isinstance(parent, (list, tuple)):
+                return parent[n.args[1]]
+            raise _Fail("getitem on a sharded tensor")
+        if t in _VIEWS:
+            return self._view(n)
+        if t in (aten.transpose.int, aten.permute.default, aten.t.default, aten.numpy_T.default):
+            return self._permute(n)
+        if t == aten.unsqueeze.default:
+            return self._unsqueeze(n)
+        if t in (aten.squeeze.dim, aten.squeeze.dims):
+            return self._squeeze(n)
+        if t in (aten.expand.default, aten.broadcast_to.default):
+            return self._expand(n)
+        if t in (aten.flatten.using_ints, aten.unflatten.int):
+            return self._view(n, size_arg=None)
+        if t == aten.select.int:
+            return self._select(n)
+        if t == aten.index.Tensor:
+            return self._index(n)
+        if t in _IDENTITY or (t in _DROPOUT and not _dropout_active(n)):
+            if len([a for a in n.all_input_nodes]) == 1:
+                return self._same(x0)
+        if t == aten.slice.Tensor:
+            return self._slice(n)
+        if t in _SPLITS:
+            return self._split(n)
+        if t == aten.cat.default:
+            return self._cat(n)
+        if t in _SDPA:
+            return self._sdpa(n)
+        if t in _SOFTMAX:
+            return self._keep_unless(n, [n.args[1]])
+        if t in _REDUCTIONS:
+            return self._reduction(n)
+        if t in _NORMS:
+            return self._norm(n)
+        if t in (aten.bmm.default, aten.matmul.default):
+            return self._matmul(n)
+        if _is_pointwise(t):
+            return self._pointwise(n)
+        raise _Fail(f"no sharding rule for {getattr(t, '__name__', t)}; the value it reads is sharded")
+
+    def _same(self, x) -> Sharded:
+        sp = self.placement(x)
+        if not isinstance(sp, Sharded):
+            raise _Fail("expected a sharded input")
+        return sp
+
+    def _input(self, n: fx.Node) -> tuple[fx.Node, Sharded, list]:
+        x = n.args[0]
+        sp = self.placement(x)
+        if not isinstance(sp, Sharded):
+            raise _Fail("expected a sharded input")
+        return x, sp, _shape(x)
+
+    def _view(self, n: fx.Node, size_arg: Optional[int] = 1) -> Sharded:
+        x, sp, src = self._input(n)
+        dst = _shape(n)
+        groups = group_dims(src, dst)
+        if groups is None:
+            raise _Fail(f"cannot relate view shapes {src} -> {dst}")
+        dims: dict[int, DimShard] = {}
+        origin: dict[int, tuple[str, int]] = {}
+        for gi, go in groups:
+            sh = [(d, sp.get(d)) for d in gi if sp.get(d) is not None]
+            if not sh:
+                continue
+            if len(sh) > 1:
+                raise _Fail("merges two sharded dims")
+            d, ds = sh[0]
+            if any(_static(src[k]) != 1 for k in gi if k < d):
+                raise _Fail("merges a sharded dim into an outer dim; the shard would not be contiguous")
+            inner_in = _prod([src[k] for k in gi if k > d])
+            if inner_in is None:
+                raise _Fail("merges a sharded dim with a dynamic dim")
+            flat = ds.scaled(inner_in)
+            outs = [j for j in go if _static(dst[j]) != 1]
+            if not outs:
+                raise _Fail("views a sharded dim as size 1")
+            j = outs[0]
+            new_unit_dim = j != go[0] or ([], [j - 1]) in groups
+            if new_unit_dim and _static(dst[j - 1]) == 1 and sp.origin_of(d) is not None:
+                self.single_head.add(sp.origin_of(d)[0])
+            inner_out = _prod([dst[k] for k in go if k > j])
+            if inner_out is None:
+                raise _Fail("splits a sharded dim into a dynamic dim")
+            new = flat.scaled(1, inner_out)
+            org = sp.origin_of(d)
+            unit = None
+            if org is not None:
+                u = Fraction(org[1], inner_in) * inner_out
+                unit = int(u) if u.denominator == 1 else None
+            if new is None or not new.valid():
+                outer = _static(dst[j])
+                if len(ds.chunks) > 1:
+                    raise _Fail(f"fused chunks {list(ds.chunks)} cannot each be split into whole "
+                                f"units of {inner_out} on {ds.parts} ranks")
+                # fewer heads than parts (or a count sharing a factor with them): coarsen the
+                # source so that groups of ranks hold the same heads (kv heads as in vLLM)
+                g = math.gcd(outer or 0, ds.parts)
+                if (g > 1 and unit is not None and self._refine(sp, d, lambda cur, _u: DimShard(
+                        g, cur.stride * (cur.parts // g), cur.chunks)
+                        if cur.parts % g == 0 and cur.parts != g else None)):
+                    raise _Fail("source split refined", "refine")
+                raise _Fail(f"splits a dim of {ds.size} into {dst[j]} x {inner_out}: {dst[j]} is "
+                            f"not divisible by {ds.parts} ranks", "not_divisible")
+            dims[j] = new
+            if unit is not None:
+                origin[j] = (org[0], unit)
+            if size_arg is not None:
+                self._rewrite_size(n, size_arg, j, new)
+            elif n.target == aten.unflatten.int and new.local_size != new.size:
+                raise _Fail("unflattens a sharded dim (its sizes are not rewritten yet)")
+        return Sharded.of(dims, origin)
+
+    def _rewrite_size(self, n: fx.Node, arg: int, pos: int, spec: DimShard) -> None:
+        sizes = n.args[arg]
+        if not isinstance(sizes, (list, tuple)) or pos >= len(sizes):
+            raise _Fail("size argument not a list")
+        v = sizes[pos]
+        if isinstance(v, int):
+            if v == -1 or v == spec.local_size:
+                return
+            if v != spec.size:
+                raise _Fail(f"size constant {v} does not match the sharded dim of {spec.size}")
+            self.actions.int_args.append((n.name, (arg, pos), spec.local_size))
+            return
+        raise _Fail("a sharded dim's size is computed at run time")
+
+    def _select(self, n: fx.Node) -> Sharded:
+        x, sp, src = self._input(n)
+        dim = _norm(n.args[1], len(src))
+        if sp.get(dim) is not None:
+            raise _Fail("selects an index of a sharded dim")
+        shift = lambda d: d - 1 if d > dim else d
+        return Sharded.of({shift(d): s for d, s in sp.dims},
+                          {shift(d): o for d, o in sp.origin_dict().items()})
+
+    def _index(self, n: fx.Node) -> Sharded:
+        """x[..., idx, ...] with one index tensor on a dim that is not sharded."""
+        x, sp, src = self._input(n)
+        indices = list(n.args[1])
+        used = [k for k, i in enumerate(indices) if i is not None]
+        if len(used) != 1 or isinstance(self.placement(indices[used[0]]), Sharded):
+            raise _Fail("advanced indexing of a sharded tensor")
+        k = used[0]
+        if sp.get(k) is not None:
+            raise _Fail("indexes a sharded dim")
+        extra = len(_shape(indices[k]) or []) - 1
+        shift = lambda d: d + extra if d > k else d
+        return Sharded.of({shift(d): s for d, s in sp.dims},
+                          {shift(d): o for d, o in sp.origin_dict().items()})
+
+    def _permute(self, n: fx.Node) -> Sharded:
+        x, sp, src = self._input(n)
+        r = len(src)
+        if n.target == aten.transpose.int:
+            a, b = _norm(n.args[1], r), _norm(n.args[2], r)
+            perm = list(range(r))
+            perm[a], perm[b] = perm[b], perm[a]
+        elif n.target == aten.permute.default:
+            perm = [_norm(d, r) for d in n.args[1]]
+        else:
+            perm = list(reversed(range(r)))
+        inv = {old: new for new, old in enumerate(perm)}
+        return Sharded.of({inv[d]: s for d, s in sp.dims},
+                          {inv[d]: o for d, o in sp.origin_dict().items()})
+
+    def _unsqueeze(self, n: fx.Node) -> Sharded:
+        x, sp, src = self._input(n)
+        d0 = _norm(n.args[1], len(src) + 1)
+        shift = lambda d: d + 1 if d >= d0 else d
+        return Sharded.of({shift(d): s for d, s in sp.dims},
+                          {shift(d): o for d, o in sp.origin_dict().items()})
+
+    def _squeeze(self, n: fx.Node) -> Sharded:
+        x, sp, src = self._input(n)
+        dims = n.args[1] if isinstance(n.args[1], (list, tuple)) else [n.args[1]]
+        gone = {_norm(d, len(src)) for d in dims if _static(src[_norm(d, len(src))]) == 1}
+        if any(d in gone for d, _ in sp.dims):
+            raise _Fail("squeezes a sharded dim")
+        shift = lambda d: d - sum(1 for g in gone if g < d)
+        return Sharded.of({shift(d): s for d, s in sp.dims},
+                          {shift(d): o for d, o in sp.origin_dict().items()})
+
+    def _expand(self, n: fx.Node) -> Sharded:
+        x, sp, src = self._input(n)
+        off = len(n.args[1]) - len(src)
+        dims = {d + off: s for d, s in sp.dims}
+        for d, s in dims.items():
+            self._rewrite_size(n, 1, d, s)
+        return Sharded.of(dims, {d + off: o for d, o in sp.origin_dict().items()})
+
+    def _boundaries(self, ds: DimShard) -> list[int]:
+        out, acc = [0], 0
+        for c in ds.chunks:
+            acc += c
+            out.append(acc)
+        return out
+
+    def _cut(self, n: fx.Node, sp: Sharded, dim: int, cuts: list[int]) -> list[DimShard]:
+        """Splits a sharded dim at global offsets `cuts`; each piece must be whole chunks."""
+        ds = sp.get(dim)
+        bounds = self._boundaries(ds)
+        if all(c in bounds for c in cuts):
+            pieces = []
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                i, j = bounds.index(a), bounds.index(b)
+                pieces.append(DimShard(ds.parts, ds.stride, ds.chunks[i:j]))
+            return pieces
+
+        def make(cur: DimShard, unit: int) -> Optional[DimShard]:
+            src_cuts = sorted(set(self._boundaries(cur)) | {c * unit for c in cuts})
+            chunks = tuple(b - a for a, b in zip(src_cuts[:-1], src_cuts[1:]) if b > a)
+            return DimShard(cur.parts, cur.stride, chunks)
+        if self._refine(sp, dim, make):
+            raise _Fail("source split refined", "refine")
+        raise _Fail(f"cuts a sharded dim at {cuts}, not at the boundaries of its shards")
+
+    def _slice(self, n: fx.Node) -> Sharded:
+        x, sp, src = self._input(n)
+        dim = _norm(n.args[1] if len(n.args) > 1 else 0, len(src))
+        ds = sp.get(dim)
+        if ds is None:
+            return sp
+        start = n.args[2] if len(n.args) > 2 else 0
+        end = n.args[3] if len(n.args) > 3 else None
+        step = n.args[4] if len(n.args) > 4 else 1
+        if step != 1 or not isinstance(start, (int, type(None))) or not isinstance(end, (int, type(None))):
+            raise _Fail("strided or dynamic slice of a sharded dim")
+        size = ds.size
+        start = 0 if start is None else (start + size if start < 0 else min(start, size))
+        end = size if end is None else (end + size if end < 0 else min(end, size))
+        piece, = self._cut(n, sp, dim, [start, end])
+        lstart = sum(c // ds.parts for c, b in zip(ds.chunks, self._boundaries(ds)) if b < start)
+        self.actions.int_args.append((n.name, (2,), lstart))
+        self.actions.int_args.append((n.name, (3,), lstart + piece.local_size))
+        dims = sp.as_dict()
+        dims[dim] = piece
+        return Sharded.of(dims)
+
+    def _split(self, n: fx.Node) -> list:
+        x, sp, src = self._input(n)
+        outs = n.meta.get("val")
+        dim = _norm(n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0), len(src))
+        ds = sp.get(dim)
+        if ds is None:
+            return [sp for _ in outs]
+        sizes = [int(o.shape[dim]) for o in outs]
+        cuts = [0]
+        for s in sizes:
+            cuts.append(cuts[-1] + s)
+        pieces = self._cut(n, sp, dim, cuts)
+        locals_ = [p.local_size for p in pieces]
+        if n.target == aten.split_with_sizes.default:
+            for i, v in enumerate(locals_):
+                self.actions.int_args.append((n.name, (1, i), v))
+        elif n.target == aten.split.Tensor:
+            if any(v != locals_[0] for v in locals_[:-1]) or locals_[-1] > locals_[0]:
+                raise _Fail("split pieces would have unequal local sizes")
+            self.actions.int_args.append((n.name, (1,), locals_[0]))
+        # chunk(n) keeps its count: equal global pieces give equal local pieces
+        result = []
+        for p in pieces:
+            dims = sp.as_dict()
+            dims[dim] = p
+            result.append(Sharded.of(dims))
+        return result
+
+    def _cat(self, n: fx.Node) -> Sharded:
+        tensors = n.args[0]
+        out = _shape(n)
+        dim = _norm(n.args[1] if len(n.args) > 1 else 0, len(out))
+        specs = [self.placement(t) for t in tensors]
+        if all(isinstance(s, Sharded) and s.get(dim) for s in specs):
+            first = specs[0].get(dim)
+            if any((s.get(dim).parts, s.get(dim).stride) != (first.parts, first.stride) for s in specs):
+                raise _Fail("concatenates differently sharded pieces")
+            rest = [tuple((d, v) for d, v in s.dims if d != dim) for s in specs]
+            if any(r != rest[0] for r in rest):
+                raise _Fail("concatenates differently sharded pieces")
+            chunks = tuple(c for s in specs for c in s.get(dim).chunks)
+            dims = dict(rest[0])
+            dims[dim] = DimShard(first.parts, first.stride, chunks)
+            return Sharded.of(dims)
+        return self._align(n, [(0, i) for i in range(len(tensors))], out, forbid=[dim])
+
+    def _sdpa(self, n: fx.Node) -> Sharded:
+        q = n.args[0]
+        out = _shape(q)
+        r = len(out)
+        operands = [(i,) for i in range(3)]
+        if len(n.args) > 3 and isinstance(n.args[3], fx.Node):
+            operands.append((3,))
+        if n.kwargs.get("enable_gqa"):
+            raise _Fail("sdpa with enable_gqa has no sharding rule yet")
+        result = self._align(n, operands, out, forbid=[r - 2, r - 1], allow_rank_diff=True)
+        return result
+
+    def _keep_unless(self, n: fx.Node, dims: list) -> Sharded:
+        x, sp, src = self._input(n)
+        for d in dims:
+            if sp.get(_norm(d, len(src))) is not None:
+                raise _Fail(f"{n.target} runs along a sharded dim")
+        if n.target in _SOFTMAX or len(n.all_input_nodes) == 1:
+            return sp
+        raise _Fail("unexpected operands")
+
+    def _reduction(self, n: fx.Node) -> Sharded:
+        x, sp, src = self._input(n)
+        r = len(src)
+        dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        if dims is None:
+            raise _Fail("reduces over all dims of a sharded tensor")
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        dims = {_norm(d, r) for d in dims}
+        keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+        if any(d in dims for d, _ in sp.dims):
+            raise _Fail(f"{n.target} reduces over a sharded dim")
+        if keep:
+            return sp
+        shift = lambda d: d - sum(1 for g in dims if g < d)
+        return Sharded.of({shift(d): s for d, s in sp.dims})
+
+    def _norm(self, n: fx.Node) -> Any:
+        x, sp, src = self._input(n)
+        if any(isinstance(self.placement(a), Sharded) for a in n.all_input_nodes if a is not x):
+            raise _Fail("normalisation with sharded affine parameters")
+        k = len(n.args[1]) if len(n.args) > 1 and isinstance(n.args[1], (list, tuple)) else 1
+        if any(d >= len(src) - k for d, _ in sp.dims):
+            raise _Fail("normalises over a sharded dim")
+        if n.target == aten.native_layer_norm.default:
+            return [sp, sp, sp]
+        return sp
+
+    def _matmul(self, n: fx.Node) -> Any:
+        a, b = n.args[0], n.args[1]
+        sa, sb = _shape(a), _shape(b)
+        if len(sa) < 2 or len(sb) < 2:
+            raise _Fail("matmul of vectors on sharded values")
+        out = _shape(n)
+        pa, pb = self.placement(a), self.placement(b)
+        ka = pa.get(len(sa) - 1) if isinstance(pa, Sharded) else None
+        kb = pb.get(len(sb) - 2) if isinstance(pb, Sharded) else None
+        if ka is not None or kb is not None:
+            raise _Fail("matmul contracts a sharded dim")
+        for p, s, d in ((pa, sa, len(sa) - 2), (pb, sb, len(sb) - 1)):
+            if isinstance(p, Sharded) and p.get(d) is not None:
+                raise _Fail("matmul with a sharded row/column dim")
+        # batch dims behave like broadcasting
+        return self._align(n, [(0,), (1,)], out, forbid=[len(out) - 2, len(out) - 1],
+                           allow_rank_diff=True, trailing=2)
+
+    def _pointwise(self, n: fx.Node) -> Sharded:
+        out = _shape(n)
+        if out is None:
+            raise _Fail("pointwise op without a tensor result")
+        paths = []
+        for i, a in enumerate(n.args):
+            if isinstance(a, fx.Node) and _shape(a) is not None:
+                paths.append((i,))
+        for k, a in n.kwargs.items():
+            if isinstance(a, fx.Node) and _shape(a) is not None:
+                paths.append((k,))
+        return self._align(n, paths, out)
+
+    def _align(self, n: fx.Node, paths: list[tuple], out: list, forbid=(), allow_rank_diff=False,
+               trailing: int = 0) -> Sharded:
+        """Broadcast-aligns operands; all sharded dims must agree, replicated ones are narrowed."""
+        r = len(out)
+        operands = []
+        for path in paths:
+            node = _get(n, path)
+            shp = _shape(node)
+            operands.append((path, node, self.placement(node), shp, r - len(shp)))
+        want: dict[int, DimShard] = {}
+        origin: dict[int, tuple[str, int]] = {}
+        for path, node, p, shp, off in operands:
+            if isinstance(p, Partial):
+                raise _Fail("partial sum meets a sharded value")
+            if isinstance(p, Sharded):
+                for d, s in p.dims:
+                    od = d + off
+                    if od in forbid or (od < 0):
+                        raise _Fail(f"{n.target} needs dim {d} whole but it is sharded")
+                    cur = want.get(od)
+                    if cur is None or s.parts > cur.parts:
+                        want[od] = s
+                        if p.origin_of(d) is not None and str(shp[d]) == str(out[od]):
+                            origin[od] = p.origin_of(d)
+                        else:
+                            origin.pop(od, None)
+        for path, node, p, shp, off in operands:
+            for od, s in want.items():
+                d = od - off
+                if d < 0 or _static(shp[d]) == 1:
+                    continue
+                have = p.get(d) if isinstance(p, Sharded) else None
+                if have == s:
+                    continue
+                if have is not None and not have.covers(s, self.ws):
+                    raise _Fail(f"operands of {n.target} are sharded differently")
+                if isinstance(p, Sharded) and have is None:
+                    raise _Fail(f"operands of {n.target} are sharded on different dims")
+                if have is None and _static(shp[d]) != s.size:
+                    raise _Fail(f"operand size {shp[d]} does not match the sharded dim")
+                self.actions.narrows.append((n.name, path, d, have, s))
+        return Sharded.of(want, origin)
+
+
+
+def _dropout_active(n: fx.Node) -> bool:
+    train = n.args[2] if len(n.args) > 2 else n.kwargs.get("train", False)
+    p = n.args[1] if len(n.args) > 1 else n.kwargs.get("p", 0.0)
+    return bool(train) and p > 0
+
+
+def _get(n: fx.Node, path: tuple):
+    head = n.args[path[0]] if isinstance(path[0], int) else n.kwargs[path[0]]
+    for p in path[1:]:
+        head = head[p]
+    return head
+
+
+def _norm(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+def _prod(sizes) -> Optional[int]:
+    out = 1
+    for s in sizes:
+        v = _static(s)
+        if v is None:
+            return None
+        out *= v
+    return out
