@@ -94,3 +94,116 @@ class DataDependent(nn.Module):
 def tiny_net(seed: int = 0, **kw) -> TinyNet:
     torch.manual_seed(seed)
     return TinyNet(**kw).eval()
+
+
+class FusedThirds(nn.Module):
+    """One linear makes q|k|v (contiguous thirds, split by size) and one makes gate|up (chunk)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, hidden: int = 64):
+        super().__init__()
+        self.heads, self.hd = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.o = nn.Linear(dim, dim)
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=-1)
+        q, k, v = (t.view(b, s, self.heads, self.hd).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(y.transpose(1, 2).reshape(b, s, d))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return x + self.down(F.gelu(gate) * up)
+
+
+class InterleavedHeads(nn.Module):
+    """Fused qkv laid out per head ([heads, 3, head_dim], GPT-NeoX/BLOOM style) with a learned
+    per-head bias added to the scores (ALiBi / relative-position style)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.hd = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.o = nn.Linear(dim, dim)
+        self.head_bias = nn.Parameter(torch.randn(heads, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        qkv = self.qkv(x).view(b, s, self.heads, 3, self.hd)
+        q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))
+        scores = q @ k.transpose(-1, -2) * self.hd ** -0.5 + self.head_bias
+        y = scores.softmax(-1) @ v
+        return x + self.o(y.transpose(1, 2).reshape(b, s, d))
+
+
+class GroupedQuery(nn.Module):
+    """GQA written with repeat_interleave-free expand/reshape, 4 q heads over 2 kv heads."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, kv_heads: int = 2):
+        super().__init__()
+        self.heads, self.kv, self.hd = heads, kv_heads, dim // heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, kv_heads * self.hd, bias=False)
+        self.v = nn.Linear(dim, kv_heads * self.hd, bias=False)
+        self.o = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q = self.q(x).view(b, s, self.heads, self.hd).transpose(1, 2)
+        k = self.k(x).view(b, s, self.kv, self.hd).transpose(1, 2)
+        v = self.v(x).view(b, s, self.kv, self.hd).transpose(1, 2)
+        rep = self.heads // self.kv
+        k = k[:, :, None].expand(b, self.kv, rep, s, self.hd).reshape(b, self.heads, s, self.hd)
+        v = v[:, :, None].expand(b, self.kv, rep, s, self.hd).reshape(b, self.heads, s, self.hd)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return x + self.o(y.transpose(1, 2).reshape(b, s, d))
+
+
+class ParallelBlock(nn.Module):
+    """Attention and MLP read the same normed input; their outputs are summed, then the residual
+    (GPT-J / Falcon order; `(x + attn) + mlp` is not reassociated and costs two all-reduces)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, hidden: int = 64):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = TinyAttention(dim, heads)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return self.attn(h) + self.fc2(F.gelu(self.fc1(h))) + x
+
+
+class CrossAttention(nn.Module):
+    """Decoder queries attend to an encoder memory: k/v come from the second input."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.hd = heads, dim // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        m = memory.shape[1]
+        q = self.q(x).view(b, s, self.heads, self.hd).transpose(1, 2)
+        k = self.k(memory).view(b, m, self.heads, self.hd).transpose(1, 2)
+        v = self.v(memory).view(b, m, self.heads, self.hd).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return x + self.o(y.transpose(1, 2).reshape(b, s, d))
+
+
+STRUCTURES = {
+    "fused_thirds": (FusedThirds, [(2, 5, 32)]),
+    "interleaved_heads": (InterleavedHeads, [(2, 5, 32)]),
+    "grouped_query": (GroupedQuery, [(2, 5, 32)]),
+    "parallel_block": (ParallelBlock, [(2, 5, 32)]),
+    "cross_attention": (CrossAttention, [(2, 5, 32), (2, 7, 32)]),
+}
+
+
+def structure(name: str, seed: int = 0) -> tuple[nn.Module, tuple]:
+    cls, shapes = STRUCTURES[name]
+    torch.manual_seed(seed)
+    return cls().eval(), tuple(torch.randn(*s) for s in shapes)

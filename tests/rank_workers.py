@@ -150,6 +150,20 @@ def _vocab_case(name: str, ws: int) -> dict[str, Any]:
             **_graph_facts(model, tp)}
 
 
+def _structures_case(ws: int) -> dict[str, Any]:
+    """Every hand-built structure of tests/modules.py, compared on drawn shapes and values."""
+    from .modules import STRUCTURES, structure
+
+    out = {}
+    for name, (_, shapes) in STRUCTURES.items():
+        model, inputs = structure(name)
+        tp = fxtp.transform(model, ws, example_inputs=inputs)
+        rep = check_equivalence(model, tp, tensor_inputs(shapes, dynamic_dims=(0, 1)),
+                                max_examples=4)
+        out[name] = {"max_error": rep.worst, "all_reduces": len(_all_reduce_nodes(tp))}
+    return out
+
+
 def run_all(rank: int, world_size: int) -> dict[str, Any]:
     """Every multi-rank case at this world size; exceptions are returned as text per case."""
     results: dict[str, Any] = {}
@@ -159,6 +173,7 @@ def run_all(rank: int, world_size: int) -> dict[str, Any]:
         cases["override"] = lambda: _override_case(world_size)
         cases["vocab_llama_tied"] = lambda: _vocab_case("llama_tied", world_size)
         cases["vocab_gpt2"] = lambda: _vocab_case("gpt2", world_size)
+        cases["structures"] = lambda: _structures_case(world_size)
     for name, fn in cases.items():
         try:
             results[name] = fn()

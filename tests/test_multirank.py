@@ -153,3 +153,13 @@ def test_vocab_parallel_embedding_and_gathered_logits(ws, name, table):
         # the tied table is one parameter, used by the lookup and by the column-parallel head
         assert r["param_count"] == r["model_param_count"]
         assert r["param_placements"]["lm_head.weight"] in ("vocab", "column")
+
+
+@pytest.mark.parametrize("ws", (2, 4))
+def test_hand_built_structures_equivalent(ws):
+    expected_all_reduces = {"fused_thirds": 2, "interleaved_heads": 1, "grouped_query": 1,
+                            "parallel_block": 1, "cross_attention": 1}
+    for r in case(ws, "structures"):
+        for name, facts in r.items():
+            assert facts["max_error"] <= TOL, name
+            assert facts["all_reduces"] == expected_all_reduces[name], name
