@@ -85,7 +85,23 @@ def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
             f"plan=fxtp.plan(model, {world_size}).override({{{(r.module or r.node)!r}: 'replicate'}}))")
     gm = rewrite(plan, info)
     _install_input_defaults(gm, plan.captured)
+    _refuse_training(gm)
     return gm
+
+
+def _refuse_training(gm: fx.GraphModule) -> None:
+    """The graph is captured in eval mode (dropout off) and its all-reduces have no backward
+    rule yet: training through it would be silently wrong, so `train()` says so instead."""
+    from .errors import FxtpError
+
+    def train(mode: bool = True):
+        if mode:
+            raise FxtpError("fxtp: training through the tensor-parallel graph is not supported "
+                            "yet: it was captured in eval mode (dropout off) and its all-reduces "
+                            "have no backward rule. Use it for inference (tp.eval()).")
+        return nn.Module.train(gm, False)
+
+    gm.train = train
 
 
 def rewrite(plan: Plan, info: GroupInfo) -> fx.GraphModule:

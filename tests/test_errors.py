@@ -112,3 +112,10 @@ def test_unknown_input_names_the_accepted_ones(llama):
     with torch.no_grad():
         ref = llama(input_ids=ids)
     assert torch.allclose(out.logits, ref.logits, atol=1e-5)
+
+
+def test_training_mode_is_refused_not_silently_wrong(llama):
+    tp = fxtp.transform(llama, 1)
+    with pytest.raises(fxtp.FxtpError, match="training through the tensor-parallel graph"):
+        tp.train()
+    assert tp.eval() is tp and not tp.training
