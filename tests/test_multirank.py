@@ -163,3 +163,13 @@ def test_hand_built_structures_equivalent(ws):
         for name, facts in r.items():
             assert facts["max_error"] <= TOL, name
             assert facts["all_reduces"] == expected_all_reduces[name], name
+
+
+@pytest.mark.parametrize("ws", (2, 4))
+@pytest.mark.parametrize("name", ("compile_llama", "compile_gpt2"))
+def test_torch_compile_fullgraph_one_graph_for_all_shapes(ws, name):
+    for r in case(ws, name):
+        # two frames are compiled once each, the input-defaults hook and the graph (fullgraph:
+        # no break inside either); new batch and sequence sizes recompile nothing
+        assert r["compilations"] == [2, 2, 2]
+        assert r["max_error"] <= TOL
