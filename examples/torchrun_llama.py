@@ -35,6 +35,7 @@ def main() -> None:
     if rank == 0:
         print(f"world size {world_size}: max |tp - model| per rank = {errors}")
         print("OK" if max(errors) < 1e-4 else "MISMATCH")
+    dist.barrier()  # let every rank finish its collectives before the group is torn down
     dist.destroy_process_group()
 
 
