@@ -73,7 +73,9 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 600.0)
             try:
                 rank, ok, value = out.get(timeout=min(left, 1.0))
             except queue.Empty:
-                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                # a rank that already reported may still crash while tearing down its group
+                dead = [i for i, p in enumerate(procs)
+                        if p.exitcode not in (None, 0) and i not in results]
                 if dead and out.empty():
                     raise RankFailure(f"rank(s) {dead} died with exit codes "
                                       f"{[procs[i].exitcode for i in dead]}")
