@@ -263,7 +263,6 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
             sinks_of.setdefault(comp, []).append(linears[row].module)
         sources_of_row[row] = sorted(linears[s].module for s in region)
 
-    reduce_after: dict[str, str] = {}
     sites = []
     per_layer: dict[str, int] = {}
     for value in act.reduces:
@@ -271,9 +270,6 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
         sites.append((mod, value))
         layer = layer_of(mod) or OUTSIDE_LAYERS
         per_layer[layer] = per_layer.get(layer, 0) + 1
-        for row in act.rows:
-            if row in act.regions and act.regions.get(value, frozenset()) & act.regions[row]:
-                reduce_after.setdefault(row, value)
     entries = []
     replicated = {}
     not_div = []
