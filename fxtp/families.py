@@ -35,13 +35,12 @@ FAMILIES: dict[str, dict[str, Any]] = {
                      num_attention_heads=4, max_position_embeddings=256),
     "opt": dict(model_type="opt", hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                 num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64),
+    # ALiBi slopes per head, heads merged into the batch dim around baddbmm
     "bloom": dict(model_type="bloom", hidden_size=64, n_layer=2, n_head=4),
     # Falcon-40B/180B layout: kv groups fused with their q heads in one linear, parallel block
     "falcon": dict(model_type="falcon", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                    parallel_attn=True, new_decoder_architecture=True, num_kv_heads=2),
-    # Falcon-7B layout (multi-query, the single kv head fused after the q heads) and BLOOM
-    # (ALiBi, heads merged into the batch dim) are not sharded yet: fxtp keeps them replicated
-    # (equivalent) and says why; see docs/architecture.md.
+    # Falcon-7B layout: multi-query, the single k and v heads fused after the q heads
     "falcon_mqa": dict(model_type="falcon", hidden_size=64, num_hidden_layers=2,
                        num_attention_heads=4, parallel_attn=True, new_decoder_architecture=False,
                        multi_query=True),
@@ -52,6 +51,12 @@ FAMILIES: dict[str, dict[str, Any]] = {
                       moe_intermediate_size=64, shared_expert_intermediate_size=128,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       num_experts=4, num_experts_per_tok=2, max_position_embeddings=256),
+    # uneven shards: 6 q heads / 3 kv heads and an MLP of 102 features on 4 ranks (2+2+1+1
+    # heads; kv heads kept whole), GPT-2's fused qkv with 3 heads (2+1 heads per chunk on 2)
+    "llama_uneven": dict(model_type="llama", hidden_size=96, intermediate_size=102,
+                         num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3,
+                         max_position_embeddings=256),
+    "gpt2_3heads": dict(model_type="gpt2", n_embd=48, n_layer=2, n_head=3, n_positions=256),
     "t5": dict(model_type="t5", d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2,
                num_heads=4, decoder_start_token_id=0),
 }

@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from torch import fx
@@ -306,8 +306,11 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
         else:
             reason = sol.replicated.get(name)
             text = str(reason) if reason else "not between a replicated input and a row-parallel linear"
-            if reason is not None and reason.kind == "not_divisible" and reason not in not_div:
-                not_div.append(reason)
+            if reason is not None and reason.kind == "not_divisible":
+                if not reason.module:   # failed outside any submodule: name the linear instead
+                    reason = replace(reason, module=m.module)
+                if reason not in not_div:
+                    not_div.append(reason)
             replicated[m.module] = text
             entries.append(PlanEntry(m.module, m.weight, "replicate", "Replicate()", text, "none",
                                      numel, numel))

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import fx
 
-from .sharding import REPLICATE, DimShard, Partial, Sharded, group_dims
+from .sharding import REPLICATE, ChunkSplit, DimShard, Partial, Sharded, group_dims
 
 aten = torch.ops.aten
 
@@ -150,6 +150,10 @@ class ShardingRules:
             return self._norm(n)
         if t in (aten.bmm.default, aten.matmul.default):
             return self._matmul(n)
+        if t == aten.baddbmm.default:
+            out = _shape(n)
+            return self._align(n, [(0,), (1,), (2,)], out, forbid=[len(out) - 2, len(out) - 1],
+                               allow_rank_diff=True)
         if _is_pointwise(t):
             return self._pointwise(n)
         raise _Fail(f"no sharding rule for {getattr(t, '__name__', t)}; the value it reads is sharded")
@@ -182,76 +186,112 @@ class ShardingRules:
             if len(sh) > 1:
                 raise _Fail("merges two sharded dims")
             d, ds = sh[0]
-            if any(_static(src[k]) != 1 for k in gi if k < d):
-                raise _Fail("merges a sharded dim into an outer dim; the shard would not be contiguous")
-            inner_in = _prod([src[k] for k in gi if k > d])
-            if inner_in is None:
-                raise _Fail("merges a sharded dim with a dynamic dim")
-            flat = ds.scaled(inner_in)
-            outs = [j for j in go if _static(dst[j]) != 1]
-            if not outs:
-                raise _Fail("views a sharded dim as size 1")
-            j = outs[0]
-            new_unit_dim = j != go[0] or ([], [j - 1]) in groups
-            if new_unit_dim and _static(dst[j - 1]) == 1 and sp.origin_of(d) is not None:
-                self.single_head.add(sp.origin_of(d)[0])
-            inner_out = _prod([dst[k] for k in go if k > j])
-            if inner_out is None:
-                raise _Fail("splits a sharded dim into a dynamic dim")
-            new = flat.scaled(1, inner_out)
-            org = sp.origin_of(d)
-            unit = None
-            if org is not None:
-                u = Fraction(org[1], inner_in) * inner_out
-                unit = int(u) if u.denominator == 1 else None
-            if new is None or not new.valid():
-                outer = _static(dst[j])
-                if len(ds.chunks) > 1:
-                    raise _Fail(f"fused chunks {list(ds.chunks)} cannot each be split into whole "
-                                f"units of {inner_out} on {ds.parts} ranks")
-                # fewer heads than parts (or a count sharing a factor with them): coarsen the
-                # source so that groups of ranks hold the same heads (kv heads as in vLLM)
-                g = math.gcd(outer or 0, ds.parts)
-                if (g > 1 and unit is not None and self._refine(sp, d, lambda cur, _u: DimShard(
-                        g, cur.stride * (cur.parts // g), cur.chunks)
-                        if cur.parts % g == 0 and cur.parts != g else None)):
-                    raise _Fail("source split refined", "refine")
-                raise _Fail(f"splits a dim of {ds.size} into {dst[j]} x {inner_out}: {dst[j]} is "
-                            f"not divisible by {ds.parts} ranks", "not_divisible")
+            if ds.outer:
+                j, new, unit = self._view_outer(sp, d, ds, gi, go, src, dst)
+            else:
+                j, new, unit = self._view_inner(sp, d, ds, gi, go, src, dst, groups)
             dims[j] = new
             if unit is not None:
-                origin[j] = (org[0], unit)
+                origin[j] = (sp.origin_of(d)[0], unit)
             if size_arg is not None:
                 self._rewrite_size(n, size_arg, j, new)
-            elif n.target == aten.unflatten.int and new.local_size != new.size:
+            elif n.target == aten.unflatten.int and new.local_sizes(self.ws) != (new.size,) * self.ws:
                 raise _Fail("unflattens a sharded dim (its sizes are not rewritten yet)")
         return Sharded.of(dims, origin)
+
+    def _view_inner(self, sp: Sharded, d: int, ds: DimShard, gi: list, go: list, src: list,
+                    dst: list, groups: list) -> tuple[int, DimShard, Optional[int]]:
+        """A view regrouping a sharded dim with static inner dims (heads <-> features), or
+        merging it with outer dims (then the result is an `outer` dim)."""
+        outer = any(_static(src[k]) != 1 for k in gi if k < d)
+        inner_in = _prod([src[k] for k in gi if k > d])
+        if inner_in is None:
+            raise _Fail("merges a sharded dim with a dynamic dim")
+        flat = ds.scaled(inner_in)
+        outs = [j for j in go if _static(dst[j]) != 1]
+        if not outs:
+            raise _Fail("views a sharded dim as size 1")
+        if outer:
+            if len(outs) != 1 or flat is None:
+                raise _Fail("merges a sharded dim into an outer dim and splits it again")
+            return outs[0], flat.with_splits(flat.splits, outer=True), None
+        j = outs[0]
+        new_unit_dim = j != go[0] or ([], [j - 1]) in groups
+        if new_unit_dim and _static(dst[j - 1]) == 1 and sp.origin_of(d) is not None:
+            self.single_head.add(sp.origin_of(d)[0])
+        inner_out = _prod([dst[k] for k in go if k > j])
+        if inner_out is None:
+            raise _Fail("splits a sharded dim into a dynamic dim")
+        new = flat.scaled(1, inner_out) if flat is not None else None
+        org = sp.origin_of(d)
+        unit = None
+        if org is not None:
+            u = Fraction(org[1], inner_in) * inner_out
+            unit = int(u) if u.denominator == 1 else None
+        if new is None or not new.valid():
+            heads = _static(dst[j])
+            # whole heads: split the source at head boundaries (unevenly if the count does not
+            # divide); fewer heads than ranks: groups of ranks hold the same heads (kv heads,
+            # as vLLM does), or every rank all of them when no group size fits
+            if unit is not None and self._refine(sp, d, lambda cur, _u: _split_in_heads(cur, unit)):
+                raise _Fail("source split refined", "refine")
+            raise _Fail(f"splits a dim of {ds.size} into {dst[j]} x {inner_out}: {heads} heads "
+                        f"cannot be shared out over {ds.parts} ranks", "not_divisible")
+        return j, new, unit
+
+    def _view_outer(self, sp: Sharded, d: int, ds: DimShard, gi: list, go: list, src: list,
+                    dst: list) -> tuple[int, DimShard, Optional[int]]:
+        """A view of a dim that is (dynamic outer) x (sharded block): kept merged, or split
+        back into the outer dims and the block (BLOOM's [b * heads, s, d] -> [b, heads, s, d])."""
+        if gi != [d]:
+            raise _Fail("merges a dim holding a sharded block with other dims")
+        if len(go) == 1:
+            return go[0], ds, None
+        for t in range(1, len(go)):
+            tail = _prod([dst[k] for k in go[t:]])
+            if tail == ds.size:
+                j = go[t]
+                inner_out = _prod([dst[k] for k in go[t + 1:]])
+                new = ds.with_splits(ds.splits, outer=False).scaled(1, inner_out)
+                if new is None or not new.valid():
+                    break
+                return j, new, None
+        raise _Fail("splits a dim holding a sharded block, not at the block's boundary")
 
     def _rewrite_size(self, n: fx.Node, arg: int, pos: int, spec: DimShard) -> None:
         sizes = n.args[arg]
         if not isinstance(sizes, (list, tuple)) or pos >= len(sizes):
             raise _Fail("size argument not a list")
         v = sizes[pos]
+        local = spec.local_sizes(self.ws)
         if isinstance(v, int):
-            if v == -1 or v == spec.local_size:
+            if v == -1 or all(v == x for x in local):
+                return
+            if spec.outer and v % spec.size == 0:
+                self.actions.int_args.append((n.name, (arg, pos), _per_rank([v // spec.size * x for x in local])))
                 return
             if v != spec.size:
                 raise _Fail(f"size constant {v} does not match the sharded dim of {spec.size}")
-            self.actions.int_args.append((n.name, (arg, pos), spec.local_size))
+            self.actions.int_args.append((n.name, (arg, pos), _per_rank(local)))
+            return
+        if spec.outer and isinstance(v, fx.Node):
+            # (outer x block) computed at run time (b * heads): scaled to the local block
+            self.actions.sym_sizes.append((n.name, (arg, pos), spec.size, _per_rank(local)))
             return
         raise _Fail("a sharded dim's size is computed at run time")
 
-    def _select(self, n: fx.Node) -> Sharded:
+    def _select(self, n: fx.Node) -> Any:
         x, sp, src = self._input(n)
         dim = _norm(n.args[1], len(src))
         if sp.get(dim) is not None:
-            raise _Fail("selects an index of a sharded dim")
+            self._pick(sp, dim, [n.args[2]])
         shift = lambda d: d - 1 if d > dim else d
-        return Sharded.of({shift(d): s for d, s in sp.dims},
-                          {shift(d): o for d, o in sp.origin_dict().items()})
+        return _placement({shift(d): s for d, s in sp.dims if d != dim},
+                          {shift(d): o for d, o in sp.origin_dict().items() if d != dim})
 
-    def _index(self, n: fx.Node) -> Sharded:
-        """x[..., idx, ...] with one index tensor on a dim that is not sharded."""
+    def _index(self, n: fx.Node) -> Any:
+        """x[..., idx, ...] with one index tensor; on a sharded dim only constant indices into
+        chunks that every rank holds whole (the k and v heads of a fused multi-query qkv)."""
         x, sp, src = self._input(n)
         indices = list(n.args[1])
         used = [k for k, i in enumerate(indices) if i is not None]
@@ -259,11 +299,53 @@ class ShardingRules:
             raise _Fail("advanced indexing of a sharded tensor")
         k = used[0]
         if sp.get(k) is not None:
-            raise _Fail("indexes a sharded dim")
+            values = self._constant_ints(indices[k])
+            if values is None:
+                raise _Fail("indexes a sharded dim with indices computed at run time")
+            self._pick(sp, k, values)
         extra = len(_shape(indices[k]) or []) - 1
         shift = lambda d: d + extra if d > k else d
-        return Sharded.of({shift(d): s for d, s in sp.dims},
-                          {shift(d): o for d, o in sp.origin_dict().items()})
+        return _placement({shift(d): s for d, s in sp.dims if d != k},
+                          {shift(d): o for d, o in sp.origin_dict().items() if d != k})
+
+    def _constant_ints(self, node: Any) -> Optional[list[int]]:
+        """The values of a constant index tensor (a lifted constant, maybe copied)."""
+        while isinstance(node, fx.Node) and node.op == "call_function" and \
+                _functional(node.target) in _IDENTITY:
+            node = node.args[0]
+        if not isinstance(node, fx.Node) or node.op != "get_attr":
+            return None
+        value = self.gm
+        for part in node.target.split("."):
+            value = getattr(value, part, None)
+        if not isinstance(value, torch.Tensor) or value.dim() > 1 or value.is_floating_point():
+            return None
+        return [int(v) for v in value.reshape(-1).tolist()]
+
+    def _pick(self, sp: Sharded, dim: int, picks: list) -> None:
+        """Elements picked from a sharded dim: they must lie in chunks every rank holds whole,
+        at the same local position on every rank; else ask for those elements as whole chunks."""
+        ds = sp.get(dim)
+        if ds.outer or not all(isinstance(i, int) for i in picks):
+            raise _Fail("picks elements of a sharded dim")
+        size, bounds = ds.size, self._boundaries(ds)
+        glob = [i + size if i < 0 else i for i in picks]
+        whole = all(ds.splits[_chunk_of(bounds, g)].parts == 1 for g in glob)
+        if not whole:
+            def make(cur: DimShard, unit: int) -> Optional[DimShard]:
+                if cur.size != ds.size * unit:   # a piece of the source: offsets unknown
+                    return None
+                return _whole_chunks(cur, [(g * unit, (g + 1) * unit) for g in glob])
+            if self._refine(sp, dim, make):
+                raise _Fail("source split refined", "refine")
+            raise _Fail("picks elements of a sharded dim")
+        for r in range(self.ws):
+            layout = ds.index(r).tolist()
+            for i, g in zip(picks, glob):
+                local = layout.index(g)
+                if (local if i >= 0 else local - len(layout)) != i:
+                    raise _Fail(f"index {i} of a sharded dim would need a different constant "
+                                f"on rank {r}")
 
     def _permute(self, n: fx.Node) -> Sharded:
         x, sp, src = self._input(n)
@@ -315,18 +397,20 @@ class ShardingRules:
     def _cut(self, n: fx.Node, sp: Sharded, dim: int, cuts: list[int]) -> list[DimShard]:
         """Splits a sharded dim at global offsets `cuts`; each piece must be whole chunks."""
         ds = sp.get(dim)
+        if ds.outer:
+            raise _Fail("cuts a dim holding a sharded block")
         bounds = self._boundaries(ds)
         if all(c in bounds for c in cuts):
             pieces = []
             for a, b in zip(cuts[:-1], cuts[1:]):
                 i, j = bounds.index(a), bounds.index(b)
-                pieces.append(DimShard(ds.parts, ds.stride, ds.chunks[i:j]))
+                pieces.append(ds.with_splits(ds.splits[i:j]))
             return pieces
 
         def make(cur: DimShard, unit: int) -> Optional[DimShard]:
-            src_cuts = sorted(set(self._boundaries(cur)) | {c * unit for c in cuts})
-            chunks = tuple(b - a for a, b in zip(src_cuts[:-1], src_cuts[1:]) if b > a)
-            return DimShard(cur.parts, cur.stride, chunks)
+            if cur.size != ds.size * unit:   # a piece of the source: offsets unknown
+                return None
+            return _recut(cur, [c * unit for c in cuts])
         if self._refine(sp, dim, make):
             raise _Fail("source split refined", "refine")
         raise _Fail(f"cuts a sharded dim at {cuts}, not at the boundaries of its shards")
@@ -346,12 +430,14 @@ class ShardingRules:
         start = 0 if start is None else (start + size if start < 0 else min(start, size))
         end = size if end is None else (end + size if end < 0 else min(end, size))
         piece, = self._cut(n, sp, dim, [start, end])
-        lstart = sum(c // ds.parts for c, b in zip(ds.chunks, self._boundaries(ds)) if b < start)
-        self.actions.int_args.append((n.name, (2,), lstart))
-        self.actions.int_args.append((n.name, (3,), lstart + piece.local_size))
+        first = self._boundaries(ds).index(start)
+        lstart = [sum(c.range(r)[1] for c in ds.splits[:first]) for r in range(self.ws)]
+        lend = [a + b for a, b in zip(lstart, piece.local_sizes(self.ws))]
+        self.actions.int_args.append((n.name, (2,), _per_rank(lstart)))
+        self.actions.int_args.append((n.name, (3,), _per_rank(lend)))
         dims = sp.as_dict()
         dims[dim] = piece
-        return Sharded.of(dims)
+        return Sharded.of(dims, sp.origin_dict())
 
     def _split(self, n: fx.Node) -> list:
         x, sp, src = self._input(n)
@@ -365,20 +451,23 @@ class ShardingRules:
         for s in sizes:
             cuts.append(cuts[-1] + s)
         pieces = self._cut(n, sp, dim, cuts)
-        locals_ = [p.local_size for p in pieces]
+        per_rank = [[p.local_size_of(r) for p in pieces] for r in range(self.ws)]
         if n.target == aten.split_with_sizes.default:
-            for i, v in enumerate(locals_):
-                self.actions.int_args.append((n.name, (1, i), v))
-        elif n.target == aten.split.Tensor:
-            if any(v != locals_[0] for v in locals_[:-1]) or locals_[-1] > locals_[0]:
-                raise _Fail("split pieces would have unequal local sizes")
-            self.actions.int_args.append((n.name, (1,), locals_[0]))
-        # chunk(n) keeps its count: equal global pieces give equal local pieces
+            for i in range(len(pieces)):
+                self.actions.int_args.append((n.name, (1, i), _per_rank([loc[i] for loc in per_rank])))
+        elif n.target in (aten.split.Tensor, aten.chunk.default):
+            for loc in per_rank:
+                if any(v != loc[0] for v in loc[:-1]) or loc[-1] > loc[0] or \
+                        (n.target == aten.chunk.default and loc[-1] != loc[0]):
+                    raise _Fail("split pieces would have unequal local sizes")
+            if n.target == aten.split.Tensor:
+                self.actions.int_args.append((n.name, (1,), _per_rank([loc[0] for loc in per_rank])))
+        # chunk(n) keeps its count: equal local pieces on every rank
         result = []
         for p in pieces:
             dims = sp.as_dict()
             dims[dim] = p
-            result.append(Sharded.of(dims))
+            result.append(Sharded.of(dims, sp.origin_dict()))
         return result
 
     def _cat(self, n: fx.Node) -> Sharded:
@@ -387,15 +476,13 @@ class ShardingRules:
         dim = _norm(n.args[1] if len(n.args) > 1 else 0, len(out))
         specs = [self.placement(t) for t in tensors]
         if all(isinstance(s, Sharded) and s.get(dim) for s in specs):
-            first = specs[0].get(dim)
-            if any((s.get(dim).parts, s.get(dim).stride) != (first.parts, first.stride) for s in specs):
-                raise _Fail("concatenates differently sharded pieces")
+            if any(s.get(dim).outer for s in specs):
+                raise _Fail("concatenates dims holding sharded blocks")
             rest = [tuple((d, v) for d, v in s.dims if d != dim) for s in specs]
             if any(r != rest[0] for r in rest):
                 raise _Fail("concatenates differently sharded pieces")
-            chunks = tuple(c for s in specs for c in s.get(dim).chunks)
             dims = dict(rest[0])
-            dims[dim] = DimShard(first.parts, first.stride, chunks)
+            dims[dim] = DimShard(splits=tuple(c for s in specs for c in s.get(dim).splits))
             return Sharded.of(dims)
         return self._align(n, [(0, i) for i in range(len(tensors))], out, forbid=[dim])
 
@@ -488,6 +575,7 @@ class ShardingRules:
             shp = _shape(node)
             operands.append((path, node, self.placement(node), shp, r - len(shp)))
         want: dict[int, DimShard] = {}
+        want_of: dict[int, tuple[Sharded, int]] = {}   # output dim -> the operand it came from
         origin: dict[int, tuple[str, int]] = {}
         for path, node, p, shp, off in operands:
             if isinstance(p, Partial):
@@ -500,6 +588,7 @@ class ShardingRules:
                     cur = want.get(od)
                     if cur is None or s.parts > cur.parts:
                         want[od] = s
+                        want_of[od] = (p, d)
                         if p.origin_of(d) is not None and str(shp[d]) == str(out[od]):
                             origin[od] = p.origin_of(d)
                         else:
@@ -513,14 +602,105 @@ class ShardingRules:
                 if have == s:
                     continue
                 if have is not None and not have.covers(s, self.ws):
+                    self._align_units(p, d, have, want_of.get(od), od, s)
                     raise _Fail(f"operands of {n.target} are sharded differently")
                 if isinstance(p, Sharded) and have is None:
                     raise _Fail(f"operands of {n.target} are sharded on different dims")
-                if have is None and _static(shp[d]) != s.size:
+                if have is None and not s.outer and _static(shp[d]) != s.size:
                     raise _Fail(f"operand size {shp[d]} does not match the sharded dim")
                 self.actions.narrows.append((n.name, path, d, have, s))
         return Sharded.of(want, origin)
 
+
+
+    def _align_units(self, p: Sharded, d: int, have: DimShard, wanted: Optional[tuple],
+                     od: int, s: DimShard) -> None:
+        """Two operands split the same chunks at different boundaries (q heads vs kv heads
+        repeated for GQA, uneven or held by groups of ranks): both sources are re-split in whole
+        heads of the coarser unit, so that each rank's q heads and kv heads line up."""
+        if have.chunks != s.chunks:
+            return
+        unit = max(math.lcm(a.unit, b.unit) for a, b in zip(have.splits, s.splits))
+        refined = False
+        for spec, dim in ([(p, d)] + ([wanted] if wanted else [])):
+            refined |= self._refine(spec, dim, lambda cur, u: _split_in_heads(cur, unit * u))
+        if refined:
+            raise _Fail("source split refined", "refine")
+
+
+def _per_rank(values: list) -> Any:
+    """One int when every rank gets the same value, else a tuple indexed by rank."""
+    return values[0] if all(v == values[0] for v in values) else tuple(values)
+
+
+def _placement(dims: dict, origin: dict) -> Any:
+    return Sharded.of(dims, origin) if dims else REPLICATE
+
+
+def _chunk_of(bounds: list[int], pos: int) -> int:
+    return max(i for i, b in enumerate(bounds[:-1]) if b <= pos)
+
+
+def _fit(c: ChunkSplit) -> ChunkSplit:
+    """A chunk too small for its pieces is held whole by every rank."""
+    return c if c.valid() else ChunkSplit(c.size, 1, c.parts * c.stride, 1)
+
+
+def _recut(cur: DimShard, cuts: list[int]) -> Optional[DimShard]:
+    """The source split with extra chunk boundaries at `cuts`; new chunks keep their split."""
+    bounds = []
+    acc = 0
+    for c in cur.splits:
+        bounds.append((acc, acc + c.size, c))
+        acc += c.size
+    points = sorted({b for a, e, _ in bounds for b in (a, e)} | {c for c in cuts if 0 <= c <= acc})
+    out = []
+    for a, e in zip(points[:-1], points[1:]):
+        if e <= a:
+            continue
+        c = next(c for s0, e0, c in bounds if s0 <= a < e0)
+        unit = c.unit if (e - a) % c.unit == 0 else 1
+        out.append(_fit(ChunkSplit(e - a, c.parts, c.stride, unit)))
+    return cur.with_splits(out)
+
+
+def _whole_chunks(cur: DimShard, ranges: list[tuple[int, int]]) -> Optional[DimShard]:
+    """The source split with the elements in `ranges` as chunks every rank holds whole."""
+    cut = _recut(cur, [x for r in ranges for x in r])
+    out, acc = [], 0
+    for c in cut.splits:
+        if any(a <= acc and acc + c.size <= e for a, e in ranges):
+            c = ChunkSplit(c.size, 1, c.parts * c.stride, 1)
+        out.append(c)
+        acc += c.size
+    return cur.with_splits(out)
+
+
+def _split_in_heads(cur: DimShard, head: int) -> Optional[DimShard]:
+    """The source split at whole heads of `head` features: uneven when the head count does not
+    divide, groups of ranks sharing heads when there are fewer heads than pieces (as vLLM does
+    for kv heads), every rank holding all of them when no group size fits. A lone single-head
+    source is left to the solver (kept replicated: MQA's kv projection)."""
+    out = []
+    for c in cur.splits:
+        if c.parts == 1:
+            out.append(c)
+            continue
+        u = math.lcm(c.unit, head)
+        if c.size % u:
+            return None
+        units = c.size // u
+        if units >= c.parts:
+            out.append(ChunkSplit(c.size, c.parts, c.stride, u))
+            continue
+        g = math.gcd(units, c.parts)
+        if g > 1:
+            out.append(ChunkSplit(c.size, g, c.stride * (c.parts // g), u))
+        elif len(cur.splits) > 1 or units > 1:
+            out.append(ChunkSplit(c.size, 1, c.stride * c.parts, u))
+        else:
+            return None
+    return cur.with_splits(out)
 
 
 def _dropout_active(n: fx.Node) -> bool:

@@ -14,74 +14,212 @@ in the two ways tensor parallelism of transformers needs:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
 
 
 @dataclass(frozen=True)
-class DimShard:
-    """How one dimension of a tensor is split over the ranks."""
+class ChunkSplit:
+    """How one segment (chunk) of a dimension is split: into `parts` pieces of whole `unit`s
+    (heads), as evenly as the units allow (the first pieces get one unit more when the count
+    does not divide); rank ``r`` holds piece ``(r // stride) % parts``. ``parts == 1`` keeps the
+    chunk whole on every rank (the single kv head of a fused multi-query qkv)."""
 
+    size: int
     parts: int
-    stride: int
-    chunks: tuple[int, ...]
+    stride: int = 1
+    unit: int = 1
+
+    @property
+    def units(self) -> int:
+        return self.size // self.unit
 
     def piece(self, rank: int) -> int:
         return (rank // self.stride) % self.parts
+
+    def counts(self) -> list[int]:
+        """Units held by each piece, in piece order."""
+        q, r = divmod(self.units, self.parts)
+        return [q + (1 if p < r else 0) for p in range(self.parts)]
+
+    def range(self, rank: int) -> tuple[int, int]:
+        """(start, length) inside the chunk of what `rank` holds."""
+        counts, p = self.counts(), self.piece(rank)
+        return sum(counts[:p]) * self.unit, counts[p] * self.unit
+
+    def valid(self) -> bool:
+        return self.parts >= 1 and self.size % self.unit == 0 and self.units >= self.parts
+
+    def even(self) -> bool:
+        return self.units % self.parts == 0
+
+
+class DimShard:
+    """How one dimension of a tensor is split over the ranks: a concatenation of chunks, each
+    split on its own (:class:`ChunkSplit`).
+
+    ``DimShard(parts, stride, chunks, unit)`` splits every chunk alike (the common case);
+    ``DimShard(splits=...)`` gives each chunk its own split. ``outer=True`` marks a dim that is
+    a dynamic outer factor times the split block (BLOOM's ``[batch * heads, s, d]``): the block
+    repeats for every outer index and each rank holds its part of every block.
+    """
+
+    __slots__ = ("splits", "outer")
+
+    def __init__(self, parts: int = 1, stride: int = 1, chunks: tuple = (), unit: int = 1, *,
+                 splits: Optional[tuple[ChunkSplit, ...]] = None, outer: bool = False):
+        if splits is None:
+            splits = tuple(ChunkSplit(int(c), parts, stride, unit) for c in chunks)
+        object.__setattr__(self, "splits", tuple(splits))
+        object.__setattr__(self, "outer", bool(outer))
+
+    def __setattr__(self, name, value):
+        raise AttributeError("DimShard is immutable")
+
+    def _key(self):
+        return self.splits, self.outer
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, DimShard) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        if self.uniform():
+            c = self.splits[0]
+            args = f"{c.parts}, {c.stride}, {self.chunks}" + (f", unit={c.unit}" if c.unit != 1 else "")
+        else:
+            args = f"splits={self.splits}"
+        return f"DimShard({args}{', outer=True' if self.outer else ''})"
+
+    def __reduce__(self):
+        return (_rebuild_dimshard, (self.splits, self.outer))
+
+    # -- shape of the split -------------------------------------------------------------
+    def with_splits(self, splits, outer: Optional[bool] = None) -> "DimShard":
+        return DimShard(splits=tuple(splits), outer=self.outer if outer is None else outer)
+
+    def uniform(self) -> bool:
+        """Every chunk split alike (same parts, stride and unit)."""
+        first = self.splits[0]
+        return all((c.parts, c.stride, c.unit) == (first.parts, first.stride, first.unit)
+                   for c in self.splits)
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return tuple(c.size for c in self.splits)
+
+    @property
+    def parts(self) -> int:
+        """The most pieces any chunk is split into."""
+        return max(c.parts for c in self.splits)
+
+    @property
+    def stride(self) -> int:
+        return max(self.splits, key=lambda c: c.parts).stride
 
     @property
     def size(self) -> int:
         return sum(self.chunks)
 
-    @property
-    def local_size(self) -> int:
-        return sum(c // self.parts for c in self.chunks)
-
-    def valid(self) -> bool:
-        return all(c % self.parts == 0 for c in self.chunks)
+    def piece(self, rank: int) -> int:
+        """The piece `rank` holds of the most finely split chunk."""
+        return max(self.splits, key=lambda c: c.parts).piece(rank)
 
     def local_ranges(self, rank: int) -> list[tuple[int, int]]:
         """(start, length) of every global range this rank holds, in order."""
-        out, base, p = [], 0, self.piece(rank)
-        for c in self.chunks:
-            length = c // self.parts
-            out.append((base + p * length, length))
-            base += c
+        out, base = [], 0
+        for c in self.splits:
+            s, n = c.range(rank)
+            out.append((base + s, n))
+            base += c.size
         return out
+
+    def local_size_of(self, rank: int) -> int:
+        return sum(n for _, n in self.local_ranges(rank))
+
+    @property
+    def local_size(self) -> int:
+        """Rank 0's local size: the largest (first pieces take the extra units)."""
+        return self.local_size_of(0)
+
+    def local_sizes(self, world_size: int) -> tuple[int, ...]:
+        return tuple(self.local_size_of(r) for r in range(world_size))
+
+    def even(self) -> bool:
+        return all(c.even() for c in self.splits)
+
+    def disjoint(self, world_size: int) -> bool:
+        """Every element is held by exactly one rank (a row-parallel sum counts it once)."""
+        return all(c.parts == world_size and c.stride == 1 for c in self.splits)
+
+    def valid(self) -> bool:
+        return all(c.valid() for c in self.splits)
 
     def index(self, rank: int) -> torch.Tensor:
         """The global indices this rank holds along the dimension."""
         return torch.cat([torch.arange(s, s + n) for s, n in self.local_ranges(rank)])
 
     def scaled(self, factor_num: int, factor_den: int = 1) -> Optional["DimShard"]:
-        """The same split with every chunk multiplied by num/den, or None if not integral."""
+        """The same split with every size multiplied by num/den (a view regrouping the dim),
+        or None if some piece would not start on a whole element."""
         new = []
-        for c in self.chunks:
-            if (c * factor_num) % factor_den:
+        for c in self.splits:
+            if (c.size * factor_num) % factor_den:
                 return None
-            new.append(c * factor_num // factor_den)
-        return replace(self, chunks=tuple(new))
+            unit = c.unit * factor_num // factor_den if (c.unit * factor_num) % factor_den == 0 else 1
+            s = ChunkSplit(c.size * factor_num // factor_den, c.parts, c.stride, unit)
+            if not s.valid():
+                return None
+            old_bounds = [x * factor_num for x in _bounds(c)]
+            if old_bounds != [x * factor_den for x in _bounds(s)]:
+                return None
+            new.append(s)
+        return self.with_splits(new)
 
     def covers(self, other: "DimShard", world_size: int) -> bool:
-        """True when, on every rank, this rank's piece contains the piece `other` wants."""
-        if self.chunks != other.chunks or len(self.chunks) != 1:
-            return self == other
+        """True when, on every rank, this rank's elements include those `other` wants."""
+        if self.chunks != other.chunks and self.size != other.size or self.outer != other.outer:
+            return False
         for r in range(world_size):
-            (hs, hn), = self.local_ranges(r)
-            (ws, wn), = other.local_ranges(r)
-            if not (hs <= ws and ws + wn <= hs + hn):
+            have = set(self.index(r).tolist())
+            if not set(other.index(r).tolist()) <= have:
                 return False
         return True
 
     def describe(self) -> str:
-        txt = f"{self.parts} parts"
-        if self.stride != 1:
-            txt += f", each held by {self.stride} ranks"
-        if len(self.chunks) > 1:
-            txt += f", {len(self.chunks)} fused chunks {list(self.chunks)}"
+        if self.uniform():
+            c = self.splits[0]
+            txt = f"{c.parts} parts" if c.parts > 1 else "whole on every rank"
+            if c.stride != 1 and c.parts > 1:
+                txt += f", each held by {c.stride} ranks"
+            if len(self.chunks) > 1:
+                txt += f", {len(self.chunks)} fused chunks {list(self.chunks)}"
+        else:
+            txt = "chunks " + ", ".join(
+                f"{c.size}: " + (f"{c.parts} parts" + (f" x{c.stride}" if c.stride > 1 else "")
+                                 if c.parts > 1 else "whole") for c in self.splits)
+        if not self.even():
+            world = max(c.parts * c.stride for c in self.splits)
+            txt += f", uneven: rank sizes {list(self.local_sizes(world))}"
+        if self.outer:
+            txt += ", inside a dynamic outer dim"
         return txt
+
+
+def _bounds(c: ChunkSplit) -> list[int]:
+    out, acc = [0], 0
+    for n in c.counts():
+        acc += n * c.unit
+        out.append(acc)
+    return out
+
+
+def _rebuild_dimshard(splits, outer):
+    return DimShard(splits=splits, outer=outer)
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,11 @@ class Actions:
 
     columns: dict[str, DimShard] = field(default_factory=dict)     # linear -> out-dim split
     rows: dict[str, DimShard] = field(default_factory=dict)        # linear -> in-dim split
-    int_args: list[tuple[str, tuple, int]] = field(default_factory=list)   # (node, arg path, new int)
+    # (node, arg path, new int, or one int per rank when the split is uneven)
+    int_args: list[tuple[str, tuple, Any]] = field(default_factory=list)
+    # (node, arg path, block size, local block size(s)): a size computed at run time as
+    # outer x block (BLOOM's batch * heads) becomes outer x local block
+    sym_sizes: list[tuple[str, tuple, int, Any]] = field(default_factory=list)
     narrows: list[tuple[str, tuple, int, Optional[DimShard], DimShard]] = field(default_factory=list)
     reduces: dict[str, list[str]] = field(default_factory=dict)    # partial value -> users
     rank0_adds: list[tuple[str, str]] = field(default_factory=list)  # (add, its partial operand)
@@ -255,7 +259,7 @@ class _Pass(ShardingRules):
         if not self.vocab_parallel or len(p.dims) != 1:
             return None
         dim, ds = p.dims[0]
-        if len(ds.chunks) != 1 or ds.parts != self.ws or ds.stride != 1:
+        if len(ds.chunks) != 1 or not ds.disjoint(self.ws) or not ds.even() or ds.outer:
             return None
         return dim
 
@@ -375,9 +379,8 @@ class _Pass(ShardingRules):
                 # sharded at all: if it fails anyway (say, it reaches the model output) that
                 # reason is reported; if not, the uneven split is.
                 self.doomed[n.name] = Reason(
-                    f"{m.out_features} output features of {m.module} cannot be split into "
-                    f"{spec.parts} equal parts (uneven shards are not supported yet)",
-                    n.name, m.module, "not_divisible")
+                    f"{m.out_features} output features of {m.module} cannot be shared out "
+                    f"over {spec.parts} ranks in whole units", n.name, m.module, "not_divisible")
                 spec = DimShard(1, self.ws, spec.chunks)
             out_rank = len(_shape(n))
             self.regions[n] = frozenset({n.name})
@@ -394,19 +397,21 @@ class _Pass(ShardingRules):
             return
         if len(xp.dims) > 1:
             raise _Fail("input is sharded on the contracted dim and another dim")
+        if contraction.outer:
+            raise _Fail("contracts a dim holding a sharded block inside an outer dim")
         if n.name in self.blocked and self.blocked[n.name].kind == "override":
             raise _Fail(f"user override keeps {m.module} replicated", "override")
         if not m.exclusive:
             raise _Fail(f"weight {m.weight} is shared with another op, its input dim cannot be "
                         "split", "shared")
-        if contraction.parts != self.ws:
+        if not contraction.disjoint(self.ws):
             # ranks that share a piece (replicated kv groups) would add it twice: each rank
             # keeps a disjoint part of the features it holds before contracting them
             want = DimShard(self.ws, 1, contraction.chunks)
             if not (want.valid() and contraction.covers(want, self.ws)):
                 raise _Fail(f"its {contraction.size} input features cannot be split into "
-                            f"{self.ws} disjoint equal parts for a row-parallel sum (uneven "
-                            "shards are not supported yet)", "not_divisible")
+                            f"{self.ws} disjoint parts, each inside what a rank holds, for a "
+                            "row-parallel sum", "not_divisible")
             self.actions.narrows.append((n.name, (0,), rank - 1, contraction, want))
             contraction = want
         self.actions.rows[n.name] = contraction

@@ -114,7 +114,7 @@ def rewrite(plan: Plan, info: GroupInfo) -> fx.GraphModule:
     tp = TPInfo(plan=plan, rank=info.rank, world_size=info.world_size, group_name=info.group_name)
     if info.world_size > 1:
         tp.sharded_params = shard_linear_params(gm, sol.actions, sol.linears, info.rank)
-        tp.rewritten_constants = rewrite_shape_constants(gm, sol.actions)
+        tp.rewritten_constants = rewrite_shape_constants(gm, sol.actions, info.rank)
         tp.sliced_attrs = insert_local_slices(gm, sol.actions, info.rank)
         mask_vocab_embeddings(gm, sol.actions, info.rank)
         tp.all_reduce_nodes = insert_all_reduces(gm, sol.actions, info.group_name)

@@ -91,6 +91,23 @@ class DataDependent(nn.Module):
         return x
 
 
+class TwoHeadSizes(nn.Module):
+    """One projection read as 3 heads of 8 and as 2 heads of 12: no split into whole heads fits
+    both on 2 or 4 ranks (a genuinely indivisible structure)."""
+
+    def __init__(self, dim: int = 24):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        h = self.proj(x)
+        a = h.view(b, s, 3, 8).softmax(-1).reshape(b, s, d)
+        c = h.view(b, s, 2, 12).softmax(-1).reshape(b, s, d)
+        return self.out(a + c)
+
+
 def tiny_net(seed: int = 0, **kw) -> TinyNet:
     torch.manual_seed(seed)
     return TinyNet(**kw).eval()

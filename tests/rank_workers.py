@@ -96,11 +96,39 @@ def _run_case(name: str, rank: int, ws: int) -> dict[str, Any]:
     }
 
 
-def _not_divisible_case(ws: int) -> dict[str, Any]:
-    """3 heads on 2 or 4 ranks: a named error, then an override keeps attention replicated."""
+def _uneven_case(ws: int) -> dict[str, Any]:
+    """3 heads on 2 or 4 ranks: uneven shards (2+1 heads; on 4 ranks the 3 heads are kept
+    whole and o_proj narrows them), equal outputs; an override still keeps attention
+    replicated."""
     from .modules import tiny_net
 
     model = tiny_net(dim=24, heads=3, hidden=48)
+    x = (torch.randn(2, 5, 24),)
+    strategy = tensor_inputs([(2, 5, 24)], dynamic_dims=(0, 1))
+    plan = fxtp.plan(model, ws, example_inputs=x)
+    tp = fxtp.transform(model, ws, plan=plan, example_inputs=x)
+    rep = check_equivalence(model, tp, strategy, max_examples=4)
+    out: dict[str, Any] = {
+        "max_error": rep.worst, "all_reduces": len(_all_reduce_nodes(tp)),
+        "shards": {e.module: e.shard for e in plan.entries},
+        "placements": {e.module: e.placement for e in plan.entries},
+        "q_local_rows": tuple(tp.get_parameter("blocks.0.attn.q.weight").shape),
+    }
+    plan = plan.override({"blocks.0.attn": "replicate", "blocks.1.attn": "replicate"})
+    tp = fxtp.transform(model, ws, plan=plan, example_inputs=x)
+    rep = check_equivalence(model, tp, strategy, max_examples=4)
+    out["override_max_error"] = rep.worst
+    out["override_all_reduces"] = len(_all_reduce_nodes(tp))
+    out["override_placements"] = {e.module: e.placement for e in plan.entries}
+    return out
+
+
+def _not_divisible_case(ws: int) -> dict[str, Any]:
+    """A projection read as heads of two sizes: a named error, then an override works."""
+    from .modules import TwoHeadSizes
+
+    torch.manual_seed(0)
+    model = TwoHeadSizes().eval()
     x = (torch.randn(2, 5, 24),)
     out: dict[str, Any] = {}
     try:
@@ -108,13 +136,11 @@ def _not_divisible_case(ws: int) -> dict[str, Any]:
         out["error"] = None
     except fxtp.FxtpError as e:
         out["error"] = (type(e).__name__, str(e))
-    plan = fxtp.plan(model, ws, example_inputs=x)
-    plan = plan.override({"blocks.0.attn": "replicate", "blocks.1.attn": "replicate"})
+    plan = fxtp.plan(model, ws, example_inputs=x).override({"proj": "replicate"})
     tp = fxtp.transform(model, ws, plan=plan, example_inputs=x)
     rep = check_equivalence(model, tp, tensor_inputs([(2, 5, 24)], dynamic_dims=(0, 1)),
                             max_examples=4)
     out["override_max_error"] = rep.worst
-    out["override_all_reduces"] = len(_all_reduce_nodes(tp))
     out["override_placements"] = {e.module: e.placement for e in plan.entries}
     return out
 
@@ -196,6 +222,7 @@ def run_all(rank: int, world_size: int) -> dict[str, Any]:
     cases = {name: (lambda n=name: _run_case(n, rank, world_size)) for name in HF_CASES + ("tinynet",)}
     if world_size > 1:
         cases["not_divisible"] = lambda: _not_divisible_case(world_size)
+        cases["uneven"] = lambda: _uneven_case(world_size)
         cases["override"] = lambda: _override_case(world_size)
         cases["vocab_llama_tied"] = lambda: _vocab_case("llama_tied", world_size)
         cases["vocab_gpt2"] = lambda: _vocab_case("gpt2", world_size)
@@ -227,6 +254,8 @@ def _family_case(name: str, ws: int) -> dict[str, Any]:
         "replicated": dict(plan.replicated),
         "plan_all_reduces": dict(plan.all_reduces),
         "linear_fraction": plan.param_fraction(),
+        "shards": {e.module: e.shard for e in plan.entries},
+        "outer_narrows": sum(1 for n in tp.graph.nodes if n.target == torch.ops.aten.unflatten.int),
         **_graph_facts(model, tp),
     }
 

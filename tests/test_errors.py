@@ -9,7 +9,7 @@ import fxtp
 from fxtp.models import tiny_model
 from fxtp.verify import free_port
 
-from .modules import DataDependent, PlainMLP
+from .modules import DataDependent, PlainMLP, TwoHeadSizes
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +94,22 @@ def test_plan_for_other_world_size_is_refused(llama):
         fxtp.transform(llama, 1, plan=plan)
 
 
-def test_heads_not_divisible_reported_by_plan():
+def test_heads_not_divisible_give_uneven_shards_in_the_plan():
     model = tiny_model("llama", num_attention_heads=4, num_key_value_heads=4)
     plan = fxtp.plan(model, 3)
-    assert plan.not_divisible, "4 heads on 3 ranks must be reported"
-    assert all(e.placement == "replicate" for e in plan.entries if "self_attn" in e.module)
-    assert any("not divisible" in why or "cannot be split" in why for why in plan.replicated.values())
+    assert not plan.not_divisible
+    q = next(e for e in plan.entries if e.module == "model.layers.0.self_attn.q_proj")
+    assert q.placement == "column" and "uneven: rank sizes [32, 16, 16]" in q.shard
+    mlp = next(e for e in plan.entries if e.module == "model.layers.0.mlp.down_proj")
+    assert mlp.placement == "row" and "[43, 43, 42]" in mlp.shard
+    assert plan.all_reduces == {"model.layers.0": 2, "model.layers.1": 2}
+
+
+def test_indivisible_structure_reported_by_plan():
+    plan = fxtp.plan(TwoHeadSizes().eval(), 2, example_inputs=(torch.randn(2, 5, 24),))
+    assert plan.not_divisible, "heads of 8 and of 12 in one projection cannot both be whole"
+    assert all(e.placement == "replicate" for e in plan.entries)
+    assert any("cannot be shared out" in why for why in plan.replicated.values())
 
 
 def test_unknown_input_names_the_accepted_ones(llama):

@@ -16,8 +16,7 @@ TOL = 1e-4
 NAMES = tuple(FAMILIES)
 # all-reduces per layer: 2 for a dense layer, 1 for a parallel attention+MLP block, 3 for a
 # decoder layer with cross-attention
-PARALLEL_BLOCKS = {"phi", "gpt_neox", "falcon"}
-NOT_SHARDED_YET = {"bloom", "falcon_mqa"}   # equivalent (replicated attention), reported
+PARALLEL_BLOCKS = {"phi", "gpt_neox", "falcon", "falcon_mqa"}
 _cache: dict[int, list] = {}
 
 
@@ -45,12 +44,6 @@ def test_family_all_reduces_and_local_parameters(ws, name):
     r = family(ws, name)[0]
     layers = r["all_reduces_per_layer"]
     assert layers == r["plan_all_reduces"]
-    if name in NOT_SHARDED_YET:
-        # the MLP is sharded, the fused attention stays replicated with the reason in the plan
-        attn = [m for m in r["replicated"] if m.endswith("query_key_value")]
-        assert attn and all("sharded" in r["replicated"][m] for m in attn), r["replicated"]
-        assert set(layers.values()) == {1}
-        return
     if name == "t5":
         expected = {f"{side}.block.{i}": n for side, n in (("encoder", 2), ("decoder", 3))
                     for i in range(2)}
@@ -105,3 +98,48 @@ def test_t5_self_and_cross_attention_sharded(ws):
         for lin in "qkv":
             assert p[f"decoder.block.0.{attn}.{lin}"] == "column"
         assert p[f"decoder.block.0.{attn}.o"] == "row"
+
+
+@pytest.mark.parametrize("ws", (2, 4))
+def test_bloom_alibi_heads_merged_into_batch(ws):
+    """BLOOM views [b, heads, s, d] as [b * heads, s, d] around baddbmm with the ALiBi bias:
+    the heads stay sharded inside the merged dim and each rank adds its own heads' slopes."""
+    r = family(ws, "bloom")[0]
+    p = r["placements"]
+    assert p["transformer.h.0.self_attention.query_key_value"] == "column"
+    assert p["transformer.h.0.self_attention.dense"] == "row"
+    assert r["local_shapes"]["transformer.h.0.self_attention.query_key_value.weight"] == (192 // ws, 64)
+    assert r["outer_narrows"] == 2      # the ALiBi bias of each layer, sliced to this rank's heads
+
+
+@pytest.mark.parametrize("ws", (2, 4))
+def test_falcon_multi_query_fused_qkv(ws):
+    """Falcon-7B: q heads split over the ranks, the fused single k and v heads kept whole."""
+    r = family(ws, "falcon_mqa")[0]
+    assert r["placements"]["transformer.h.0.self_attention.query_key_value"] == "column"
+    assert r["local_shapes"]["transformer.h.0.self_attention.query_key_value.weight"] == (64 // ws + 32, 64)
+    assert "whole" in r["shards"]["transformer.h.0.self_attention.query_key_value"]
+
+
+@pytest.mark.parametrize("ws", (2, 4))
+def test_uneven_heads_and_features(ws):
+    """6 q heads / 3 kv heads of 16 and 102 MLP features: the first ranks hold one unit more."""
+    ranks = family(ws, "llama_uneven")
+    q = [r["local_shapes"]["model.layers.0.self_attn.q_proj.weight"][0] for r in ranks]
+    k = [r["local_shapes"]["model.layers.0.self_attn.k_proj.weight"][0] for r in ranks]
+    up = [r["local_shapes"]["model.layers.0.mlp.up_proj.weight"][0] for r in ranks]
+    if ws == 2:
+        assert q == [48, 48] and k == [32, 16] and up == [51, 51]
+    else:   # 3 kv heads cannot go whole to 4 ranks: every rank keeps all of them
+        assert q == [32, 32, 16, 16] and k == [48] * 4 and up == [26, 26, 25, 25]
+    assert "uneven" in ranks[0]["shards"]["model.layers.0.mlp.up_proj"] or ws == 2
+
+
+@pytest.mark.parametrize("ws", (2, 4))
+def test_gpt2_fused_thirds_with_uneven_heads(ws):
+    ranks = family(ws, "gpt2_3heads")
+    rows = [r["local_shapes"]["transformer.h.0.attn.c_attn.weight"] for r in ranks]
+    if ws == 2:   # Conv1D weight [in, out]: 2 heads of 16 from each of q, k, v on rank 0, 1 on rank 1
+        assert rows == [(48, 96), (48, 48)]
+    else:         # 3 heads on 4 ranks: kept whole, c_proj narrows them to 4 disjoint parts
+        assert rows == [(48, 144)] * 4

@@ -105,16 +105,34 @@ def test_bert_keeps_output_type(ws):
 
 
 @pytest.mark.parametrize("ws", (2, 4))
-def test_heads_not_divisible_is_a_named_error_and_override_works(ws):
-    for r in case(ws, "not_divisible"):
-        kind, msg = r["error"]
-        assert kind == "NotDivisibleError"
-        assert "blocks.0.attn" in msg and "override" in msg
+def test_heads_not_divisible_are_split_unevenly(ws):
+    rs = case(ws, "uneven")
+    for r in rs:
+        assert r["max_error"] <= TOL
+        assert r["all_reduces"] == 4          # still 2 per layer
+        assert r["placements"]["blocks.0.attn.q"] == "column"
+        assert r["placements"]["blocks.0.attn.o"] == "row"
+        # attention replicated by the override, MLPs still sharded: one all-reduce per layer
         assert r["override_max_error"] <= TOL
-        # attention replicated, MLPs still sharded: one all-reduce per layer
         assert r["override_all_reduces"] == 2
         assert r["override_placements"]["blocks.0.attn.q"] == "replicate"
         assert r["override_placements"]["blocks.0.up"] == "column"
+    if ws == 2:   # 3 heads of 8: rank 0 holds 2 heads, rank 1 one
+        assert "uneven: rank sizes [16, 8]" in rs[0]["shards"]["blocks.0.attn.q"]
+        assert [r["q_local_rows"] for r in rs] == [(16, 24), (8, 24)]
+    else:         # 3 heads, 4 ranks: no whole-head split; heads kept whole, o_proj narrows
+        assert "whole on every rank" in rs[0]["shards"]["blocks.0.attn.q"]
+        assert "4 parts" in rs[0]["shards"]["blocks.0.attn.o"]
+
+
+@pytest.mark.parametrize("ws", (2, 4))
+def test_indivisible_structure_is_a_named_error_and_override_works(ws):
+    for r in case(ws, "not_divisible"):
+        kind, msg = r["error"]
+        assert kind == "NotDivisibleError"
+        assert "proj" in msg and "override" in msg
+        assert r["override_max_error"] <= TOL
+        assert r["override_placements"]["proj"] == "replicate"
 
 
 @pytest.mark.parametrize("ws", (2, 4))

@@ -59,9 +59,9 @@ def test_local_size_with_stride_depends_only_on_parts():
     "parts, chunks, expected",
     [
         (4, (64,), True),
-        (3, (64,), False),
+        (3, (64,), True),        # uneven: 22, 21, 21
         (3, (6, 6), True),
-        (3, (6, 4), False),
+        (3, (6, 2), False),      # the second chunk has fewer elements than pieces
         (2, (64, 64, 64), True),
         (4, (64, 16, 16), True),
         (4, (64, 2, 2), False),
@@ -70,6 +70,57 @@ def test_local_size_with_stride_depends_only_on_parts():
 )
 def test_valid(parts, chunks, expected):
     assert DimShard(parts, 1, chunks).valid() is expected
+
+
+@pytest.mark.parametrize("parts, chunks, even", [(4, (64,), True), (3, (64,), False),
+                                                  (2, (64, 6), True), (4, (64, 6), False)])
+def test_even(parts, chunks, even):
+    assert DimShard(parts, 1, chunks).even() is even
+
+
+def test_uneven_split_gives_the_first_ranks_one_unit_more():
+    heads3 = DimShard(2, 1, (48,), unit=16)          # 3 heads of 16 on 2 ranks
+    assert heads3.local_ranges(0) == [(0, 32)]
+    assert heads3.local_ranges(1) == [(32, 16)]
+    assert heads3.local_sizes(2) == (32, 16)
+    assert heads3.local_size == 32
+    assert not heads3.even() and heads3.valid()
+    # whole units only: 5 units of 4 on 3 ranks -> 2, 2, 1 units
+    assert DimShard(3, 1, (20,), unit=4).local_sizes(3) == (8, 8, 4)
+
+
+def test_uneven_split_of_fused_chunks_splits_each_chunk():
+    ds = DimShard(2, 1, (48, 48, 48), unit=16)
+    assert ds.index(0).tolist() == list(range(0, 32)) + list(range(48, 80)) + list(range(96, 128))
+    assert ds.index(1).tolist() == list(range(32, 48)) + list(range(80, 96)) + list(range(128, 144))
+
+
+def test_per_chunk_splits_keep_a_chunk_whole():
+    from fxtp.sharding import ChunkSplit
+    # fused multi-query qkv: 4 q heads split over 4 ranks, the k and v heads whole everywhere
+    ds = DimShard(splits=(ChunkSplit(64, 4), ChunkSplit(16, 1, 4), ChunkSplit(16, 1, 4)))
+    assert not ds.uniform()
+    assert ds.index(2).tolist() == list(range(32, 48)) + list(range(64, 96))
+    assert ds.local_sizes(4) == (48, 48, 48, 48)
+    assert not ds.disjoint(4)
+    assert "whole" in ds.describe()
+
+
+def test_uneven_describe_names_each_rank_size():
+    assert "uneven: rank sizes [32, 16]" in DimShard(2, 1, (48,), unit=16).describe()
+
+
+def test_scaled_checks_piece_boundaries():
+    # 3 heads of 16 split at head boundaries survive the view into heads
+    assert DimShard(2, 1, (48,), unit=16).scaled(1, 16) == DimShard(2, 1, (3,))
+    # split at element 24 (unit 1) would cut a head in half
+    assert DimShard(2, 1, (48,)).scaled(1, 16) is None
+
+
+def test_outer_dims_compare_and_describe():
+    a = DimShard(2, 1, (4,), outer=True)
+    assert a != DimShard(2, 1, (4,)) and a == DimShard(2, 1, (4,), outer=True)
+    assert "outer" in a.describe()
 
 
 def test_local_ranges_single_chunk():
@@ -146,12 +197,12 @@ def test_index_stride_replicates_pieces():
 
 
 def test_scaled_up_and_down():
-    ds = DimShard(4, 2, (6, 2))
+    ds = DimShard(2, 2, (6, 2))
     up = ds.scaled(4)
-    assert up == DimShard(4, 2, (24, 8))
+    assert up == DimShard(2, 2, (24, 8), unit=4)
     down = up.scaled(1, 2)
-    assert down == DimShard(4, 2, (12, 4))
-    assert ds.scaled(3, 2) == DimShard(4, 2, (9, 3))
+    assert down == DimShard(2, 2, (12, 4), unit=2)
+    assert DimShard(2, 2, (8, 4), unit=2).scaled(3, 2) == DimShard(2, 2, (12, 6), unit=3)
 
 
 def test_scaled_keeps_parts_and_stride():
@@ -163,7 +214,8 @@ def test_scaled_returns_none_when_not_integral():
     assert DimShard(2, 1, (6,)).scaled(1, 4) is None
     # one chunk divides, the other does not
     assert DimShard(2, 1, (8, 6)).scaled(1, 4) is None
-    assert DimShard(2, 1, (8, 12)).scaled(1, 4) == DimShard(2, 1, (2, 3))
+    assert DimShard(2, 1, (8, 12)).scaled(1, 4) is None       # 12 -> 6 + 6: not whole units of 4
+    assert DimShard(2, 1, (8, 16)).scaled(1, 4) == DimShard(2, 1, (2, 4))
 
 
 def test_scaled_identity():
@@ -200,11 +252,13 @@ def test_covers_whole_dim_covers_everything():
     assert DimShard(4, 1, (64,)).covers(full, 4) is False
 
 
-def test_covers_fused_chunks_only_by_equality():
+def test_covers_fused_chunks_by_the_elements_each_rank_holds():
     a = DimShard(2, 1, (64, 64, 64))
     assert a.covers(DimShard(2, 1, (64, 64, 64)), 2) is True
     assert a.covers(DimShard(4, 1, (64, 64, 64)), 4) is False
-    assert DimShard(1, 2, (64, 64, 64)).covers(DimShard(2, 1, (64, 64, 64)), 2) is False
+    # a dim whole on every rank holds whatever any split wants
+    assert DimShard(1, 2, (64, 64, 64)).covers(DimShard(2, 1, (64, 64, 64)), 2) is True
+    assert DimShard(2, 1, (64, 64, 64)).covers(DimShard(1, 2, (64, 64, 64)), 2) is False
 
 
 def test_covers_different_chunks_is_false():

@@ -3,7 +3,9 @@
 Replicate -> Shard costs no communication: every rank already holds the whole tensor and keeps
 its slice. A parameter or buffer used only there is sliced once, here (a column-parallel bias,
 per-head constants); anything computed at run time gets a slice node. An operand that holds more
-than it needs (kv heads replicated for GQA) is narrowed the same way.
+than it needs (kv heads replicated for GQA) is narrowed the same way. A dim that is a dynamic
+outer factor times a sharded block (BLOOM's ALiBi bias, `[b * heads, 1, s]`) is unflattened,
+sliced on the block and flattened back.
 """
 from __future__ import annotations
 
@@ -18,12 +20,22 @@ from .shard_params import slice_tensor
 aten = torch.ops.aten
 
 
-def _relative_ranges(have: DimShard | None, want: DimShard, rank: int) -> list[tuple[int, int]]:
-    ranges = want.local_ranges(rank)
+def relative_ranges(have: DimShard | None, want: DimShard, rank: int) -> list[tuple[int, int]]:
+    """The (start, length) runs, in positions of what this rank holds (`have`, or the whole dim
+    when None), of the elements `want` gives this rank."""
+    wanted = want.index(rank).tolist()
     if have is None:
-        return ranges
-    (hs, _), = have.local_ranges(rank)
-    return [(s - hs, n) for s, n in ranges]
+        positions = wanted
+    else:
+        where = {g: i for i, g in enumerate(have.index(rank).tolist())}
+        positions = [where[g] for g in wanted]
+    runs: list[tuple[int, int]] = []
+    for p in positions:
+        if runs and runs[-1][0] + runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((p, 1))
+    return runs
 
 
 def insert_local_slices(gm: fx.GraphModule, actions: Actions, rank: int) -> list[str]:
@@ -34,15 +46,21 @@ def insert_local_slices(gm: fx.GraphModule, actions: Actions, rank: int) -> list
     for user_name, path, dim, have, want in actions.narrows:
         user = nodes[user_name]
         value = get_arg(user, path)
-        ranges = _relative_ranges(have, want, rank)
-        if value.op == "get_attr" and len(value.users) == 1 and have is None:
+        ranges = relative_ranges(have, want, rank)
+        if value.op == "get_attr" and len(value.users) == 1 and have is None and not want.outer:
             full = get_tensor_attr(gm, value.target)
             index = torch.cat([torch.arange(s, s + n) for s, n in ranges])
             set_tensor_attr(gm, value.target, slice_tensor(full, dim, index))
             sliced_attrs.append(value.target)
             continue
         with g.inserting_before(user):
-            parts = [g.call_function(aten.slice.Tensor, (value, dim, s, s + n)) for s, n in ranges]
-            local = parts[0] if len(parts) == 1 else g.call_function(aten.cat.default, (parts, dim))
+            src, at = value, dim
+            if want.outer:   # [outer * block] -> [outer, block]: slice the block
+                block = have.local_size_of(rank) if have is not None else want.size
+                src, at = g.call_function(aten.unflatten.int, (value, dim, [-1, block])), dim + 1
+            parts = [g.call_function(aten.slice.Tensor, (src, at, s, s + n)) for s, n in ranges]
+            local = parts[0] if len(parts) == 1 else g.call_function(aten.cat.default, (parts, at))
+            if want.outer:
+                local = g.call_function(aten.flatten.using_ints, (local, dim, dim + 1))
         set_arg(user, path, local)
     return sliced_attrs
