@@ -29,6 +29,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "phi3": dict(model_type="phi3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                  pad_token_id=0),
+    # fused qkv with GQA: on 4 ranks the 2 kv heads of each chunk are held by pairs of ranks
+    "phi3_gqa": dict(model_type="phi3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                     pad_token_id=0),
     "phi": dict(model_type="phi", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, max_position_embeddings=256),
     "gpt_neox": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -642,8 +642,14 @@ def _chunk_of(bounds: list[int], pos: int) -> int:
 
 
 def _fit(c: ChunkSplit) -> ChunkSplit:
-    """A chunk too small for its pieces is held whole by every rank."""
-    return c if c.valid() else ChunkSplit(c.size, 1, c.parts * c.stride, 1)
+    """A chunk with fewer units than pieces is held by groups of ranks, or whole by every rank
+    when no group size fits."""
+    if c.valid():
+        return c
+    g = math.gcd(c.units, c.parts) if c.size % c.unit == 0 else 1
+    if g > 1:
+        return ChunkSplit(c.size, g, c.stride * (c.parts // g), c.unit)
+    return ChunkSplit(c.size, 1, c.parts * c.stride, 1)
 
 
 def _recut(cur: DimShard, cuts: list[int]) -> Optional[DimShard]:

@@ -151,7 +151,8 @@ class _Pass(ShardingRules):
         if org is None:
             return False
         src, unit = org
-        current = self.source_specs.get(src) or self._default_spec(src)
+        # refines asked for earlier in this pass compose (q, k and v slices of one fused qkv)
+        current = self.refines.get(src) or self.source_specs.get(src) or self._default_spec(src)
         new = make(current, unit)
         if new is None or new == current:
             return False

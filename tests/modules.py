@@ -211,12 +211,57 @@ class CrossAttention(nn.Module):
         return x + self.o(y.transpose(1, 2).reshape(b, s, d))
 
 
+class HeadsInBatch(nn.Module):
+    """BLOOM-style: heads merged into the batch dim ([b * heads, s, d]) around baddbmm with a
+    per-head linear position bias (ALiBi-like slopes), interleaved fused qkv."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.hd = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.o = nn.Linear(dim, dim)
+        self.register_buffer("slopes", torch.linspace(-1.0, -0.1, heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        h, hd = self.heads, self.hd
+        qkv = self.qkv(x).view(b, s, h, 3, hd)
+        q, k, v = (qkv[..., i, :].transpose(1, 2).reshape(b * h, s, hd) for i in range(3))
+        pos = torch.arange(s, dtype=x.dtype, device=x.device)
+        bias = (self.slopes.view(1, h, 1) * pos.view(1, 1, s)).expand(b, h, s).reshape(b * h, 1, s)
+        att = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=hd ** -0.5).softmax(-1)
+        y = torch.bmm(att, v).view(b, h, s, hd).permute(0, 2, 1, 3).reshape(b, s, d)
+        return self.o(y)
+
+
+class FusedMultiQuery(nn.Module):
+    """Falcon-7B-style: q heads, then one k and one v head, in one linear; k and v picked with
+    index lists and broadcast over the q heads."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.hd = heads, dim // heads
+        self.qkv = nn.Linear(dim, dim + 2 * self.hd, bias=False)
+        self.o = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        qkv = self.qkv(x).view(b, s, self.heads + 2, self.hd)
+        q = qkv[:, :, :-2].transpose(1, 2)
+        k = qkv[:, :, [-2]].transpose(1, 2)
+        v = qkv[:, :, [-1]].transpose(1, 2)
+        att = ((q @ k.transpose(-1, -2)) * self.hd ** -0.5).softmax(-1)
+        return self.o((att @ v).transpose(1, 2).reshape(b, s, d))
+
+
 STRUCTURES = {
     "fused_thirds": (FusedThirds, [(2, 5, 32)]),
     "interleaved_heads": (InterleavedHeads, [(2, 5, 32)]),
     "grouped_query": (GroupedQuery, [(2, 5, 32)]),
     "parallel_block": (ParallelBlock, [(2, 5, 32)]),
     "cross_attention": (CrossAttention, [(2, 5, 32), (2, 7, 32)]),
+    "heads_in_batch": (HeadsInBatch, [(2, 5, 32)]),
+    "fused_multi_query": (FusedMultiQuery, [(2, 5, 32)]),
 }
 
 

@@ -128,8 +128,8 @@ def test_uneven_heads_and_features(ws):
     q = [r["local_shapes"]["model.layers.0.self_attn.q_proj.weight"][0] for r in ranks]
     k = [r["local_shapes"]["model.layers.0.self_attn.k_proj.weight"][0] for r in ranks]
     up = [r["local_shapes"]["model.layers.0.mlp.up_proj.weight"][0] for r in ranks]
-    if ws == 2:
-        assert q == [48, 48] and k == [32, 16] and up == [51, 51]
+    if ws == 2:   # kv heads 2 + 1, and each rank the q heads of its kv heads: 4 + 2
+        assert q == [64, 32] and k == [32, 16] and up == [51, 51]
     else:   # 3 kv heads cannot go whole to 4 ranks: every rank keeps all of them
         assert q == [32, 32, 16, 16] and k == [48] * 4 and up == [26, 26, 25, 25]
     assert "uneven" in ranks[0]["shards"]["model.layers.0.mlp.up_proj"] or ws == 2
@@ -143,3 +143,14 @@ def test_gpt2_fused_thirds_with_uneven_heads(ws):
         assert rows == [(48, 96), (48, 48)]
     else:         # 3 heads on 4 ranks: kept whole, c_proj narrows them to 4 disjoint parts
         assert rows == [(48, 144)] * 4
+
+
+@pytest.mark.parametrize("ws", (2, 4))
+def test_fused_qkv_with_fewer_kv_heads_than_ranks(ws):
+    """Phi-3's fused qkv with 4 q heads and 2 kv heads: each chunk split on its own; on 4 ranks
+    the k and v chunks are held by pairs of ranks (as vLLM does), the q chunk by each rank."""
+    ranks = family(ws, "phi3_gqa")
+    rows = [r["local_shapes"]["model.layers.0.self_attn.qkv_proj.weight"][0] for r in ranks]
+    assert rows == [64 // ws + 2 * 32 // min(ws, 2)] * ws
+    if ws == 4:
+        assert "32: 2 parts x2" in ranks[0]["shards"]["model.layers.0.self_attn.qkv_proj"]

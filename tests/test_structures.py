@@ -55,6 +55,34 @@ def test_cross_attention_kv_from_second_input():
     assert plan.placement_of("o") == "row"
 
 
+@pytest.mark.parametrize("ws", (2, 4))
+def test_heads_merged_into_the_batch_dim(ws):
+    plan = plan_of("heads_in_batch", ws)
+    assert plan.placement_of("qkv") == "column" and plan.placement_of("o") == "row"
+    assert plan.total_all_reduces == 1
+    act = plan.solution.actions
+    # the per-head bias [b * heads, 1, s] is narrowed inside the merged dim, b * heads rescaled
+    assert any(want.outer for _, _, _, _, want in act.narrows)
+    assert act.sym_sizes
+
+
+@pytest.mark.parametrize("ws", (2, 4))
+def test_fused_multi_query_keeps_the_kv_heads_whole(ws):
+    plan = plan_of("fused_multi_query", ws)
+    qkv = {e.module: e for e in plan.entries}["qkv"]
+    assert qkv.placement == "column"
+    assert f"chunks 32: {ws} parts, 8: whole, 8: whole" in qkv.shard
+    assert plan.placement_of("o") == "row" and plan.total_all_reduces == 1
+
+
+def test_uneven_heads_name_each_rank_size():
+    model, inputs = structure("fused_thirds")
+    plan = fxtp.plan(model, 3, example_inputs=inputs)   # 4 heads of 8 on 3 ranks: 2 + 1 + 1
+    qkv = {e.module: e for e in plan.entries}["qkv"]
+    assert qkv.placement == "column" and "uneven: rank sizes [48, 24, 24]" in qkv.shard
+
+
 def test_every_structure_is_listed():
     assert set(STRUCTURES) == {"fused_thirds", "interleaved_heads", "grouped_query",
-                               "parallel_block", "cross_attention"}
+                               "parallel_block", "cross_attention", "heads_in_batch",
+                               "fused_multi_query"}
