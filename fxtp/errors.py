@@ -31,3 +31,7 @@ class PlanOverrideError(FxtpError):
 
 class InputError(FxtpError):
     """The transformed module was called with inputs it was not captured for."""
+
+
+class DropoutError(FxtpError):
+    """Training was asked of a graph captured with dropout, which the graph has baked in as off."""

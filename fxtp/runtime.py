@@ -46,3 +46,115 @@ def resolve_group(world_size: int, group: Optional[dist.ProcessGroup] = None) ->
             f"world_size={size}, or a group= of {world_size} ranks."
         )
     return GroupInfo(rank=dist.get_rank(group), world_size=size, group_name=group.group_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd-aware collectives (Megatron's f and g), called by the rewritten graph.
+#
+# Each is a module-level function wrapping an `autograd.Function`, so an FX `call_function` node
+# can name it and dynamo traces it with `fullgraph=True` (forward and backward are made of
+# functional collectives and plain tensor ops). Without grad, dynamo inlines the forward: the
+# inference graph is the same as with bare `all_reduce` + `wait_tensor` nodes.
+
+class _AllReduceSum(torch.autograd.Function):
+    """g: sums a partial value over the ranks; the gradient of the sum is every summand's."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group_name: str) -> torch.Tensor:
+        return WAIT(ALL_REDUCE(x, "sum", group_name))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _CopyToRegion(torch.autograd.Function):
+    """f: a replicated value entering sharded (or partial-sum) computation. Identity forward;
+    each rank's gradient only covers its shard's use, so the gradients are summed."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group_name: str) -> torch.Tensor:
+        ctx.group_name = group_name
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return WAIT(ALL_REDUCE(grad.contiguous(), "sum", ctx.group_name)), None
+
+
+class _SumOverReplicas(torch.autograd.Function):
+    """A parameter piece held by several ranks (GQA kv heads when kv_heads < world size): each
+    rank's gradient covers the query heads it holds, so the ranks holding the same piece sum
+    theirs. One all-reduce over the whole group, each rank writing into its piece's slot, sums
+    within the piece groups without creating sub-groups."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group_name: str, parts: int, piece: int) -> torch.Tensor:
+        ctx.meta = (group_name, parts, piece)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        group_name, parts, piece = ctx.meta
+        slots = grad.new_zeros((parts, *grad.shape))
+        slots[piece] = grad
+        summed = WAIT(ALL_REDUCE(slots, "sum", group_name))
+        return summed[piece], None, None, None
+
+
+class _GatherDim0(torch.autograd.Function):
+    """All-gathers rank-ordered shards along dim 0; the gradient of a shard is its slice of the
+    (identical on every rank) gradient of the gathered tensor."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, world_size: int, group_name: str, rank: int) -> torch.Tensor:
+        ctx.meta = (x.shape[0], rank)
+        return WAIT(ALL_GATHER(x, world_size, group_name))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        n, rank = ctx.meta
+        return grad.narrow(0, rank * n, n), None, None, None
+
+
+class _GradOnlyAdd(torch.autograd.Function):
+    """A constant added to a partial sum is added by rank 0 only; on the other ranks this
+    returns the partial sum unchanged but still gives the constant its (full) gradient, which
+    every rank can compute locally because a partial sum's gradient is the whole sum's."""
+
+    @staticmethod
+    def forward(ctx, partial: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
+        ctx.const_shape = const.shape
+        return partial.view_as(partial)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, grad.sum_to_size(ctx.const_shape)
+
+
+def all_reduce_sum(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """Megatron's g: all-reduce forward, identity backward (after a row-parallel region)."""
+    return _AllReduceSum.apply(x, group_name)
+
+
+def copy_to_region(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """Megatron's f: identity forward, all-reduce backward (before a column-parallel region)."""
+    return _CopyToRegion.apply(x, group_name)
+
+
+def sum_over_replicas(x: torch.Tensor, group_name: str, parts: int, piece: int) -> torch.Tensor:
+    """Identity forward; backward sums the gradient over the ranks holding piece `piece`."""
+    return _SumOverReplicas.apply(x, group_name, parts, piece)
+
+
+def all_gather_dim0(x: torch.Tensor, world_size: int, group_name: str, rank: int) -> torch.Tensor:
+    """All-gather along dim 0 forward, this rank's slice backward (vocab-parallel logits)."""
+    return _GatherDim0.apply(x, world_size, group_name, rank)
+
+
+def grad_only_add(partial: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
+    """`partial` forward; backward also gives `const` the gradient of `partial + const`."""
+    return _GradOnlyAdd.apply(partial, const)
+
+
+GRAD_SYNC_OPS = (copy_to_region, sum_over_replicas)

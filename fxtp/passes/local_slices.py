@@ -17,6 +17,8 @@ from .shard_params import slice_tensor
 
 aten = torch.ops.aten
 
+NARROW_META = "fxtp_narrow"   # on slice nodes made here: {"of": value name, "shared": have is set}
+
 
 def _relative_ranges(have: DimShard | None, want: DimShard, rank: int) -> list[tuple[int, int]]:
     ranges = want.local_ranges(rank)
@@ -26,8 +28,10 @@ def _relative_ranges(have: DimShard | None, want: DimShard, rank: int) -> list[t
     return [(s - hs, n) for s, n in ranges]
 
 
-def insert_local_slices(gm: fx.GraphModule, actions: Actions, rank: int) -> list[str]:
-    """Applies the solver's narrows; returns the names of parameters/buffers sliced in place."""
+def insert_local_slices(gm: fx.GraphModule, actions: Actions, rank: int,
+                        record: dict | None = None) -> list[str]:
+    """Applies the solver's narrows; returns the names of parameters/buffers sliced in place
+    (and puts name -> (dim, global indices kept) into `record` if given)."""
     nodes = nodes_by_name(gm)
     g = gm.graph
     sliced_attrs: list[str] = []
@@ -40,9 +44,13 @@ def insert_local_slices(gm: fx.GraphModule, actions: Actions, rank: int) -> list
             index = torch.cat([torch.arange(s, s + n) for s, n in ranges])
             set_tensor_attr(gm, value.target, slice_tensor(full, dim, index))
             sliced_attrs.append(value.target)
+            if record is not None:
+                record[value.target] = (dim, index)
             continue
         with g.inserting_before(user):
             parts = [g.call_function(aten.slice.Tensor, (value, dim, s, s + n)) for s, n in ranges]
             local = parts[0] if len(parts) == 1 else g.call_function(aten.cat.default, (parts, dim))
+        for p in {*parts, local}:
+            p.meta[NARROW_META] = {"of": value.name, "shared": have is not None}
         set_arg(user, path, local)
     return sliced_attrs
