@@ -513,6 +513,11 @@ class ShardingRules:
                 if have == s:
                     continue
                 if have is not None and not have.covers(s, self.ws):
+                    # two sources meet split differently (a low-rank branch beside a fused qkv
+                    # base refined into chunks): split this operand's source like the other
+                    if have.size == s.size and self._refine(
+                            p, d, lambda cur, unit: s if unit == 1 and cur == have else None):
+                        raise _Fail("source split refined", "refine")
                     raise _Fail(f"operands of {n.target} are sharded differently")
                 if isinstance(p, Sharded) and have is None:
                     raise _Fail(f"operands of {n.target} are sharded on different dims")

@@ -40,6 +40,7 @@ class TPInfo:
     # parameter/buffer name (every alias of a tied one) -> (dim, global indices this rank keeps)
     param_slices: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
     dropout_disabled: bool = False     # set by fxtp.for_training(tp, disable_dropout=True)
+    lora_fold: Any = None              # passes.lora.FoldState while LoRA is folded
 
 
 def _model_name(model: nn.Module) -> str:
@@ -114,6 +115,12 @@ def _guard_training(gm: fx.GraphModule) -> None:
     from .patterns.linear import module_path
 
     def train(mode: bool = True):
+        if mode and gm.meta[META_KEY].lora_fold is not None:
+            from .errors import LoraStateError
+
+            raise LoraStateError("fxtp: the LoRA adapters are folded into the weights (for "
+                                 "generation); call fxtp.for_training(tp) or "
+                                 "fxtp.unfold_lora(tp) before training")
         if mode and not gm.meta[META_KEY].dropout_disabled:
             drops = dropout_nodes(gm)
             if drops:

@@ -134,3 +134,11 @@ def test_training_at_world_size_one_gives_the_model_gradients(llama):
     full = dict(llama.named_parameters())
     for name, p in tp.named_parameters():
         assert torch.allclose(p.grad, full[name].grad, atol=1e-6), name
+
+
+def test_fold_lora_without_adapters_names_the_model(llama):
+    tp = fxtp.transform(llama, 1)
+    with pytest.raises(fxtp.NoLoraError, match="no LoRA branch found .*LlamaForCausalLM"):
+        fxtp.fold_lora(tp)
+    with pytest.raises(fxtp.LoraStateError, match="not folded"):
+        fxtp.unfold_lora(tp)

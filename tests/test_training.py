@@ -50,3 +50,46 @@ def test_dropout_model_refuses_train_until_disabled(ws):
         assert r["training_after_error"] is False
         assert r["training_after_disable"] is True
         assert r["training_after_generation"] is False
+
+
+@pytest.mark.parametrize("ws", (2, 4))
+@pytest.mark.parametrize("name", ("llama", "gpt2"))
+def test_peft_lora_sharded_with_its_base(ws, name):
+    """The LoRA branch is found from the graph: beside a column-parallel base, A whole and B
+    split like the base; beside a row-parallel base, A split on its input and B whole applied
+    to the partial sum, which shares the base's all-reduce (still 2 per layer)."""
+    for rank, r in enumerate(case(ws, f"lora_{name}")):
+        assert r["max_error"] <= GRAD_TOL
+        assert r["grad_error"] <= GRAD_TOL, f"rank {rank}: {r['grad_error']} at {r['worst']}"
+        # only the adapters are trainable (PEFT freezes the base), all of them compared
+        assert r["trainable"] == r["compared"] > 0 and not r["missing"]
+        assert set(r["all_reduces_per_layer"].values()) == {2}
+        assert len(r["all_reduces_per_layer"]) == 2
+        p = r["placements"]
+        col, row = {"llama": ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"),
+                    "gpt2": ("transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_proj")}[name]
+        col, row = f"base_model.model.{col}", f"base_model.model.{row}"
+        assert (p[f"{col}.base_layer"], p[f"{col}.lora_A.default"], p[f"{col}.lora_B.default"]) \
+            == ("column", "replicate", "column")
+        assert (p[f"{row}.base_layer"], p[f"{row}.lora_A.default"], p[f"{row}.lora_B.default"]) \
+            == ("row", "row", "replicate")
+        shapes = r["local_shapes"]
+        a_shape = shapes[f"{col}.lora_A.default.weight"]
+        assert a_shape == (8, 64)                                 # A whole
+        assert shapes[f"{row}.lora_B.default.weight"] == (64, 8)  # B whole
+        assert shapes[f"{row}.lora_A.default.weight"] == (8, {"llama": 128, "gpt2": 256}[name] // ws)
+
+
+@pytest.mark.parametrize("ws", (2, 4))
+@pytest.mark.parametrize("name", ("llama", "gpt2"))
+def test_fold_and_unfold_lora_on_the_sharded_graph(ws, name):
+    for r in case(ws, f"lora_{name}"):
+        assert r["folded_error"] <= GRAD_TOL and r["unfolded_error"] <= GRAD_TOL
+        assert r["round_trip"] == 0.0                   # originals restored bit for bit
+        ar_unfolded, ar_folded = r["all_reduces_unfolded_folded"]
+        assert ar_unfolded == ar_folded == 4            # 2 per layer, unchanged by folding
+        used_before, used_after = r["adapter_weights_used"]
+        assert used_before > 0 and used_after == 0      # no LoRA op left in the folded graph
+        # fold twice, train while folded, unfold when unfolded: named errors
+        assert r["state_errors"] == ["LoraStateError"] * 3
+        assert r["training_after"]

@@ -41,6 +41,91 @@ def grad_case(name: str, ws: int, vocab_parallel: bool = False) -> dict[str, Any
             "grad_syncs": len(info.grad_sync_nodes), "training": tp.training}
 
 
+LORA_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                "gpt2": ["c_attn", "c_proj", "c_fc"]}
+
+
+def lora_model(name: str, r: int = 8, seed: int = 0):
+    """A PEFT LoRA model (adapters on attention and MLP linears, lora_dropout=0) whose B
+    matrices are random, not PEFT's zeros, so the branch changes the outputs."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=r, lora_alpha=16, target_modules=LORA_TARGETS[name], lora_dropout=0.0,
+                     fan_in_fan_out=name == "gpt2", task_type="CAUSAL_LM")
+    model = get_peft_model(train_model(name, seed), cfg).eval()
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "lora_B" in pname:       # test setup only: fxtp itself never reads names
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def lora_case(name: str, ws: int) -> dict[str, Any]:
+    """A PEFT model through fxtp.transform as it is: outputs, adapter-only gradients, and
+    where the all-reduces are."""
+    from fxtp.verify import check_equivalence
+
+    from .rank_workers import _graph_facts
+
+    model = lora_model(name)
+    tp = fxtp.transform(model, ws)
+    eq = check_equivalence(model, tp, hf_inputs(model.config.vocab_size, max_batch=2, max_seq=12),
+                           max_examples=4)
+    plan = tp.meta["fxtp"].plan
+    tp.train()
+    rep = check_gradients(model, tp, hf_inputs(model.config.vocab_size, max_batch=2, max_seq=12),
+                          max_examples=3)
+    trainable = [n for n, p in tp.named_parameters() if p.requires_grad]
+    facts = _graph_facts(model, tp)
+    fold = _fold_round_trip(model, tp)
+    return {"max_error": eq.worst, "grad_error": rep.max_error, "compared": rep.compared,
+            "missing": rep.missing, "trainable": len(trainable), "worst": rep.worst_param,
+            "all_reduces_per_layer": facts["all_reduces_per_layer"],
+            "placements": {e.module: e.placement for e in plan.entries},
+            "local_shapes": facts["local_shapes"], **fold}
+
+
+def _fold_round_trip(model, tp) -> dict[str, Any]:
+    """for_generation folds (outputs equal, no adapter linear left, all-reduces unchanged),
+    for_training unfolds (outputs equal, weights restored bit for bit)."""
+    from fxtp.verify import check_equivalence
+    from fxtp.runtime import all_reduce_sum
+
+    linears = tp.meta["fxtp"].plan.solution.linears
+    adapters = {linears[n].weight for n in linears if "lora_" in linears[n].weight}  # test only
+
+    def facts():
+        used = {n.target for n in tp.graph.nodes if n.op == "get_attr"}
+        return (len([n for n in tp.graph.nodes if n.target is all_reduce_sum]),
+                len(adapters & used))
+
+    before = {k: v.detach().clone() for k, v in tp.named_parameters()}
+    ar0, lora0 = facts()
+    fxtp.for_generation(tp)
+    strategy = hf_inputs(model.config.vocab_size, max_batch=2, max_seq=12)
+    folded = check_equivalence(model, tp, strategy, max_examples=3).worst
+    ar1, lora1 = facts()
+    errors = []
+    for call in (fxtp.fold_lora, lambda t: tp.train()):
+        try:
+            call(tp)
+            errors.append(None)
+        except fxtp.FxtpError as e:
+            errors.append(type(e).__name__)
+    fxtp.for_training(tp)
+    unfolded = check_equivalence(model, tp, strategy, max_examples=3).worst
+    round_trip = max(float((v.detach() - before[k]).abs().max()) for k, v in tp.named_parameters())
+    try:
+        fxtp.unfold_lora(tp)
+        errors.append(None)
+    except fxtp.FxtpError as e:
+        errors.append(type(e).__name__)
+    return {"folded_error": folded, "unfolded_error": unfolded, "round_trip": round_trip,
+            "all_reduces_unfolded_folded": (ar0, ar1), "adapter_weights_used": (lora0, lora1),
+            "state_errors": errors, "training_after": tp.training}
+
+
 def _step_error(model, tp) -> float:
     full = dict(model.named_parameters(remove_duplicate=False))
     err = 0.0
@@ -102,6 +187,8 @@ def cases(ws: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in ("llama", "gpt2"):
         out[f"train_grad_{name}"] = lambda n=name: grad_case(n, ws)
+    for name in ("llama", "gpt2"):
+        out[f"lora_{name}"] = lambda n=name: lora_case(n, ws)
     out["train_grad_gpt2_vocab"] = lambda: grad_case("gpt2", ws, vocab_parallel=True)
     if ws == 2:
         out["train_sgd_llama"] = lambda: optimizer_case("llama", ws, "sgd")
