@@ -3,15 +3,18 @@
     tp = fxtp.transform(model, world_size)     # inside an initialised process group
     print(fxtp.plan(model, world_size))        # the decisions, no process group needed
 """
-from .errors import (CaptureError, FxtpError, InputError, NotDivisibleError, PlanOverrideError,
-                     ProcessGroupError, WorldSizeMismatchError)
+from .errors import (CaptureError, DropoutError, FxtpError, InputError, LoraStateError,
+                     NoLoraError, NotDivisibleError, PlanOverrideError, ProcessGroupError,
+                     WorldSizeMismatchError)
 from .plan import Plan, PlanEntry
 from .transform import META_KEY, TPInfo, plan_model as plan, transform
+from .hybrid import fold_lora, for_generation, for_training, unfold_lora
 from .verify import verify  # noqa: E402  (the function; the module stays importable)
 
 __all__ = [
-    "transform", "plan", "verify", "Plan", "PlanEntry", "TPInfo", "META_KEY",
-    "FxtpError", "CaptureError", "InputError", "NotDivisibleError", "PlanOverrideError",
+    "transform", "plan", "verify", "for_training", "for_generation", "fold_lora",
+    "unfold_lora", "Plan", "PlanEntry", "TPInfo", "META_KEY",
+    "FxtpError", "CaptureError", "DropoutError", "NoLoraError", "LoraStateError", "InputError", "NotDivisibleError", "PlanOverrideError",
     "ProcessGroupError", "WorldSizeMismatchError",
 ]
 __version__ = "0.1.0"

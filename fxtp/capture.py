@@ -30,11 +30,17 @@ class Captured:
 
 
 def is_hf_model(model: nn.Module) -> bool:
+    """A Hugging Face model, or a wrapper that exposes one's config (a PEFT `PeftModel`)."""
     try:
-        from transformers import PreTrainedModel
+        from transformers import PretrainedConfig, PreTrainedModel
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
-    return isinstance(model, PreTrainedModel)
+    if isinstance(model, PreTrainedModel):
+        return True
+    try:
+        return isinstance(getattr(model, "config", None), PretrainedConfig)
+    except Exception:  # a wrapper's __getattr__ may raise anything
+        return False
 
 
 def hf_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> dict[str, Any]:
@@ -43,8 +49,10 @@ def hf_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> dict[st
     vocab = getattr(cfg, "vocab_size", None) or 32
     ids = torch.randint(0, vocab, (batch, seq))
     params = inspect.signature(model.forward).parameters
+    # wrappers (PEFT) take **kwargs and pass them on to the model
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     kwargs: dict[str, Any] = {"input_ids": ids}
-    if "attention_mask" in params:
+    if "attention_mask" in params or takes_any:
         kwargs["attention_mask"] = torch.ones_like(ids)
     if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
         kwargs["decoder_input_ids"] = torch.randint(0, vocab, (batch, max(2, seq // 2)))
@@ -79,6 +87,12 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
     args, kwargs = _split_inputs(model, example_inputs, hf)
     was_training = model.training
     model.eval()
+    # a wrapper without a use_cache argument (PEFT) runs the model with its config's default:
+    # no KV cache in the captured graph
+    cfg = getattr(model, "config", None) if hf else None
+    had_cache = getattr(cfg, "use_cache", None)
+    if had_cache and "use_cache" not in kwargs:
+        cfg.use_cache = False
     dyn_args, dyn_kwargs = _dynamic_shapes(args, kwargs, hf)
     try:
         ep = torch.export.export(model, args, kwargs, strict=False,
@@ -91,6 +105,8 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
         ) from e
     finally:
         model.train(was_training)
+        if had_cache and "use_cache" not in kwargs:
+            cfg.use_cache = had_cache
     gm = ep.module()
     defaults = {}
     if hf:
@@ -100,7 +116,15 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
 
 
 def _dyn_for(model: nn.Module, dyn_args: tuple, dyn_kwargs: dict, args: tuple, kwargs: dict) -> Any:
-    """dynamic_shapes keyed by forward's parameter names, as torch.export matches them."""
+    """dynamic_shapes keyed by forward's parameter names, as torch.export matches them; inputs
+    taken by a `**kwargs` parameter are nested under its name."""
+    params = inspect.signature(model.forward).parameters
+    var_kw = next((n for n, p in params.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    if var_kw is not None and any(k not in params for k in dyn_kwargs):
+        named = {k: v for k, v in dyn_kwargs.items() if k in params}
+        extra = {k: v for k, v in dyn_kwargs.items() if k not in params}
+        named[var_kw] = extra if any(v is not None for v in extra.values()) else None
+        dyn_kwargs = named
     if not args:
         return dyn_kwargs
     try:

@@ -31,3 +31,15 @@ class PlanOverrideError(FxtpError):
 
 class InputError(FxtpError):
     """The transformed module was called with inputs it was not captured for."""
+
+
+class DropoutError(FxtpError):
+    """Training was asked of a graph captured with dropout, which the graph has baked in as off."""
+
+
+class NoLoraError(FxtpError):
+    """fold_lora was asked of a graph without LoRA branches."""
+
+
+class LoraStateError(FxtpError):
+    """fold_lora on a folded graph, unfold_lora on an unfolded one, or training while folded."""

@@ -602,6 +602,11 @@ class ShardingRules:
                 if have == s:
                     continue
                 if have is not None and not have.covers(s, self.ws):
+                    # two sources meet split differently (a low-rank branch beside a fused qkv
+                    # base refined into chunks): split this operand's source like the other
+                    if have.size == s.size and self._refine(
+                            p, d, lambda cur, unit: s if unit == 1 and cur == have else None):
+                        raise _Fail("source split refined", "refine")
                     self._align_units(p, d, have, want_of.get(od), od, s)
                     raise _Fail(f"operands of {n.target} are sharded differently")
                 if isinstance(p, Sharded) and have is None:

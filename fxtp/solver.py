@@ -245,6 +245,8 @@ class _Pass(ShardingRules):
                 if isinstance(p, Partial):
                     self._reduce(a, n)
                     self._reduced_for_current.add(a)
+            if any(isinstance(p, Sharded) for p in placements):
+                self._bottleneck_sources(n, ins)
             placements = [REPLICATE if isinstance(p, Partial) else p for p in placements]
             if all(p is REPLICATE for p in placements):
                 self.pl[n] = REPLICATE
@@ -353,11 +355,64 @@ class _Pass(ShardingRules):
                 return True
         return False
 
+    # -- low-rank branches (LoRA), found from the placements -------------------------------
+    def _partial_meets_partial(self, n: fx.Node) -> bool:
+        """True when `n`'s output, kept a partial sum, reaches (through ops linear in it, one
+        user each) an add whose other operand is already a partial sum: then it can share that
+        sum's all-reduce instead of needing its own."""
+        cur = n
+        for _ in range(16):
+            if len(cur.users) != 1:
+                return False
+            u = next(iter(cur.users))
+            t = _functional(u.target) if u.op == "call_function" else None
+            if t in (aten.add.Tensor, aten.sub.Tensor):
+                others = [a for a in u.args if isinstance(a, fx.Node) and a is not cur]
+                return len(others) == 1 and isinstance(self.pl.get(others[0]), Partial)
+            scalar_mul = t in (aten.mul.Tensor, aten.div.Tensor) and not any(
+                isinstance(a, fx.Node) and a is not cur for a in u.args)
+            if not (t in _PARTIAL_SHAPE_OPS or scalar_mul
+                    or (t in _DROPOUT and not _dropout_active(u))):
+                return False
+            cur = u
+        return False
+
+    def _bottleneck_sources(self, n: fx.Node, ins: list) -> None:
+        """A partial sum about to be all-reduced only to meet a sharded value at `n`: if it comes
+        from a row-parallel linear fed by narrower column sources (x -> A -> B, a low-rank
+        branch beside a column-parallel base), those sources are better replicated. Then B
+        becomes column-parallel beside the base and no all-reduce is needed (LoRA's A stays
+        whole, B is split like the base)."""
+        for a in ins:
+            if not isinstance(self.pl.get(a), Partial):
+                continue
+            row = a
+            while row.name not in self.actions.rows and row.op == "call_function" and row.args \
+                    and isinstance(row.args[0], fx.Node) and isinstance(self.pl.get(row.args[0]), Partial):
+                row = row.args[0]
+            if row.name not in self.actions.rows:
+                continue
+            sources = self.regions.get(row, frozenset())
+            out = self.linears[row.name].out_features
+            if sources and all(self.linears[s].out_features < out for s in sources):
+                self.failures.append((sources, Reason(
+                    f"low-rank branch: its {self.linears[row.name].module} output would be "
+                    f"all-reduced only to meet a sharded value at {n.name}; kept whole so that "
+                    f"{self.linears[row.name].module} is split like the value it joins",
+                    row.name, module_path(row), "bottleneck")))
+
     # -- linears --------------------------------------------------------------------------
     def _linear(self, n: fx.Node) -> None:
         m = self.linears[n.name]
         x = n.args[0]
         xp = self.placement(x)
+        if isinstance(xp, Partial) and self._partial_meets_partial(n):
+            # a replicated weight applied to a partial sum gives a partial sum (the linear has
+            # no bias here: biases were split off); it joins another partial sum downstream and
+            # shares its all-reduce (LoRA's B beside a row-parallel base)
+            self.regions[n] = self._region_of([x])
+            self.pl[n] = Partial()
+            return
         if isinstance(xp, Partial):
             self._reduce(x, n)
             xp = REPLICATE

@@ -11,8 +11,9 @@ import torch.distributed as dist
 from torch import fx, nn
 
 from .capture import Captured, capture
-from .errors import InputError, NotDivisibleError, PlanOverrideError
-from .passes import (cleanup, gather_vocab_outputs, insert_all_reduces, insert_local_slices,
+from .errors import DropoutError, InputError, NotDivisibleError, PlanOverrideError
+from .passes import (cleanup, gather_vocab_outputs, insert_all_reduces, insert_grad_syncs,
+                     insert_local_slices,
                      keep_constant_adds_on_rank0, mask_vocab_embeddings, rewrite_shape_constants,
                      shard_linear_params)
 from .patterns.linear import split_biases
@@ -35,6 +36,11 @@ class TPInfo:
     rewritten_constants: list[tuple[str, object, int]] = field(default_factory=list)
     all_reduce_nodes: list[str] = field(default_factory=list)
     all_gather_nodes: list[str] = field(default_factory=list)
+    grad_sync_nodes: list[str] = field(default_factory=list)
+    # parameter/buffer name (every alias of a tied one) -> (dim, global indices this rank keeps)
+    param_slices: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
+    dropout_disabled: bool = False     # set by fxtp.for_training(tp, disable_dropout=True)
+    lora_fold: Any = None              # passes.lora.FoldState while LoRA is folded
 
 
 def _model_name(model: nn.Module) -> str:
@@ -85,23 +91,52 @@ def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
             f"plan=fxtp.plan(model, {world_size}).override({{{(r.module or r.node)!r}: 'replicate'}}))")
     gm = rewrite(plan, info)
     _install_input_defaults(gm, plan.captured)
-    _refuse_training(gm)
+    _guard_training(gm)
     return gm
 
 
-def _refuse_training(gm: fx.GraphModule) -> None:
-    """The graph is captured in eval mode (dropout off) and its all-reduces have no backward
-    rule yet: training through it would be silently wrong, so `train()` says so instead."""
-    from .errors import FxtpError
+def dropout_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Dropout ops with p > 0 in the graph (captured in eval mode, so they do nothing)."""
+    from .rules import _DROPOUT
+
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in _DROPOUT:
+            p = n.args[1] if len(n.args) > 1 else n.kwargs.get("p", 0.0)
+            if p > 0:
+                out.append(n)
+    return out
+
+
+def _guard_training(gm: fx.GraphModule) -> None:
+    """`train()` is allowed unless the model has dropout: the capture ran in eval mode, so the
+    graph's dropout ops are off, and silently training without dropout would differ from the
+    model's own training. `fxtp.for_training(tp, disable_dropout=True)` accepts that."""
+    from .patterns.linear import module_path
 
     def train(mode: bool = True):
-        if mode:
-            raise FxtpError("fxtp: training through the tensor-parallel graph is not supported "
-                            "yet: it was captured in eval mode (dropout off) and its all-reduces "
-                            "have no backward rule. Use it for inference (tp.eval()).")
-        return nn.Module.train(gm, False)
+        if mode and gm.meta[META_KEY].lora_fold is not None:
+            from .errors import LoraStateError
+
+            raise LoraStateError("fxtp: the LoRA adapters are folded into the weights (for "
+                                 "generation); call fxtp.for_training(tp) or "
+                                 "fxtp.unfold_lora(tp) before training")
+        if mode and not gm.meta[META_KEY].dropout_disabled:
+            drops = dropout_nodes(gm)
+            if drops:
+                n = drops[0]
+                p = n.args[1] if len(n.args) > 1 else n.kwargs.get("p")
+                raise DropoutError(
+                    f"fxtp: the model has dropout (p={p} at {n.name}, module "
+                    f"{module_path(n) or '?'}; {len(drops)} dropout op(s) in all), but the "
+                    "tensor-parallel graph was captured in eval mode with dropout off. Set the "
+                    "dropout probabilities to 0 in the model's config before fxtp.transform "
+                    "(RLHF trainers do), or train without dropout on purpose: "
+                    "fxtp.for_training(tp, disable_dropout=True).")
+        return nn.Module.train(gm, mode)
 
     gm.train = train
+    nn.Module.train(gm, False)     # the graph behaves as in eval mode; say so
 
 
 def rewrite(plan: Plan, info: GroupInfo) -> fx.GraphModule:
@@ -113,16 +148,36 @@ def rewrite(plan: Plan, info: GroupInfo) -> fx.GraphModule:
         gm = copy.deepcopy(captured.gm)
     tp = TPInfo(plan=plan, rank=info.rank, world_size=info.world_size, group_name=info.group_name)
     if info.world_size > 1:
-        tp.sharded_params = shard_linear_params(gm, sol.actions, sol.linears, info.rank)
+        slices: dict[str, tuple[int, torch.Tensor]] = {}
+        tp.sharded_params = shard_linear_params(gm, sol.actions, sol.linears, info.rank, slices)
         tp.rewritten_constants = rewrite_shape_constants(gm, sol.actions, info.rank)
-        tp.sliced_attrs = insert_local_slices(gm, sol.actions, info.rank)
+        tp.sliced_attrs = insert_local_slices(gm, sol.actions, info.rank, slices)
         mask_vocab_embeddings(gm, sol.actions, info.rank)
         tp.all_reduce_nodes = insert_all_reduces(gm, sol.actions, info.group_name)
-        tp.all_gather_nodes = gather_vocab_outputs(gm, sol.actions, info.world_size, info.group_name)
+        tp.all_gather_nodes = gather_vocab_outputs(gm, sol.actions, info.world_size, info.group_name,
+                                                   info.rank)
         keep_constant_adds_on_rank0(gm, sol.actions, info.rank)
+        tp.grad_sync_nodes = insert_grad_syncs(gm, sol.actions, sol.linears, info.rank,
+                                               info.world_size, info.group_name,
+                                               [*tp.sharded_params, *tp.sliced_attrs])
+        tp.param_slices = _with_aliases(gm, slices)
     cleanup(gm)
     gm.meta[META_KEY] = tp
     return gm
+
+
+def _with_aliases(gm: fx.GraphModule, slices: dict) -> dict:
+    """The slice records under every name of each (possibly tied) tensor."""
+    from .passes._util import get_tensor_attr
+
+    by_id = {id(get_tensor_attr(gm, name)): rec for name, rec in slices.items()}
+    named = {**dict(gm.named_parameters(remove_duplicate=False)),
+             **dict(gm.named_buffers(remove_duplicate=False))}
+    out = dict(slices)
+    for name, t in named.items():
+        if id(t) in by_id:
+            out.setdefault(name, by_id[id(t)])
+    return out
 
 
 def _install_input_defaults(gm: fx.GraphModule, captured: Captured) -> None:

@@ -255,3 +255,77 @@ def verify(model: nn.Module, world_size: int, *, example_inputs: Any = None,
     `tensor_inputs`)."""
     return run_ranks(_verify_rank, world_size, model.eval(), example_inputs, strategy_factory,
                      max_examples, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# comparing gradients
+
+def local_slice(tp: nn.Module, name: str, full: torch.Tensor) -> torch.Tensor:
+    """The part of a full-model tensor (a parameter or its gradient) that `tp` holds under `name`."""
+    rec = tp.meta["fxtp"].param_slices.get(name) if hasattr(tp, "meta") else None
+    if rec is None:
+        return full
+    dim, index = rec
+    return full.index_select(dim, index.to(full.device))
+
+
+def token_loss(out: Any, inputs: dict) -> torch.Tensor:
+    """Cross-entropy of the logits against the input ids (defined for any sequence length)."""
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    ids = inputs["input_ids"]
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
+
+
+@dataclass
+class GradientReport:
+    examples: int = 0
+    max_error: float = 0.0                 # max |g_tp - g_slice| / (1 + |g_slice|), all params
+    loss_error: float = 0.0
+    worst_param: Optional[str] = None
+    compared: int = 0                      # parameters compared per example
+    missing: list[str] = field(default_factory=list)   # trainable in model, no grad in tp
+    min_grad_norm: float = math.inf        # smallest reference gradient norm compared
+
+
+def check_gradients(model: nn.Module, tp: nn.Module, strategy, max_examples: int = 5,
+                    loss_fn: Callable = token_loss) -> GradientReport:
+    """Backward through `model` and `tp` on hypothesis-drawn inputs; compares every trainable
+    local parameter's gradient with the matching slice of the model's. Records, never raises
+    on a mismatch (so all ranks stay in step)."""
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    report = GradientReport()
+    full = dict(model.named_parameters(remove_duplicate=False))
+    local = dict(tp.named_parameters(remove_duplicate=False))
+
+    @settings(max_examples=max_examples, derandomize=True, database=None, deadline=None,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(strategy)
+    def run(inputs):
+        model.zero_grad(set_to_none=True)
+        tp.zero_grad(set_to_none=True)
+        ref = loss_fn(model(**inputs), inputs)
+        ref.backward()
+        got = loss_fn(tp(**inputs), inputs)
+        got.backward()
+        report.examples += 1
+        report.loss_error = max(report.loss_error, abs(float(got.detach()) - float(ref.detach())))
+        report.compared = 0
+        for name, p in local.items():
+            if not p.requires_grad:
+                continue
+            expected = full[name].grad
+            if expected is None:
+                continue
+            if p.grad is None:
+                report.missing.append(name)
+                continue
+            e = local_slice(tp, name, expected).double()
+            err = float(((p.grad.double() - e).abs() / (1 + e.abs())).max())
+            report.compared += 1
+            report.min_grad_norm = min(report.min_grad_norm, float(e.norm()))
+            if err > report.max_error or report.worst_param is None:
+                report.max_error, report.worst_param = max(err, report.max_error), name
+
+    run()
+    return report

@@ -12,7 +12,7 @@ import torch
 
 import fxtp
 from fxtp.plan import layer_of
-from fxtp.runtime import ALL_REDUCE
+from fxtp.runtime import all_gather_dim0, all_reduce_sum
 from fxtp.verify import check_equivalence, hf_inputs, tensor_inputs
 
 HF_CASES = ("llama", "gpt2", "bert", "llama_mqa")
@@ -20,7 +20,7 @@ EXAMPLES = 8
 
 
 def _all_reduce_nodes(tp) -> list:
-    return [n for n in tp.graph.nodes if n.op == "call_function" and n.target == ALL_REDUCE]
+    return [n for n in tp.graph.nodes if n.op == "call_function" and n.target is all_reduce_sum]
 
 
 def _graph_facts(model, tp) -> dict[str, Any]:
@@ -162,13 +162,12 @@ def _vocab_case(name: str, ws: int) -> dict[str, Any]:
     its logits all-gathered; tied tables stay tied."""
     from fxtp.families import family_model
     from fxtp.models import tiny_model
-    from fxtp.runtime import ALL_GATHER
 
     model = family_model("llama_tied") if name == "llama_tied" else tiny_model(name)
     tp = fxtp.transform(model, ws, vocab_parallel=True)
     rep = check_equivalence(model, tp, hf_inputs(model.config.vocab_size), max_examples=5)
     plan = tp.meta["fxtp"].plan
-    gathers = [n for n in tp.graph.nodes if n.op == "call_function" and n.target == ALL_GATHER]
+    gathers = [n for n in tp.graph.nodes if n.op == "call_function" and n.target is all_gather_dim0]
     return {"max_error": rep.worst, "all_gathers": len(gathers),
             "plan_all_reduces": dict(plan.all_reduces),
             "param_placements": {e.parameter: e.placement for e in plan.entries},
@@ -229,6 +228,9 @@ def run_all(rank: int, world_size: int) -> dict[str, Any]:
         cases["structures"] = lambda: _structures_case(world_size)
         cases["compile_llama"] = lambda: _compile_case("llama", world_size)
         cases["compile_gpt2"] = lambda: _compile_case("gpt2", world_size)
+        from .train_workers import cases as training_cases
+
+        cases.update(training_cases(world_size))
     for name, fn in cases.items():
         try:
             results[name] = fn()

@@ -124,8 +124,31 @@ def test_unknown_input_names_the_accepted_ones(llama):
     assert torch.allclose(out.logits, ref.logits, atol=1e-5)
 
 
-def test_training_mode_is_refused_not_silently_wrong(llama):
-    tp = fxtp.transform(llama, 1)
-    with pytest.raises(fxtp.FxtpError, match="training through the tensor-parallel graph"):
+def test_training_a_model_with_dropout_is_a_named_error():
+    tp = fxtp.transform(tiny_model("gpt2"), 1)       # GPT-2's default config has dropout 0.1
+    assert not tp.training                            # transform returns it in eval mode
+    with pytest.raises(fxtp.DropoutError, match=r"transformer\.drop.*disable_dropout=True"):
         tp.train()
+    assert not tp.training
+    assert fxtp.for_training(tp, disable_dropout=True) is tp and tp.training
     assert tp.eval() is tp and not tp.training
+
+
+def test_training_at_world_size_one_gives_the_model_gradients(llama):
+    tp = fxtp.transform(llama, 1)
+    assert tp.train() is tp and tp.training
+    ids = torch.arange(10).view(2, 5)
+    for m in (llama, tp):
+        m.zero_grad()
+        m(input_ids=ids).logits.square().mean().backward()
+    full = dict(llama.named_parameters())
+    for name, p in tp.named_parameters():
+        assert torch.allclose(p.grad, full[name].grad, atol=1e-6), name
+
+
+def test_fold_lora_without_adapters_names_the_model(llama):
+    tp = fxtp.transform(llama, 1)
+    with pytest.raises(fxtp.NoLoraError, match="no LoRA branch found .*LlamaForCausalLM"):
+        fxtp.fold_lora(tp)
+    with pytest.raises(fxtp.LoraStateError, match="not folded"):
+        fxtp.unfold_lora(tp)

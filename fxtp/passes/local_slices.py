@@ -19,6 +19,8 @@ from .shard_params import slice_tensor
 
 aten = torch.ops.aten
 
+NARROW_META = "fxtp_narrow"   # on slice nodes made here: {"of": value name, "shared": have is set}
+
 
 def relative_ranges(have: DimShard | None, want: DimShard, rank: int) -> list[tuple[int, int]]:
     """The (start, length) runs, in positions of what this rank holds (`have`, or the whole dim
@@ -38,8 +40,10 @@ def relative_ranges(have: DimShard | None, want: DimShard, rank: int) -> list[tu
     return runs
 
 
-def insert_local_slices(gm: fx.GraphModule, actions: Actions, rank: int) -> list[str]:
-    """Applies the solver's narrows; returns the names of parameters/buffers sliced in place."""
+def insert_local_slices(gm: fx.GraphModule, actions: Actions, rank: int,
+                        record: dict | None = None) -> list[str]:
+    """Applies the solver's narrows; returns the names of parameters/buffers sliced in place
+    (and puts name -> (dim, global indices kept) into `record` if given)."""
     nodes = nodes_by_name(gm)
     g = gm.graph
     sliced_attrs: list[str] = []
@@ -52,6 +56,8 @@ def insert_local_slices(gm: fx.GraphModule, actions: Actions, rank: int) -> list
             index = torch.cat([torch.arange(s, s + n) for s, n in ranges])
             set_tensor_attr(gm, value.target, slice_tensor(full, dim, index))
             sliced_attrs.append(value.target)
+            if record is not None:
+                record[value.target] = (dim, index)
             continue
         with g.inserting_before(user):
             src, at = value, dim
@@ -62,5 +68,7 @@ def insert_local_slices(gm: fx.GraphModule, actions: Actions, rank: int) -> list
             local = parts[0] if len(parts) == 1 else g.call_function(aten.cat.default, (parts, at))
             if want.outer:
                 local = g.call_function(aten.flatten.using_ints, (local, dim, dim + 1))
+        for p in {*parts, local, src} - {value}:
+            p.meta[NARROW_META] = {"of": value.name, "shared": have is not None}
         set_arg(user, path, local)
     return sliced_attrs

@@ -12,8 +12,9 @@ from ._util import get_tensor_attr, set_tensor_attr
 
 
 def shard_linear_params(gm: fx.GraphModule, actions: Actions, linears: dict[str, LinearMatch],
-                        rank: int) -> dict[str, tuple[tuple, tuple]]:
-    """Replaces each sharded weight with its local slice; returns name -> (full, local) shape."""
+                        rank: int, record: dict | None = None) -> dict[str, tuple[tuple, tuple]]:
+    """Replaces each sharded weight with its local slice; returns name -> (full, local) shape.
+    `record`, if given, gets name -> (dim, global indices kept) for each sliced parameter."""
     wanted: dict[int, tuple[str, int, object]] = {}   # tensor identity -> (name, dim, split)
     for table, dim_of in ((actions.columns, "out_dim"), (actions.rows, "in_dim")):
         for node_name, spec in table.items():
@@ -26,6 +27,8 @@ def shard_linear_params(gm: fx.GraphModule, actions: Actions, linears: dict[str,
     for name, dim, spec in wanted.values():
         full = get_tensor_attr(gm, name)
         local = slice_tensor(full, dim, spec.index(rank))
+        if record is not None:
+            record[name] = (dim, spec.index(rank))
         set_tensor_attr(gm, name, local)
         changed[name] = (tuple(full.shape), tuple(local.shape))
     return changed

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..runtime import ALL_GATHER, WAIT
+from ..runtime import all_gather_dim0
 from ..solver import Actions
 from ._util import nodes_by_name
 
@@ -45,7 +45,7 @@ def mask_vocab_embeddings(gm: fx.GraphModule, actions: Actions, rank: int) -> No
 
 
 def gather_vocab_outputs(gm: fx.GraphModule, actions: Actions, world_size: int,
-                         group_name: str) -> list[str]:
+                         group_name: str, rank: int) -> list[str]:
     """All-gathers each vocab-sharded output along its last dim; returns the gather nodes."""
     nodes = nodes_by_name(gm)
     g = gm.graph
@@ -58,14 +58,11 @@ def gather_vocab_outputs(gm: fx.GraphModule, actions: Actions, world_size: int,
             contiguous = g.call_function(aten.clone.default, (front,),
                                          {"memory_format": torch.contiguous_format})
         with g.inserting_after(contiguous):
-            gathered = g.call_function(ALL_GATHER, (contiguous, world_size, group_name))
+            gathered = g.call_function(all_gather_dim0, (contiguous, world_size, group_name, rank))
         with g.inserting_after(gathered):
-            waited = g.call_function(WAIT, (gathered,))
-        with g.inserting_after(waited):
-            back = g.call_function(aten.movedim.int, (waited, 0, dim))
-        for n in (gathered, waited):
-            n.meta["fxtp_collective"] = {"op": "all_gather", "of": value_name}
-            n.meta["nn_module_stack"] = value.meta.get("nn_module_stack", {})
+            back = g.call_function(aten.movedim.int, (gathered, 0, dim))
+        gathered.meta["fxtp_collective"] = {"op": "all_gather", "of": value_name}
+        gathered.meta["nn_module_stack"] = value.meta.get("nn_module_stack", {})
         back.meta["val"] = value.meta.get("val")
         for u in user_names:
             nodes[u].replace_input_with(value, back)
