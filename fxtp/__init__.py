@@ -9,10 +9,12 @@ from .errors import (CaptureError, DropoutError, FxtpError, InputError, LoraStat
 from .plan import Plan, PlanEntry
 from .transform import META_KEY, TPInfo, plan_model as plan, transform
 from .hybrid import fold_lora, for_generation, for_training, unfold_lora
+from .explain import Explanation, diff, explain
+from .draw import draw
 from .verify import verify  # noqa: E402  (the function; the module stays importable)
 
 __all__ = [
-    "transform", "plan", "verify", "for_training", "for_generation", "fold_lora",
+    "transform", "plan", "verify", "explain", "diff", "draw", "Explanation", "for_training", "for_generation", "fold_lora",
     "unfold_lora", "Plan", "PlanEntry", "TPInfo", "META_KEY",
     "FxtpError", "CaptureError", "DropoutError", "NoLoraError", "LoraStateError", "InputError", "NotDivisibleError", "PlanOverrideError",
     "ProcessGroupError", "WorldSizeMismatchError",

@@ -1,4 +1,5 @@
-"""`python -m fxtp` / `fxtp`: plan a model, or run the demo (tiny Llama on 2 gloo ranks)."""
+"""`python -m fxtp` / `fxtp`: plan, explain, draw or verify a model, or run the demo (tiny
+Llama on 2 gloo ranks)."""
 from __future__ import annotations
 
 import argparse
@@ -12,10 +13,13 @@ from .errors import FxtpError
 
 def _load_model(spec: str):
     """A tiny built-in model by name, or a local Hugging Face config/checkpoint directory."""
+    from .families import FAMILIES, family_model
     from .models import TINY, tiny_model
 
     if spec in TINY:
         return tiny_model(spec)
+    if spec in FAMILIES:
+        return family_model(spec)
     if os.path.isdir(spec):
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -32,8 +36,8 @@ def _load_model(spec: str):
                         f"{cfg.model_type!r}")
     if os.path.sep in spec or spec.startswith("."):
         raise FxtpError(f"{spec}: no such directory")
-    raise FxtpError(f"unknown model {spec!r}: use one of {sorted(TINY)} or a local HF "
-                    "config/checkpoint directory")
+    raise FxtpError(f"unknown model {spec!r}: use one of {sorted(set(TINY) | set(FAMILIES))} "
+                    "or a local HF config/checkpoint directory")
 
 
 def _world_size(value: str) -> int:
@@ -65,16 +69,71 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"untouched one on {args.examples} hypothesis-drawn inputs ...")
     t0 = time.perf_counter()
     reports = verify(model, args.world_size, max_examples=args.examples, timeout=args.timeout)
-    elapsed = time.perf_counter() - t0
+    return _report(reports, time.perf_counter() - t0)
+
+
+def _report(reports: list, elapsed: float) -> int:
+    """Prints each rank's equivalence report; 0 when every output is within 1e-4, else 1."""
     ok = True
     for r in reports:
         worst = max(r["max_error"].values())
         ok &= worst <= 1e-4
+        per_output = ", ".join(f"{k} {v:.2e}" for k, v in r["max_error"].items())
         print(f"  rank {r['rank']}: {r['examples']} examples, max |tp - model| / (1 + |model|) = "
-              f"{worst:.2e} (worst input {r['worst_input']}), {r['all_reduces']} all-reduces in the "
-              f"graph, local linear params {r['param_fraction']:.3f} of full")
+              f"{worst:.2e} [{per_output}] (worst input {r['worst_input']}), {r['all_reduces']} "
+              f"all-reduces in the graph, local linear params {r['param_fraction']:.3f} of full")
     print(f"equivalence check: {'PASSED' if ok else 'FAILED'} (tolerance 1e-4, {elapsed:.1f}s)")
     return 0 if ok else 1
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    model = _load_model(args.model)
+    print(f"spawning {args.world_size} gloo ranks; each compares fxtp.transform(model) with the "
+          f"model on {args.examples} hypothesis-drawn inputs ...")
+    t0 = time.perf_counter()
+    reports = verify(model, args.world_size, max_examples=args.examples, timeout=args.timeout)
+    return _report(reports, time.perf_counter() - t0)
+
+
+def _inspect_rank(rank: int, world_size: int, spec: str, what: str, layer: Optional[str],
+                  path: Optional[str], show: int) -> Optional[str]:
+    """Runs in each spawned rank: transform, then explain/diff/draw on rank `show` only."""
+    from . import diff, draw, explain, transform
+
+    tp = transform(_load_model(spec), world_size)
+    if rank != show:
+        return None
+    if what == "draw":
+        return draw(tp, path, layer)
+    text = str(explain(tp, layer))
+    if what == "diff":
+        text += "\n\n" + diff(tp, layer)
+    return text
+
+
+def _inspect(args: argparse.Namespace, what: str, path: Optional[str] = None) -> int:
+    from .verify import run_ranks
+
+    _load_model(args.model)          # a bad name or path fails here, before any spawn
+    if not 0 <= args.rank < args.world_size:
+        raise FxtpError(f"--rank {args.rank} is not a rank of world size {args.world_size}")
+    out = run_ranks(_inspect_rank, args.world_size, args.model, what, args.layer, path,
+                    args.rank, timeout=args.timeout)[args.rank]
+    print(out if what != "draw" else f"wrote {out} (rank {args.rank} of {args.world_size})")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    return _inspect(args, "diff" if args.diff else "explain")
+
+
+def cmd_draw(args: argparse.Namespace) -> int:
+    from .draw import renderer
+
+    renderer(args.output)            # Graphviz missing for .svg/.png: say so before spawning
+    return _inspect(args, "draw", os.path.abspath(args.output))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +149,39 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--examples", type=int, default=10)
     d.add_argument("--timeout", type=float, default=600.0)
     d.set_defaults(func=cmd_demo)
+    v = sub.add_parser("verify", help="spawn N gloo ranks and check the TP model against the "
+                                      "untouched one (exit 0 equal, 1 not)")
+    _model_args(v)
+    v.add_argument("--examples", type=int, default=10)
+    v.set_defaults(func=cmd_verify)
+    e = sub.add_parser("explain", help="per layer: sliced parameters, rewritten constants, "
+                                       "collectives (spawns N gloo ranks, prints one)")
+    _model_args(e)
+    _rank_args(e)
+    e.add_argument("--diff", action="store_true", help="also show the captured vs rewritten "
+                                                       "graph of the layer as a diff")
+    e.set_defaults(func=cmd_explain)
+    g = sub.add_parser("draw", help="write one layer of a rank's rewritten graph (.dot, or "
+                                    ".svg/.png with Graphviz)")
+    _model_args(g)
+    _rank_args(g)
+    g.add_argument("-o", "--output", default="tp.dot", help="output file (default tp.dot)")
+    g.set_defaults(func=cmd_draw)
     return parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="tiny built-in model (llama, gpt2, bert, ...) or a local HF "
+                                 "directory")
+    p.add_argument("-n", "--world-size", type=_world_size, default=2)
+    p.add_argument("--timeout", type=float, default=600.0)
+
+
+def _rank_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rank", type=int, default=0, help="the rank whose graph to show")
+    p.add_argument("--layer", default=None, help="one layer (e.g. model.layers.1; draw also "
+                                                 "takes 'all'); default: every layer (explain), "
+                                                 "the first (draw, --diff)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -92,6 +92,9 @@ def _run_case(name: str, rank: int, ws: int) -> dict[str, Any]:
         "output_types": probe_out_type,
         "placements": {e.module: e.placement for e in plan.entries},
         "plan_all_reduces": dict(plan.all_reduces),
+        "explain_all_reduces": fxtp.explain(tp).all_reduces,
+        "explain_text": str(fxtp.explain(tp)),
+        "diff_adds_all_reduce": "+%all_reduce_sum" in fxtp.diff(tp),
         **_graph_facts(model, tp),
     }
 

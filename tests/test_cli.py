@@ -52,3 +52,48 @@ def test_demo_runs_two_ranks_and_passes():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "equivalence check: PASSED" in r.stdout
     assert "rank 1:" in r.stdout and "model.layers.0.self_attn.q_proj" in r.stdout
+
+
+def test_explain_with_diff_shows_collectives_and_changes():
+    r = fxtp("explain", "llama", "-n", "2", "--rank", "1", "--diff")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "rank 1 of 2" in out
+    assert out.count("2 all-reduce(s)") == 2                      # one line per layer
+    assert "model.layers.0.self_attn.q_proj.weight: [64, 64] -> [32, 64]" in out
+    assert "partial sum of row-parallel model.layers.0.mlp.down_proj" in out
+    assert "+%all_reduce_sum" in out                              # the diff of layer 0
+
+
+def test_draw_writes_a_dot_file_of_one_layer(tmp_path):
+    path = tmp_path / "tp.dot"
+    r = fxtp("draw", "gpt2", "-n", "2", "-o", str(path), "--layer", "transformer.h.1")
+    assert r.returncode == 0, r.stderr
+    text = path.read_text()
+    assert text.startswith('digraph "fxtp transformer.h.1"')
+    assert text.count('fillcolor="#f4a6a6"') == 2                 # the layer's 2 all-reduces
+    assert "transformer.h.1.attn.c_attn.weight\\n[64, 96]" in text   # local Conv1D shard
+
+
+def test_draw_svg_without_graphviz_names_the_package(tmp_path):
+    env = dict(os.environ, PATH=str(tmp_path))                    # no `dot` on the PATH
+    r = subprocess.run([sys.executable, "-m", "fxtp", "draw", "llama", "-o",
+                        str(tmp_path / "tp.svg")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 2
+    assert "graphviz" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_verify_command_exit_code_and_per_output_errors():
+    r = fxtp("verify", "bloom", "-n", "2", "--examples", "2", timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "equivalence check: PASSED" in r.stdout and "[logits " in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (("explain", "llama", "--rank", "3"), "--rank 3 is not a rank of world size 2"),
+    (("verify", "nope"), "unknown model 'nope'"),
+])
+def test_inspect_bad_input_is_one_line_and_exit_2(args, message):
+    r = fxtp(*args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr

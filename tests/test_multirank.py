@@ -53,6 +53,9 @@ def test_two_all_reduces_per_layer_after_row_linears(ws, name):
     layers = r["all_reduces_per_layer"]
     assert len(layers) == 2 and set(layers.values()) == {2}, layers
     assert r["plan_all_reduces"] == layers
+    # fxtp.explain reads the same collectives from the rewritten graph, per layer
+    assert r["explain_all_reduces"] == layers
+    assert r["explain_text"].count("2 all-reduce(s)") == 2 and r["diff_adds_all_reduce"]
     rows = {"llama": ("o_proj", "down_proj"), "llama_mqa": ("o_proj", "down_proj"), "gpt2": ("attn.c_proj", "mlp.c_proj"),
             "bert": ("attention.output.dense", "output.dense"), "tinynet": ("attn.o", "down")}[name]
     for producer in r["all_reduce_producers"]:

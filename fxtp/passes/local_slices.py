@@ -70,5 +70,6 @@ def insert_local_slices(gm: fx.GraphModule, actions: Actions, rank: int,
                 local = g.call_function(aten.flatten.using_ints, (local, dim, dim + 1))
         for p in {*parts, local, src} - {value}:
             p.meta[NARROW_META] = {"of": value.name, "shared": have is not None}
+            p.meta["nn_module_stack"] = user.meta.get("nn_module_stack", {})   # the user's layer
         set_arg(user, path, local)
     return sliced_attrs
