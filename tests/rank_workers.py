@@ -16,6 +16,7 @@ from fxtp.runtime import all_gather_dim0, all_reduce_sum
 from fxtp.verify import check_equivalence, hf_inputs, tensor_inputs
 
 HF_CASES = ("llama", "gpt2", "bert", "llama_mqa")
+FAMILY_EXAMPLES = 3   # per family and world size (19 families; bench/families.py draws more)
 EXAMPLES = 8
 
 
@@ -248,7 +249,7 @@ def _family_case(name: str, ws: int) -> dict[str, Any]:
 
     model = family_model(name)
     tp = fxtp.transform(model, ws)
-    report = check_equivalence(model, tp, hf_inputs_for(model, max_seq=16), max_examples=5)
+    report = check_equivalence(model, tp, hf_inputs_for(model, max_seq=16), max_examples=FAMILY_EXAMPLES)
     plan = tp.meta["fxtp"].plan
     return {
         "examples": report.examples,

@@ -10,7 +10,7 @@ import pytest
 from fxtp.families import FAMILIES
 from fxtp.verify import run_ranks
 
-from .rank_workers import run_families
+from .rank_workers import FAMILY_EXAMPLES, run_families
 
 TOL = 1e-4
 NAMES = tuple(FAMILIES)
@@ -34,7 +34,7 @@ def family(ws: int, name: str) -> list[dict]:
 def test_family_equivalent(ws, name):
     for rank, r in enumerate(family(ws, name)):
         worst = max(r["max_error"].values())
-        assert r["examples"] == 5
+        assert r["examples"] == FAMILY_EXAMPLES
         assert worst <= TOL, f"rank {rank}: {worst} on {r['worst_input']}"
 
 
