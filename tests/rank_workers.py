@@ -16,7 +16,7 @@ from fxtp.runtime import all_gather_dim0, all_reduce_sum
 from fxtp.verify import check_equivalence, hf_inputs, tensor_inputs
 
 HF_CASES = ("llama", "gpt2", "bert", "llama_mqa")
-FAMILY_EXAMPLES = 3   # per family and world size (19 families; bench/families.py draws more)
+FAMILY_EXAMPLES = 5   # per family and world size
 EXAMPLES = 8
 
 
