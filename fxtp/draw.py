@@ -15,7 +15,7 @@ from typing import Optional
 from torch import fx
 
 from .errors import FxtpError
-from .explain import _info, _layer, _layer_sort_key
+from .explain import _info, _layer, graph_layers
 from .passes.collectives import COLLECTIVE_META
 from .passes._util import get_tensor_attr
 from .passes.local_slices import NARROW_META
@@ -45,8 +45,7 @@ def _label(text: str) -> str:
 def to_dot(tp: fx.GraphModule, layer: Optional[str] = None) -> str:
     """Graphviz source for `layer` of `tp` (default: the first layer; "all": every node)."""
     info = _info(tp)
-    layers = sorted({_layer(module_path(n)) for n in tp.graph.nodes if n.op == "call_function"}
-                    - {OUTSIDE_LAYERS}, key=_layer_sort_key)
+    layers = graph_layers(tp)
     if layer is None:
         layer = layers[0] if layers else "all"
     if layer != "all" and layer not in layers + [OUTSIDE_LAYERS]:

@@ -19,8 +19,7 @@ from .passes.collectives import COLLECTIVE_META
 from .passes.local_slices import NARROW_META
 from .patterns.linear import module_path
 from .plan import OUTSIDE_LAYERS, _partial_producer, layer_of
-
-META_KEY = "fxtp"
+from .transform import META_KEY
 
 
 @dataclass
@@ -123,7 +122,7 @@ def explain(tp: fx.GraphModule, layer: Optional[str] = None) -> Explanation:
             src = module_path(producer) if producer is not None else module_path(n)
             why = (f"partial sum of row-parallel {src}" if meta.get("op") == "all_reduce"
                    else f"sharded output of {src}")
-            at(module_path(producer) if producer is not None else module_path(n)).collectives.append(
+            at(src).collectives.append(
                 {"op": meta.get("op", "collective"), "node": n.name, "of": of, "why": why,
                  "users": [u.name for u in n.users]})
         elif n.meta.get(NARROW_META) is not None and n.target is not None:
@@ -147,6 +146,12 @@ def _layer_sort_key(name: str):
     return (name == OUTSIDE_LAYERS, [int(p) if p.isdigit() else p for p in parts])
 
 
+def graph_layers(gm: fx.GraphModule) -> list[str]:
+    """The repeated blocks the ops of `gm` belong to, in model order."""
+    return sorted({_layer(module_path(n)) for n in gm.graph.nodes if n.op == "call_function"}
+                  - {OUTSIDE_LAYERS}, key=_layer_sort_key)
+
+
 def _layer_lines(gm: fx.GraphModule, layer: str) -> list[str]:
     return [n.format_node() or n.name for n in gm.graph.nodes
             if n.op == "call_function" and _layer(module_path(n)) == layer]
@@ -161,8 +166,7 @@ def diff(tp: fx.GraphModule, layer: Optional[str] = None) -> str:
         raise FxtpError("fxtp.diff: the plan has no captured graph to compare with")
     before = info.plan.captured.gm
     if layer is None:
-        layers = sorted({_layer(module_path(n)) for n in tp.graph.nodes} - {OUTSIDE_LAYERS},
-                        key=_layer_sort_key)
+        layers = graph_layers(tp)
         layer = layers[0] if layers else OUTSIDE_LAYERS
     old, new = _layer_lines(before, layer), _layer_lines(tp, layer)
     if not old and not new:
