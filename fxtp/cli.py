@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 import time
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 from .errors import FxtpError
 
@@ -23,7 +24,12 @@ def _load_model(spec: str):
     if os.path.isdir(spec):
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-        cfg = AutoConfig.from_pretrained(spec, local_files_only=True)
+        try:
+            cfg = AutoConfig.from_pretrained(spec, local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FxtpError(f"{spec}: not a Hugging Face config directory transformers can "
+                            f"read: {first}") from e
         has_weights = any(f.endswith((".safetensors", ".bin")) for f in os.listdir(spec))
         for cls in (AutoModelForCausalLM, AutoModel):
             try:
@@ -40,6 +46,29 @@ def _load_model(spec: str):
                     "or a local HF config/checkpoint directory")
 
 
+@contextmanager
+def _step(description: str) -> Iterator[None]:
+    """A rich progress line on stderr for a step that takes seconds (capture, spawning ranks):
+    a spinner and the elapsed time on a terminal, the finished line otherwise (logs, CI)."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(finished_text="done"), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), console=Console(stderr=True)) as progress:
+        task = progress.add_task(description, total=None)
+        try:
+            yield
+        except BaseException:
+            progress.update(task, visible=False)   # the error is the one line shown
+            raise
+        progress.update(task, total=1, completed=1)
+
+
+def _model(spec: str):
+    with _step(f"building {spec}"):
+        return _load_model(spec)
+
+
 def _world_size(value: str) -> int:
     n = int(value)
     if n < 1:
@@ -50,8 +79,9 @@ def _world_size(value: str) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from .transform import plan_model
 
-    model = _load_model(args.model)
-    plan = plan_model(model, args.world_size)
+    model = _model(args.model)
+    with _step(f"capturing and planning for {args.world_size} ranks"):
+        plan = plan_model(model, args.world_size)
     print(plan.to_json() if args.json else plan)
     return 0
 
@@ -59,16 +89,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .models import tiny_model
     from .transform import plan_model
-    from .verify import verify
 
     print(f"fxtp demo: a tiny random-weight Llama (GQA: 4 heads, 2 kv heads), "
           f"{args.world_size} gloo ranks on CPU\n")
     model = tiny_model("llama")
-    print(plan_model(model, args.world_size))
+    with _step("capturing and planning"):
+        plan = plan_model(model, args.world_size)
+    print(plan)
     print(f"spawning {args.world_size} ranks; each transforms the model and compares it with the "
           f"untouched one on {args.examples} hypothesis-drawn inputs ...")
+    return _verify(model, args)
+
+
+def _verify(model, args: argparse.Namespace) -> int:
+    from .verify import verify
+
     t0 = time.perf_counter()
-    reports = verify(model, args.world_size, max_examples=args.examples, timeout=args.timeout)
+    with _step(f"{args.world_size} gloo ranks: transform, {args.examples} examples each"):
+        reports = verify(model, args.world_size, max_examples=args.examples, timeout=args.timeout)
     return _report(reports, time.perf_counter() - t0)
 
 
@@ -87,14 +125,10 @@ def _report(reports: list, elapsed: float) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import verify
-
-    model = _load_model(args.model)
+    model = _model(args.model)
     print(f"spawning {args.world_size} gloo ranks; each compares fxtp.transform(model) with the "
           f"model on {args.examples} hypothesis-drawn inputs ...")
-    t0 = time.perf_counter()
-    reports = verify(model, args.world_size, max_examples=args.examples, timeout=args.timeout)
-    return _report(reports, time.perf_counter() - t0)
+    return _verify(model, args)
 
 
 def _inspect_rank(rank: int, world_size: int, spec: str, what: str, layer: Optional[str],
@@ -116,11 +150,16 @@ def _inspect_rank(rank: int, world_size: int, spec: str, what: str, layer: Optio
 def _inspect(args: argparse.Namespace, what: str, path: Optional[str] = None) -> int:
     from .verify import run_ranks
 
-    _load_model(args.model)          # a bad name or path fails here, before any spawn
     if not 0 <= args.rank < args.world_size:
         raise FxtpError(f"--rank {args.rank} is not a rank of world size {args.world_size}")
-    out = run_ranks(_inspect_rank, args.world_size, args.model, what, args.layer, path,
-                    args.rank, timeout=args.timeout)[args.rank]
+    _model(args.model)               # a bad name or path fails here, before any spawn
+    if args.world_size == 1:         # no collective: no process group, no spawn
+        with _step(f"transform, {what}"):
+            out = _inspect_rank(0, 1, args.model, what, args.layer, path, 0)
+    else:
+        with _step(f"{args.world_size} gloo ranks: transform, {what} rank {args.rank}"):
+            out = run_ranks(_inspect_rank, args.world_size, args.model, what, args.layer, path,
+                            args.rank, timeout=args.timeout)[args.rank]
     print(out if what != "draw" else f"wrote {out} (rank {args.rank} of {args.world_size})")
     return 0
 

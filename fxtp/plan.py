@@ -39,7 +39,17 @@ class PlanEntry:
     why: str
     collectives: str
     full_numel: int
-    local_numel: int
+    local_numel: int                      # rank 0's (the largest when shards are uneven)
+    local_numels: tuple[int, ...] = ()    # every rank's, in rank order
+    itemsize: int = 4                     # bytes per element of the parameter
+
+    def local_bytes(self, rank: int = 0) -> int:
+        numels = self.local_numels or (self.local_numel,)
+        return numels[rank] * self.itemsize
+
+    @property
+    def full_bytes(self) -> int:
+        return self.full_numel * self.itemsize
 
 
 @dataclass
@@ -55,6 +65,9 @@ class Plan:
     not_divisible: list[Reason]
     overrides: dict[str, str] = field(default_factory=dict)
     vocab_parallel: bool = False
+    # bytes of all model parameters (a tied tensor counted once): full, and held by each rank
+    full_param_bytes: int = 0
+    local_param_bytes: tuple[int, ...] = ()
     captured: Optional[Captured] = field(default=None, repr=False, compare=False)
     solution: Optional[Solution] = field(default=None, repr=False, compare=False)
 
@@ -79,6 +92,12 @@ class Plan:
             local += e.local_numel
         return local / full if full else 1.0
 
+    def memory_fraction(self, rank: int = 0) -> float:
+        """Parameter bytes `rank` holds / the whole model's (replicated parameters included)."""
+        if not self.full_param_bytes:
+            return 1.0
+        return self.local_param_bytes[rank] / self.full_param_bytes
+
     # -- overrides -------------------------------------------------------------------------
     def override(self, decisions: dict[str, str]) -> "Plan":
         """A new plan with some modules forced, e.g. {"model.layers.0.mlp": "replicate"}."""
@@ -96,34 +115,94 @@ class Plan:
         return build_plan(self.captured, self.world_size, self.model_name, merged,
                           self.vocab_parallel)
 
+    def replan(self, world_size: Optional[int] = None, *,
+               vocab_parallel: Optional[bool] = None) -> "Plan":
+        """The same captured model planned again at another world size or with another
+        vocab_parallel choice, overrides kept: no second capture (the slow step)."""
+        if self.captured is None:
+            raise PlanOverrideError("this plan was loaded without its captured graph; rebuild it "
+                                    "with fxtp.plan(model, world_size)")
+        ws = self.world_size if world_size is None else world_size
+        if ws < 1:
+            raise PlanOverrideError(f"world_size must be >= 1, got {ws}")
+        vp = self.vocab_parallel if vocab_parallel is None else vocab_parallel
+        return build_plan(self.captured, ws, self.model_name, self.overrides, vp)
+
     # -- output ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model_name,
             "world_size": self.world_size,
-            "entries": [e.__dict__ for e in self.entries],
+            "entries": [{**e.__dict__, "local_numels": list(e.local_numels)} for e in self.entries],
             "all_reduces_per_layer": dict(self.all_reduces),
             "all_reduce_sites": [list(s) for s in self.all_reduce_sites],
             "replicated": dict(self.replicated),
-            "not_divisible": [str(r) for r in self.not_divisible],
+            "not_divisible": [r.__dict__ for r in self.not_divisible],
             "overrides": dict(self.overrides),
             "vocab_parallel": self.vocab_parallel,
             "param_fraction_layers": self.param_fraction(),
+            "full_param_bytes": self.full_param_bytes,
+            "local_param_bytes": list(self.local_param_bytes),
         }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        """A plan saved with `to_dict`. It has no captured graph: `fxtp.transform(model, ws,
+        plan=loaded)` re-derives the plan from the model with the saved overrides and checks
+        that every decision matches (to change one, edit `overrides`, not the entries)."""
+        try:
+            entries = [PlanEntry(**{**e, "local_numels": tuple(e.get("local_numels", ()))})
+                       for e in data["entries"]]
+            return cls(model_name=data["model"], world_size=int(data["world_size"]),
+                       entries=entries, all_reduces=dict(data["all_reduces_per_layer"]),
+                       all_reduce_sites=[tuple(s) for s in data["all_reduce_sites"]],
+                       replicated=dict(data["replicated"]),
+                       not_divisible=[Reason(**r) for r in data["not_divisible"]],
+                       overrides=dict(data.get("overrides", {})),
+                       vocab_parallel=bool(data.get("vocab_parallel", False)),
+                       full_param_bytes=int(data.get("full_param_bytes", 0)),
+                       local_param_bytes=tuple(data.get("local_param_bytes", ())))
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlanOverrideError(f"not an fxtp plan ({type(e).__name__}: {e}); save one with "
+                                    "plan.to_json()") from e
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanOverrideError(f"the plan is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+    def mismatches(self, other: "Plan") -> list[str]:
+        """Decisions that differ between two plans of one model, one line each."""
+        out = []
+        if (self.world_size, self.vocab_parallel) != (other.world_size, other.vocab_parallel):
+            out.append(f"world_size/vocab_parallel {self.world_size}/{self.vocab_parallel} vs "
+                       f"{other.world_size}/{other.vocab_parallel}")
+        mine = {e.parameter: (e.placement, e.shard) for e in self.entries}
+        theirs = {e.parameter: (e.placement, e.shard) for e in other.entries}
+        for name in sorted(set(mine) | set(theirs)):
+            if mine.get(name) != theirs.get(name):
+                out.append(f"{name}: {mine.get(name, 'absent')} vs {theirs.get(name, 'absent')}")
+        if self.all_reduces != other.all_reduces:
+            out.append(f"all-reduces per layer: {self.all_reduces} vs {other.all_reduces}")
+        return out
 
     def table(self):
         from rich.table import Table
 
         t = Table(title=f"fxtp plan: {self.model_name}, world_size={self.world_size}",
                   show_lines=False)
-        for col in ("module", "parameter", "placement", "why", "collectives"):
-            t.add_column(col, overflow="fold")
+        t.add_column("module", no_wrap=True)      # names stay whole and searchable
+        for col in ("parameter", "placement", "why", "collectives", "bytes/rank"):
+            t.add_column(col, overflow="fold", ratio=3 if col == "why" else 1)
         for e in self.entries:
             t.add_row(e.module, e.parameter.rsplit(".", 1)[-1] + f" {e.shard}", e.placement, e.why,
-                      e.collectives)
+                      e.collectives, _entry_bytes(e))
         return t
 
     def summary_lines(self) -> list[str]:
@@ -136,6 +215,13 @@ class Plan:
             lines.append("all-reduces: none")
         lines.append(f"local parameters of the layers' linears: {self.param_fraction():.3f} of full "
                      f"(1/{self.world_size} = {1 / self.world_size:.3f})")
+        if self.local_param_bytes:
+            per_rank = sorted(set(self.local_param_bytes))
+            held = (_human(per_rank[0]) if len(per_rank) == 1 else
+                    ", ".join(f"rank {r} {_human(b)}" for r, b in enumerate(self.local_param_bytes)))
+            lines.append(f"parameter bytes per rank (every parameter, replicated ones included): "
+                         f"{held} of {_human(self.full_param_bytes)} "
+                         f"({self.memory_fraction():.3f})")
         for module, why in self.replicated.items():
             lines.append(f"replicated: {module}: {why}")
         return lines
@@ -143,7 +229,7 @@ class Plan:
     def __str__(self) -> str:
         from rich.console import Console
 
-        console = Console(width=140, record=True, file=_Null(), color_system=None)
+        console = Console(width=160, record=True, file=_Null(), color_system=None)
         console.print(self.table())
         for line in self.summary_lines():
             console.print(line, markup=False, highlight=False)
@@ -151,6 +237,23 @@ class Plan:
 
     def __rich__(self):
         return self.table()
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+def _entry_bytes(e: PlanEntry) -> str:
+    numels = e.local_numels or (e.local_numel,)
+    if len(set(numels)) > 1:
+        local = "/".join(_human(n * e.itemsize) for n in numels)
+    else:
+        local = _human(e.local_bytes())
+    return f"{local} of {_human(e.full_bytes)}"
 
 
 class _Null:
@@ -280,8 +383,8 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
         numel = int(w.meta["val"].numel())
         entries.append(PlanEntry(owner, w.target, "vocab", f"Shard(0): {spec.describe()}",
                                  "vocab-parallel lookup: ids outside this rank's rows are masked",
-                                 "all_reduce(sum) of the lookup" if ws > 1 else "none", numel,
-                                 numel * spec.local_size // spec.size))
+                                 "all_reduce(sum) of the lookup" if ws > 1 else "none",
+                                 *_sizes(captured.gm, w.target, numel, spec, ws)))
     for name, reason in sol.embedding_reasons.items():
         replicated[reason.module] = str(reason)
     for name, m in linears.items():
@@ -296,13 +399,13 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
                 why = "column-parallel output projection (vocab_parallel): its output is a model output"
                 collective = "all_gather of the output" if ws > 1 else "none"
             entries.append(PlanEntry(m.module, m.weight, "column", f"Shard({m.out_dim}): {spec.describe()}",
-                                     why, collective, numel, numel * spec.local_size // spec.size))
+                                     why, collective, *_sizes(captured.gm, m.weight, numel, spec, ws)))
         elif name in act.rows:
             spec = act.rows[name]
             ar = "all_reduce(sum) of the output" if ws > 1 else "none (world_size=1)"
             why = f"row-parallel: its input is sharded by {', '.join(sources_of_row.get(name, []))}"
             entries.append(PlanEntry(m.module, m.weight, "row", f"Shard({m.in_dim}): {spec.describe()}",
-                                     why, ar, numel, numel * spec.local_size // spec.size))
+                                     why, ar, *_sizes(captured.gm, m.weight, numel, spec, ws)))
         else:
             reason = sol.replicated.get(name)
             text = str(reason) if reason else "not between a replicated input and a row-parallel linear"
@@ -313,10 +416,51 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
                     not_div.append(reason)
             replicated[m.module] = text
             entries.append(PlanEntry(m.module, m.weight, "replicate", "Replicate()", text, "none",
-                                     numel, numel))
+                                     *_sizes(captured.gm, m.weight, numel, None, ws)))
     if ws == 1:
         per_layer = {}
         sites = []
+    full_bytes, local_bytes = _param_bytes(captured.gm, entries, act, ws)
     return Plan(model_name=model_name, world_size=ws, entries=entries, all_reduces=per_layer,
                 all_reduce_sites=sites, replicated=replicated, not_divisible=not_div,
-                overrides=overrides, captured=captured, solution=sol)
+                overrides=overrides, full_param_bytes=full_bytes, local_param_bytes=local_bytes,
+                captured=captured, solution=sol)
+
+
+def _sizes(gm: fx.GraphModule, weight: str, numel: int, spec, ws: int) -> tuple:
+    """(full numel, rank 0's numel, every rank's numel, itemsize) of a parameter split by
+    `spec` (None: replicated)."""
+    from .passes._util import get_tensor_attr
+
+    itemsize = get_tensor_attr(gm, weight).element_size()
+    numels = (tuple(numel * spec.local_size_of(r) // spec.size for r in range(ws)) if spec
+              else (numel,) * ws)
+    return numel, numels[0], numels, itemsize
+
+
+def _param_bytes(gm: fx.GraphModule, entries: list[PlanEntry], act, ws: int
+                 ) -> tuple[int, tuple]:
+    """Bytes of every parameter (a tied tensor once) and what each rank keeps of them: the
+    split weights of the entries, and the parameters sliced where they meet a sharded value
+    (column-parallel biases, per-head constants: `passes/local_slices` slices those in place)."""
+    from .passes._util import get_arg, nodes_by_name
+    from .patterns.linear import tensor_key
+
+    split = {tensor_key(gm, e.parameter): e.local_numels or (e.local_numel,) for e in entries
+             if e.placement != "replicate"}
+    nodes = nodes_by_name(gm)
+    for user, path, dim, have, want in act.narrows:
+        value = get_arg(nodes[user], path)
+        if value.op == "get_attr" and len(value.users) == 1 and have is None and not want.outer:
+            t = value.meta.get("val")
+            if t is not None and dim < t.dim():
+                per_row = t.numel() // t.shape[dim]
+                split.setdefault(tensor_key(gm, value.target),
+                                 tuple(per_row * want.local_size_of(r) for r in range(ws)))
+    full, local = 0, [0] * ws
+    for _, p in gm.named_parameters():
+        full += p.numel() * p.element_size()
+        numels = split.get(id(p))
+        for r in range(ws):
+            local[r] += (numels[r] if numels else p.numel()) * p.element_size()
+    return full, tuple(local)

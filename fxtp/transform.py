@@ -81,8 +81,7 @@ def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
         raise PlanOverrideError(f"the plan was made for world_size={plan.world_size}, not "
                                 f"{world_size}: rebuild it with fxtp.plan(model, {world_size})")
     if plan.captured is None:
-        raise PlanOverrideError("the plan has no captured graph (loaded from JSON?); build it "
-                                "with fxtp.plan(model, world_size)")
+        plan = _rederive(model, plan, example_inputs)
     if plan.not_divisible:
         r = plan.not_divisible[0]
         raise NotDivisibleError(
@@ -93,6 +92,22 @@ def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
     _install_input_defaults(gm, plan.captured)
     _guard_training(gm)
     return gm
+
+
+def _rederive(model: nn.Module, saved: Plan, example_inputs: Any) -> Plan:
+    """A plan loaded from JSON has decisions but no graph: plan the model again with the saved
+    overrides and insist that every decision is the same (another model, another fxtp version
+    or a hand-edited entry would otherwise be applied silently)."""
+    fresh = plan_model(model, saved.world_size, example_inputs=example_inputs,
+                       overrides=saved.overrides, vocab_parallel=saved.vocab_parallel)
+    diffs = saved.mismatches(fresh)
+    if diffs:
+        shown = "; ".join(diffs[:5]) + (f"; ... {len(diffs) - 5} more" if len(diffs) > 5 else "")
+        raise PlanOverrideError(
+            f"the loaded plan does not match {_model_name(model)} (saved vs derived): {shown}. "
+            "A saved plan is re-derived from the model with its 'overrides'; change decisions "
+            "there (module -> 'replicate'/'shard'), or save a new plan from fxtp.plan(model, ws).")
+    return fresh
 
 
 def dropout_nodes(gm: fx.GraphModule) -> list[fx.Node]:

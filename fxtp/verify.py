@@ -43,6 +43,8 @@ def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple,
                                 world_size=world_size)
         result = fn(rank, world_size, *args)
         out.put((rank, True, result))
+    except FxtpError as e:  # a deliberate error: the parent re-raises it as it is
+        out.put((rank, False, (type(e), str(e), traceback.format_exc())))
     except BaseException:  # report everything, the parent decides
         out.put((rank, False, traceback.format_exc()))
     finally:
@@ -61,6 +63,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 600.0)
         p.start()
     results: dict[int, Any] = {}
     errors: list[str] = []
+    deliberate: Optional[FxtpError] = None
     import time
 
     deadline = time.monotonic() + timeout
@@ -82,6 +85,11 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 600.0)
                 continue
             if ok:
                 results[rank] = value
+            elif isinstance(value, tuple):   # an FxtpError: raised again below, as it is
+                kind, message, _ = value
+                deliberate = kind(f"rank {rank}: {message}")
+                errors.append(message)
+                break
             else:
                 errors.append(f"rank {rank}:\n{value}")
                 break
@@ -91,6 +99,8 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 600.0)
             if p.is_alive():
                 p.kill()
                 p.join()
+    if deliberate is not None:
+        raise deliberate
     if errors:
         raise RankFailure("a rank failed:\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]

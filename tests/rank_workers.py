@@ -43,7 +43,12 @@ def _graph_facts(model, tp) -> dict[str, Any]:
     local = dict(tp.named_parameters(remove_duplicate=False))
     layer_full = sum(p.numel() for k, p in full.items() if layer_of(k))
     layer_local = sum(local[k].numel() for k in full if layer_of(k) and k in local)
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    held = sum(p.numel() * p.element_size() for p in tp.parameters())   # a tied tensor once
     return {
+        "param_bytes": (held, tp.meta["fxtp"].plan.local_param_bytes[rank]),
         "all_reduces": len(ars),
         "all_reduces_per_layer": per_layer,
         "all_reduce_producers": producers,
@@ -62,14 +67,28 @@ def _fingerprint(tp, inputs) -> list[float]:
     return [float(t.double().sum()) for _, t in flatten_tensors(out)]
 
 
-def _run_case(name: str, rank: int, ws: int) -> dict[str, Any]:
+_PLANNED: dict[tuple, tuple] = {}
+
+
+def planned(name: str, ws: int) -> tuple[Any, "fxtp.Plan"]:
+    """A tiny HF model and its plan, captured once per rank process: the cases that transform
+    the same model share the capture (the slow step; transform copies the captured graph, and
+    `replan`/`override` derive other plans from it)."""
     from fxtp.models import tiny_model
 
+    if name not in _PLANNED:
+        model = tiny_model("llama", num_key_value_heads=1) if name == "llama_mqa" else tiny_model(name)
+        _PLANNED[name] = (model, fxtp.plan(model, ws))
+    model, plan = _PLANNED[name]
+    return model, plan if plan.world_size == ws else plan.replan(ws)
+
+
+def _run_case(name: str, rank: int, ws: int) -> dict[str, Any]:
     from .modules import tiny_net
 
     if name in HF_CASES:
-        model = tiny_model("llama", num_key_value_heads=1) if name == "llama_mqa" else tiny_model(name)
-        tp = fxtp.transform(model, ws)
+        model, plan = planned(name, ws)
+        tp = fxtp.transform(model, ws, plan=plan)
         strategy = hf_inputs(model.config.vocab_size)
         probe = {"input_ids": torch.arange(12).view(2, 6) % model.config.vocab_size}
     elif name == "tinynet":
@@ -96,8 +115,22 @@ def _run_case(name: str, rank: int, ws: int) -> dict[str, Any]:
         "explain_all_reduces": fxtp.explain(tp).all_reduces,
         "explain_text": str(fxtp.explain(tp)),
         "diff_adds_all_reduce": "+%all_reduce_sum" in fxtp.diff(tp),
+        "dot": _drawing(tp, name),
         **_graph_facts(model, tp),
     }
+
+
+def _drawing(tp, name: str) -> str:
+    """fxtp.draw's .dot text of GPT-2's second layer on this rank (needs no Graphviz)."""
+    import os
+    import tempfile
+
+    if name != "gpt2":
+        return ""
+    with tempfile.TemporaryDirectory() as d:
+        path = fxtp.draw(tp, os.path.join(d, "tp.dot"), "transformer.h.1")
+        with open(path) as f:
+            return f.read()
 
 
 def _uneven_case(ws: int) -> dict[str, Any]:
@@ -151,10 +184,8 @@ def _not_divisible_case(ws: int) -> dict[str, Any]:
 
 def _override_case(ws: int) -> dict[str, Any]:
     """A user keeps one MLP replicated: one all-reduce fewer in that layer, same outputs."""
-    from fxtp.models import tiny_model
-
-    model = tiny_model("llama")
-    plan = fxtp.plan(model, ws).override({"model.layers.0.mlp": "replicate"})
+    model, plan = planned("llama", ws)
+    plan = plan.override({"model.layers.0.mlp": "replicate"})
     tp = fxtp.transform(model, ws, plan=plan)
     rep = check_equivalence(model, tp, hf_inputs(model.config.vocab_size), max_examples=4)
     return {"max_error": rep.worst, **_graph_facts(model, tp),
@@ -165,10 +196,13 @@ def _vocab_case(name: str, ws: int) -> dict[str, Any]:
     """vocab_parallel=True: embedding rows split (masked lookup), lm_head column-parallel with
     its logits all-gathered; tied tables stay tied."""
     from fxtp.families import family_model
-    from fxtp.models import tiny_model
 
-    model = family_model("llama_tied") if name == "llama_tied" else tiny_model(name)
-    tp = fxtp.transform(model, ws, vocab_parallel=True)
+    if name == "llama_tied":
+        model = family_model("llama_tied")
+        tp = fxtp.transform(model, ws, vocab_parallel=True)
+    else:
+        model, plan = planned(name, ws)
+        tp = fxtp.transform(model, ws, plan=plan.replan(vocab_parallel=True))
     rep = check_equivalence(model, tp, hf_inputs(model.config.vocab_size), max_examples=5)
     plan = tp.meta["fxtp"].plan
     gathers = [n for n in tp.graph.nodes if n.op == "call_function" and n.target is all_gather_dim0]
@@ -195,28 +229,11 @@ def _structures_case(ws: int) -> dict[str, Any]:
 
 def _compile_case(name: str, ws: int) -> dict[str, Any]:
     """torch.compile(fullgraph=True) on the TP graph: one graph for every batch/sequence size
-    (a counting backend records each compilation), same outputs as the untouched model."""
-    from fxtp.models import tiny_model
+    (a counting backend records each compilation), same outputs as the eager TP graph."""
+    from .compile_workers import compile_counts, forward_calls, hf_ids
 
-    model = tiny_model(name)
-    tp = fxtp.transform(model, ws)
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(len(gm.graph.nodes))
-        return gm.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(tp, fullgraph=True, dynamic=True, backend=counting_backend)
-    errors, counts = [], []
-    # sizes >= 2: dynamo specialises size-1 dims by design (0/1 specialisation)
-    for b, s in ((2, 7), (3, 5), (4, 11)):
-        ids = (torch.arange(b * s).view(b, s) * 7) % model.config.vocab_size
-        with torch.no_grad():
-            errors.append(float((compiled(input_ids=ids).logits - model(input_ids=ids).logits)
-                                .abs().max()))
-        counts.append(len(graphs))
-    return {"compilations": counts, "max_error": max(errors)}
+    model, plan = planned(name, ws)
+    return compile_counts(fxtp.transform(model, ws, plan=plan), forward_calls(hf_ids(model)))
 
 
 def run_all(rank: int, world_size: int) -> dict[str, Any]:
@@ -243,15 +260,19 @@ def run_all(rank: int, world_size: int) -> dict[str, Any]:
     return results
 
 
-def _family_case(name: str, ws: int) -> dict[str, Any]:
+def _family_case(name: str, ws: int, compile_check: bool) -> dict[str, Any]:
     from fxtp.families import family_model
     from fxtp.verify import hf_inputs_for
+
+    from .compile_workers import compile_counts, forward_calls, hf_ids
 
     model = family_model(name)
     tp = fxtp.transform(model, ws)
     report = check_equivalence(model, tp, hf_inputs_for(model, max_seq=16), max_examples=FAMILY_EXAMPLES)
     plan = tp.meta["fxtp"].plan
+    compiled = compile_counts(tp, forward_calls(hf_ids(model))) if compile_check else {}
     return {
+        **compiled,
         "examples": report.examples,
         "max_error": report.max_error,
         "worst_input": report.worst_input,
@@ -266,12 +287,19 @@ def _family_case(name: str, ws: int) -> dict[str, Any]:
     }
 
 
-def run_families(rank: int, world_size: int, names: tuple) -> dict[str, Any]:
-    """Every family case at this world size (one spawn); exceptions returned as text."""
+def run_families(rank: int, world_size: int, names: tuple, compile_check: bool = False
+                 ) -> dict[str, Any]:
+    """Every family case at this world size (one spawn); exceptions returned as text.
+    `compile_check`: also run each TP graph under torch.compile(fullgraph=True)."""
     results: dict[str, Any] = {}
     for name in names:
         try:
-            results[name] = _family_case(name, world_size)
+            results[name] = _family_case(name, world_size, compile_check)
         except Exception:
             results[name] = {"exception": traceback.format_exc()}
     return results
+
+
+def raise_deliberately(rank: int, world_size: int) -> None:
+    """A rank that raises an fxtp error, as transform does for a model it cannot shard."""
+    raise fxtp.NotDivisibleError(f"proj: 3 heads on {world_size} ranks (test)")

@@ -152,3 +152,12 @@ def test_fold_lora_without_adapters_names_the_model(llama):
         fxtp.fold_lora(tp)
     with pytest.raises(fxtp.LoraStateError, match="not folded"):
         fxtp.unfold_lora(tp)
+
+
+def test_an_fxtp_error_in_a_rank_is_raised_again_as_itself():
+    from fxtp.verify import run_ranks
+
+    from .rank_workers import raise_deliberately
+
+    with pytest.raises(fxtp.NotDivisibleError, match=r"^rank 0: proj: 3 heads on 1 ranks"):
+        run_ranks(raise_deliberately, 1, timeout=120)

@@ -70,6 +70,19 @@ def test_local_parameters_and_names(ws, name):
     frac = r["layer_param_fraction"]
     # norms stay replicated and GQA kv heads may be replicated, so a little above 1/N
     assert 1 / ws <= frac <= 1 / ws + 0.2 if ws > 1 else frac == 1.0, frac
+    for rank_facts in case(ws, name):     # the plan's bytes per rank are what the rank holds
+        held, planned = rank_facts["param_bytes"]
+        assert held == planned
+
+
+@pytest.mark.parametrize("ws", (2, 4))
+def test_drawing_highlights_local_shards_and_all_reduces(ws):
+    for rank, r in enumerate(case(ws, "gpt2")):
+        text = r["dot"]
+        assert text.startswith('digraph "fxtp transformer.h.1"')
+        assert text.count('fillcolor="#f4a6a6"') == 2                 # the layer's 2 all-reduces
+        # the local Conv1D shard of c_attn: [64, 3 * 64 / ws]
+        assert f"transformer.h.1.attn.c_attn.weight\\n[64, {192 // ws}]" in text, rank
 
 
 @pytest.mark.parametrize("ws", WORLD_SIZES)
@@ -198,4 +211,4 @@ def test_torch_compile_fullgraph_one_graph_for_all_shapes(ws, name):
         # two frames are compiled once each, the input-defaults hook and the graph (fullgraph:
         # no break inside either); new batch and sequence sizes recompile nothing
         assert r["compilations"] == [2, 2, 2]
-        assert r["max_error"] <= TOL
+        assert r["compile_error"] <= TOL

@@ -110,3 +110,71 @@ def test_vocab_parallel_table_override():
     kept = plan.override({"model.embed_tokens": "replicate"})
     assert "model.embed_tokens.weight" not in {e.parameter for e in kept.entries if e.placement == "vocab"}
     assert "(outside the layers)" not in kept.all_reduces
+
+
+def test_plan_bytes_per_rank_count_every_parameter_once():
+    model = tiny_model("llama")
+    plan = fxtp.plan(model, 4)
+    full = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert plan.full_param_bytes == full
+    linears = {e.parameter: e for e in plan.entries}
+    q = linears["model.layers.0.self_attn.q_proj.weight"]
+    assert q.full_bytes == 64 * 64 * 4 and q.local_bytes(3) == q.full_bytes // 4
+    # what rank r holds: the full model minus the part of each split parameter it does not hold
+    for r in range(4):
+        dropped = sum(e.full_bytes - e.local_bytes(r) for e in plan.entries)
+        assert plan.local_param_bytes[r] == full - dropped
+    assert 0.25 < plan.memory_fraction() < 1
+    text = str(plan)
+    assert "parameter bytes per rank" in text and "bytes/rank" in text
+
+
+def test_uneven_plan_reports_each_ranks_bytes():
+    from fxtp.families import family_model
+
+    plan = fxtp.plan(family_model("llama_uneven"), 4)     # 6 q heads: 2+2+1+1 per rank
+    q = {e.parameter: e for e in plan.entries}["model.layers.0.self_attn.q_proj.weight"]
+    assert q.local_numels[0] == 2 * q.local_numels[3]
+    assert plan.local_param_bytes[0] > plan.local_param_bytes[3]
+    assert "rank 3" in str(plan)
+
+
+def test_plan_from_json_is_equal_and_transforms_the_model(llama_plan):
+    loaded = fxtp.Plan.from_json(llama_plan.to_json())
+    assert loaded == llama_plan and loaded.captured is None
+    assert loaded.mismatches(llama_plan) == []
+    overridden = llama_plan.override({"model.layers.1.mlp": "replicate"})
+    again = fxtp.Plan.from_json(overridden.to_json())
+    assert again.overrides == {"model.layers.1.mlp": "replicate"} and again == overridden
+    # world_size 1 needs no process group: a loaded plan is re-derived from the model
+    plan1 = fxtp.plan(tiny_model("llama"), 1)
+    tp = fxtp.transform(tiny_model("llama"), 1, plan=fxtp.Plan.from_json(plan1.to_json()))
+    assert tp.meta["fxtp"].plan == plan1
+
+
+def test_loaded_plan_that_does_not_match_the_model_is_refused():
+    plan1 = fxtp.plan(tiny_model("llama"), 1)
+    data = json.loads(plan1.to_json())
+    data["entries"][0]["placement"] = "replicate"               # a hand-edited decision
+    with pytest.raises(fxtp.PlanOverrideError, match="does not match.*q_proj.weight.*overrides"):
+        fxtp.transform(tiny_model("llama"), 1, plan=fxtp.Plan.from_dict(data))
+    with pytest.raises(fxtp.PlanOverrideError, match="does not match"):
+        fxtp.transform(tiny_model("gpt2"), 1, plan=fxtp.Plan.from_json(plan1.to_json()))
+
+
+def test_a_file_that_is_not_a_plan_is_a_named_error():
+    with pytest.raises(fxtp.PlanOverrideError, match="not valid JSON"):
+        fxtp.Plan.from_json("{not json")
+    with pytest.raises(fxtp.PlanOverrideError, match="not an fxtp plan"):
+        fxtp.Plan.from_json('{"model": "x"}')
+
+
+def test_replan_reuses_the_capture(llama_plan):
+    at4 = llama_plan.replan(4)
+    assert at4.world_size == 4 and at4.captured is llama_plan.captured
+    assert at4.mismatches(fxtp.plan(tiny_model("llama"), 4)) == []
+    vocab = llama_plan.override({"model.layers.0.mlp": "replicate"}).replan(vocab_parallel=True)
+    assert vocab.vocab_parallel and vocab.overrides == {"model.layers.0.mlp": "replicate"}
+    assert {e.parameter: e.placement for e in vocab.entries}["lm_head.weight"] == "column"
+    with pytest.raises(fxtp.PlanOverrideError, match="world_size must be >= 1"):
+        llama_plan.replan(0)

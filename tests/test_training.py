@@ -104,3 +104,21 @@ def test_fold_and_unfold_lora_on_the_sharded_graph(ws, name):
         # fold twice, train while folded, unfold when unfolded: named errors
         assert r["state_errors"] == ["LoraStateError"] * 3
         assert r["training_after"]
+
+
+@pytest.mark.parametrize("name", ("llama", "gpt2"))
+def test_training_graph_under_torch_compile(name):
+    """torch.compile(fullgraph=True) with AOT autograd (the backward graph traced as well):
+    one compilation serves every batch/sequence size, loss and gradients equal eager TP's."""
+    for r in case(2, f"train_grad_{name}"):
+        # two frames: the input-defaults hook and the graph; no graph break (fullgraph)
+        assert r["compilations"] == [2, 2, 2]
+        assert r["compile_error"] <= GRAD_TOL
+
+
+@pytest.mark.parametrize("name", ("llama", "gpt2"))
+def test_lora_unfolded_and_folded_graphs_under_torch_compile(name):
+    for r in case(2, f"lora_{name}"):
+        for state in ("compile_unfolded", "compile_folded"):
+            assert r[state]["compilations"] == [2, 2, 2], state
+            assert r[state]["compile_error"] <= GRAD_TOL, state

@@ -43,7 +43,14 @@ def grad_case(name: str, ws: int, vocab_parallel: bool = False, family: bool = F
     rep = check_gradients(model, tp, hf_inputs(model.config.vocab_size, max_batch=2, max_seq=12),
                           max_examples=4)
     info = tp.meta["fxtp"]
-    return {"max_error": rep.max_error, "loss_error": rep.loss_error, "worst": rep.worst_param,
+    compiled = {}
+    if ws == 2 and not family and not vocab_parallel:
+        # the training graph under torch.compile: AOT autograd traces the backward too
+        from .compile_workers import backward_calls, compile_counts
+
+        compiled = compile_counts(tp, backward_calls(model.config.vocab_size), backend="aot_eager")
+    return {**compiled,
+            "max_error": rep.max_error, "loss_error": rep.loss_error, "worst": rep.worst_param,
             "examples": rep.examples, "compared": rep.compared, "missing": rep.missing,
             "min_grad_norm": rep.min_grad_norm,
             "params": len(dict(tp.named_parameters(remove_duplicate=False))),
@@ -87,7 +94,7 @@ def lora_case(name: str, ws: int) -> dict[str, Any]:
                           max_examples=3)
     trainable = [n for n, p in tp.named_parameters() if p.requires_grad]
     facts = _graph_facts(model, tp)
-    fold = _fold_round_trip(model, tp)
+    fold = _fold_round_trip(model, tp, compile_check=ws == 2)
     return {"max_error": eq.worst, "grad_error": rep.max_error, "compared": rep.compared,
             "missing": rep.missing, "trainable": len(trainable), "worst": rep.worst_param,
             "all_reduces_per_layer": facts["all_reduces_per_layer"],
@@ -95,11 +102,16 @@ def lora_case(name: str, ws: int) -> dict[str, Any]:
             "local_shapes": facts["local_shapes"], **fold}
 
 
-def _fold_round_trip(model, tp) -> dict[str, Any]:
+def _fold_round_trip(model, tp, compile_check: bool = False) -> dict[str, Any]:
     """for_generation folds (outputs equal, no adapter linear left, all-reduces unchanged),
-    for_training unfolds (outputs equal, weights restored bit for bit)."""
+    for_training unfolds (outputs equal, weights restored bit for bit). `compile_check`: the
+    unfolded and the folded graph under torch.compile(fullgraph=True) as well."""
     from fxtp.verify import check_equivalence
     from fxtp.runtime import all_reduce_sum
+
+    from .compile_workers import compile_counts, forward_calls, hf_ids
+
+    compiled: dict[str, Any] = {}
 
     linears = tp.meta["fxtp"].plan.solution.linears
     adapters = {linears[n].weight for n in linears if "lora_" in linears[n].weight}  # test only
@@ -111,9 +123,14 @@ def _fold_round_trip(model, tp) -> dict[str, Any]:
 
     before = {k: v.detach().clone() for k, v in tp.named_parameters()}
     ar0, lora0 = facts()
+    if compile_check:
+        tp.eval()
+        compiled["compile_unfolded"] = compile_counts(tp, forward_calls(hf_ids(model)))
     fxtp.for_generation(tp)
     strategy = hf_inputs(model.config.vocab_size, max_batch=2, max_seq=12)
     folded = check_equivalence(model, tp, strategy, max_examples=3).worst
+    if compile_check:
+        compiled["compile_folded"] = compile_counts(tp, forward_calls(hf_ids(model)))
     ar1, lora1 = facts()
     errors = []
     for call in (fxtp.fold_lora, lambda t: tp.train()):
@@ -132,7 +149,7 @@ def _fold_round_trip(model, tp) -> dict[str, Any]:
         errors.append(type(e).__name__)
     return {"folded_error": folded, "unfolded_error": unfolded, "round_trip": round_trip,
             "all_reduces_unfolded_folded": (ar0, ar1), "adapter_weights_used": (lora0, lora1),
-            "state_errors": errors, "training_after": tp.training}
+            "state_errors": errors, "training_after": tp.training, **compiled}
 
 
 def _step_error(model, tp) -> float:
