@@ -89,17 +89,17 @@ def _generation_model(model: nn.Module) -> nn.Module:
     base model); raises GenerationError for models that cannot generate."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = type(model).__name__
-    if not is_hf_model(model) or not hasattr(hf, "_get_logits_processor"):
-        raise GenerationError(f"fxtp.generator: {name} is not a Hugging Face model with "
-                              "generate(); pass a causal LM (AutoModelForCausalLM)")
+    if not is_hf_model(model):
+        raise GenerationError(f"fxtp.generator: {name} is not a Hugging Face model; pass a "
+                              "causal LM (AutoModelForCausalLM)")
     cfg = hf.config
     if getattr(cfg, "is_encoder_decoder", False):
         raise GenerationError(f"fxtp.generator: {name} is an encoder-decoder model; only "
                               "decoder-only causal LMs are supported")
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
-    if head is None:
-        raise GenerationError(f"fxtp.generator: {name} has no generation head (no output "
-                              "embeddings / lm_head); load it with AutoModelForCausalLM")
+    if head is None or not hasattr(hf, "_get_logits_processor"):
+        raise GenerationError(f"fxtp.generator: {name} has no generation head (no lm_head, "
+                              "not a GenerationMixin); load it with AutoModelForCausalLM")
     return hf
 
 
