@@ -3,20 +3,23 @@
     tp = fxtp.transform(model, world_size)     # inside an initialised process group
     print(fxtp.plan(model, world_size))        # the decisions, no process group needed
 """
-from .errors import (CaptureError, DropoutError, FxtpError, InputError, LoraStateError,
-                     NoLoraError, NotDivisibleError, PlanOverrideError, ProcessGroupError,
+from .errors import (CacheOverflowError, CaptureError, DropoutError, FxtpError, GenerationError,
+                     InputError, LoraStateError, NoLoraError, NotDivisibleError,
+                     PlanOverrideError, ProcessGroupError, PromptMismatchError,
                      WorldSizeMismatchError)
 from .plan import Plan, PlanEntry
 from .transform import META_KEY, TPInfo, plan_model as plan, transform
 from .hybrid import fold_lora, for_generation, for_training, unfold_lora
 from .explain import Explanation, diff, explain
 from .draw import draw
+from .generate import Generator, generator
 from .verify import verify  # noqa: E402  (the function; the module stays importable)
 
 __all__ = [
-    "transform", "plan", "verify", "explain", "diff", "draw", "Explanation", "for_training", "for_generation", "fold_lora",
+    "transform", "plan", "verify", "generator", "Generator", "explain", "diff", "draw", "Explanation", "for_training", "for_generation", "fold_lora",
     "unfold_lora", "Plan", "PlanEntry", "TPInfo", "META_KEY",
     "FxtpError", "CaptureError", "DropoutError", "NoLoraError", "LoraStateError", "InputError", "NotDivisibleError", "PlanOverrideError",
-    "ProcessGroupError", "WorldSizeMismatchError",
+    "ProcessGroupError", "WorldSizeMismatchError", "GenerationError", "CacheOverflowError",
+    "PromptMismatchError",
 ]
 __version__ = "0.1.0"

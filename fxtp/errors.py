@@ -43,3 +43,15 @@ class NoLoraError(FxtpError):
 
 class LoraStateError(FxtpError):
     """fold_lora on a folded graph, unfold_lora on an unfolded one, or training while folded."""
+
+
+class GenerationError(FxtpError):
+    """Tensor-parallel generation was asked of a model or with arguments it cannot serve."""
+
+
+class CacheOverflowError(GenerationError):
+    """Generation would write past the end of the static KV cache (`max_len`)."""
+
+
+class PromptMismatchError(GenerationError):
+    """The ranks were given different prompts or generation arguments."""

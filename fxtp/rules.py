@@ -154,6 +154,8 @@ class ShardingRules:
             out = _shape(n)
             return self._align(n, [(0,), (1,), (2,)], out, forbid=[len(out) - 2, len(out) - 1],
                                allow_rank_diff=True)
+        if t == aten.index_copy.default:
+            return self._index_copy(n)
         if _is_pointwise(t):
             return self._pointwise(n)
         raise _Fail(f"no sharding rule for {getattr(t, '__name__', t)}; the value it reads is sharded")
@@ -496,6 +498,29 @@ class ShardingRules:
         if n.kwargs.get("enable_gqa"):
             raise _Fail("sdpa with enable_gqa has no sharding rule yet")
         result = self._align(n, operands, out, forbid=[r - 2, r - 1], allow_rank_diff=True)
+        return result
+
+    def _index_copy(self, n: fx.Node) -> Sharded:
+        """x.index_copy_(dim, idx, src): src written into x at `idx` along `dim` (a static KV
+        cache being filled, `[b, kv_heads, max_len, d]`). The indexed dim must be whole; the
+        other dims align as in a pointwise op, so a replicated x meeting a src sharded by heads
+        keeps only this rank's heads. Written in place, x must then be a tensor attribute (a
+        cache buffer) used nowhere else: it is sliced once, in place, and the cache each rank
+        holds is its own heads only."""
+        x, idx, src = n.args[0], n.args[2], n.args[3]
+        out = _shape(n)
+        if out is None or _shape(src) is None or len(_shape(src)) != len(out):
+            raise _Fail("index_copy with a source of another rank")
+        if isinstance(self.placement(idx), Sharded):
+            raise _Fail("index_copy with sharded indices")
+        dim = _norm(n.args[1], len(out))
+        before = len(self.actions.narrows)
+        result = self._align(n, [(0,), (3,)], out, forbid=[dim])
+        in_place = n.target is not _functional(n.target)
+        narrowed_self = any(path == (0,) for _, path, *_ in self.actions.narrows[before:])
+        if in_place and narrowed_self and not (x.op == "get_attr" and len(x.users) == 1):
+            raise _Fail("writes a sharded value in place into a replicated tensor that is read "
+                        "elsewhere too (it cannot be sliced in place)")
         return result
 
     def _keep_unless(self, n: fx.Node, dims: list) -> Sharded:

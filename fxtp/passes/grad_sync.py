@@ -60,6 +60,7 @@ def _duplicated_params(gm: fx.GraphModule, actions: Actions, linears: dict[str, 
     ranks hold (pieces shared by rank groups, chunks kept whole)."""
     nodes = nodes_by_name(gm)
     out: dict[int, tuple[int, DimShard]] = {}
+    state = _written_in_place(gm)
     for table, dim_of in ((actions.columns, "out_dim"), (actions.rows, "in_dim")):
         for name, spec in table.items():
             if not spec.disjoint(world_size):
@@ -68,7 +69,22 @@ def _duplicated_params(gm: fx.GraphModule, actions: Actions, linears: dict[str, 
     for user, path, dim, have, want in actions.narrows:
         value = get_arg(nodes[user], path)
         if have is None and value.op == "get_attr" and not want.disjoint(world_size):
-            out[id(get_tensor_attr(gm, value.target))] = (dim, want)
+            t = get_tensor_attr(gm, value.target)
+            if id(t) not in state:
+                out[id(t)] = (dim, want)
+    return out
+
+
+def _written_in_place(gm: fx.GraphModule) -> set[int]:
+    """Tensor attributes the graph writes in place (a static KV cache filled with
+    `index_copy_`): state, not parameters; they have no gradient to sum over replicas."""
+    from ..rules import _functional
+
+    out = set()
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.args and isinstance(n.args[0], fx.Node) \
+                and n.args[0].op == "get_attr" and _functional(n.target) is not n.target:
+            out.add(id(_attr(gm, n.args[0])))
     return out
 
 

@@ -1,0 +1,188 @@
+"""Generation cases run inside spawned gloo ranks (tests/test_generate.py): one spawn per world
+size runs them all and returns plain data; the test process asserts. Nothing here raises on a
+mismatch (a rank that stops early would leave the others waiting in a collective)."""
+from __future__ import annotations
+
+import time
+import traceback
+import warnings
+from typing import Any
+
+import torch
+
+import fxtp
+
+# name -> (builder, structure it stands for)
+GREEDY_CASES = ("llama", "gpt2", "phi3", "falcon_mqa")
+EXAMPLES = 3          # hypothesis-drawn prompts per model
+NEW_TOKENS = 5
+MAX_LEN = 24
+MAX_BATCH = 3
+
+
+def model_for(name: str):
+    from fxtp.families import FAMILIES, family_model
+    from fxtp.models import tiny_model
+
+    return family_model(name) if name in FAMILIES else tiny_model(name)
+
+
+def _prompt(vocab: int, b: int, p: int, pads: list[int], seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (b, p), generator=g)
+    mask = torch.ones(b, p, dtype=torch.long)
+    for i in range(b):
+        k = min(pads[i], p - 1)        # left padding, at least one real token
+        ids[i, :k] = 0
+        mask[i, :k] = 0
+    return ids, mask
+
+
+def greedy_case(name: str, ws: int) -> dict[str, Any]:
+    """Greedy tokens of the generator vs model.generate on hypothesis-drawn prompts (batch,
+    length, left padding), the cache per rank, and an eos-stopped generation."""
+    from hypothesis import Phase, given, settings
+    from hypothesis import strategies as st
+
+    model = model_for(name)
+    vocab = model.config.vocab_size
+    t0 = time.perf_counter()
+    gen = fxtp.generator(model, ws, max_len=MAX_LEN, max_batch=MAX_BATCH)
+    build_s = time.perf_counter() - t0
+    results: list[dict] = []
+
+    @settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
+              phases=[Phase.generate])
+    @given(st.integers(1, MAX_BATCH), st.integers(1, 10),
+           st.lists(st.integers(0, 6), min_size=MAX_BATCH, max_size=MAX_BATCH),
+           st.integers(0, 2 ** 16))
+    def run(b, p, pads, seed):
+        ids, mask = _prompt(vocab, b, p, pads, seed)
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                             pad_token_id=0)
+        out = gen.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                           pad_token_id=0)
+        results.append({"shape": (b, p), "pads": [min(x, p - 1) for x in pads[:b]],
+                        "equal": torch.equal(ref, out), "ref": ref.tolist(), "out": out.tolist()})
+
+    run()
+    # eos / pad: stop a row at a token greedy decoding is known to produce
+    ids, mask = _prompt(vocab, 2, 4, [0, 2], 7)
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    eos = int(free[0, 6])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                         eos_token_id=eos, pad_token_id=0)
+    out = gen.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                       eos_token_id=eos, pad_token_id=0)
+    cache = gen.cache()
+    return {"build_s": build_s, "examples": results,
+            "eos": {"equal": torch.equal(ref, out), "ref": ref.tolist(), "out": out.tolist()},
+            "cache_shapes": {k: tuple(v.shape) for k, v in cache.items()},
+            "cache_bytes": gen.cache_bytes(), "full_cache_bytes": gen.full_cache_bytes,
+            "all_reduces": len(gen.info.all_reduce_nodes)}
+
+
+_LLAMA: dict[int, Any] = {}
+
+
+def llama_generator(ws: int):
+    """One Llama generator (max_batch 2) shared by the sampling, error and compile cases."""
+    if ws not in _LLAMA:
+        model = model_for("llama")
+        _LLAMA[ws] = (model, fxtp.generator(model, ws, max_len=MAX_LEN, max_batch=2))
+    return _LLAMA[ws]
+
+
+def sampling_case(ws: int) -> dict[str, Any]:
+    """Sampling with the same seed on every rank: temperature, top-k, top-p (HF's warpers)."""
+    model, gen = llama_generator(ws)
+    ids, mask = _prompt(model.config.vocab_size, 2, 5, [0, 2], 3)
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, pad_token_id=0)
+    torch.manual_seed(1234)
+    out = gen.generate(ids, attention_mask=mask, **kw)
+    torch.manual_seed(1234)
+    ref = model.generate(ids, attention_mask=mask, **kw)
+    torch.manual_seed(99)
+    other = gen.generate(ids, attention_mask=mask, **kw)
+    return {"tokens": out.tolist(), "hf_tokens": ref.tolist(), "other_seed": other.tolist()}
+
+
+def _error(fn) -> str:
+    try:
+        fn()
+    except fxtp.FxtpError as e:
+        return f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - reported, the test decides
+        return f"unexpected {type(e).__name__}: {e}"
+    return "no error"
+
+
+def error_case(rank: int, ws: int) -> dict[str, Any]:
+    model, gen = llama_generator(ws)
+    ids, mask = _prompt(model.config.vocab_size, 2, 6, [0, 0], 5)
+    out = {
+        "overflow": _error(lambda: gen.generate(ids, max_new_tokens=MAX_LEN - 4)),
+        "batch": _error(lambda: gen.generate(torch.ones(3, 4, dtype=torch.long), max_new_tokens=2)),
+        "no_head": _error(lambda: fxtp.generator(fxtp.models.tiny_model("bert"), ws)),
+        "beams": _error(lambda: gen.generate(ids, max_new_tokens=2, num_beams=2)),
+    }
+    # rank 1 gets another prompt: every rank must report it (one all-reduce), none may hang
+    other = ids.clone()
+    if rank == 1:
+        other[0, 0] += 1
+    out["mismatch"] = _error(lambda: gen.generate(other, max_new_tokens=2))
+    # the ranks are still in step afterwards
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    out["after"] = torch.equal(ref, gen.generate(ids, attention_mask=mask, max_new_tokens=4,
+                                                 pad_token_id=0))
+    return out
+
+
+def compile_case(ws: int) -> dict[str, Any]:
+    """The step under torch.compile(fullgraph=True): frames compiled for the first prefill,
+    the decode steps and a prompt of a new length; none added by further decode steps."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model, gen = llama_generator(ws)
+    counter = CompileCounterWithBackend("eager")
+    gen.compile(backend=counter)
+    counts, equal = [], []
+    for p, n in ((5, 2), (5, 6), (7, 2), (3, 4)):
+        ids, mask = _prompt(model.config.vocab_size, 2, p, [0, 1], p)
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+        out = gen.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+        equal.append(torch.equal(ref, out))
+        counts.append(counter.frame_count)
+    return {"frame_counts": counts, "equal": equal}
+
+
+def lora_case(ws: int) -> dict[str, Any]:
+    """A PEFT LoRA model: the generator folds the adapters into the local shards."""
+    from .train_workers import lora_model
+
+    model = lora_model("llama")
+    gen = fxtp.generator(model, ws, max_len=MAX_LEN, max_batch=2)
+    ids, mask = _prompt(model.config.vocab_size, 2, 5, [0, 2], 11)
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                             pad_token_id=0)
+    out = gen.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    return {"equal": torch.equal(ref, out), "ref": ref.tolist(), "out": out.tolist(),
+            "folded": gen.info.lora_fold is not None}
+
+
+def run_all(rank: int, ws: int) -> dict[str, Any]:
+    warnings.filterwarnings("ignore")
+    out: dict[str, Any] = {}
+    cases = {f"greedy_{n}": (lambda n=n: greedy_case(n, ws)) for n in GREEDY_CASES}
+    cases.update(sampling=lambda: sampling_case(ws), errors=lambda: error_case(rank, ws),
+                 compile=lambda: compile_case(ws), lora=lambda: lora_case(ws))
+    for name, fn in cases.items():
+        t0 = time.perf_counter()
+        try:
+            out[name] = fn()
+        except Exception:  # noqa: BLE001 - reported to the test process
+            out[name] = {"exception": traceback.format_exc()}
+        out[name]["seconds"] = time.perf_counter() - t0
+    return out
