@@ -214,6 +214,53 @@ class Generator:
     def cache_bytes(self) -> int:
         return sum(t.nbytes for t in self.cache().values())
 
+    def load_weights(self, tp: fx.GraphModule) -> "Generator":
+        """Copies the local shards of a training graph (`fxtp.transform` of the same model at
+        the same world size) into this generator: the hybrid engine's train -> generate
+        switch after optimizer steps, without capturing anything again. LoRA adapters are
+        refolded with the new base and adapter weights. The training graph must not be folded
+        (its base shards would already hold B @ A)."""
+        from .hybrid import for_generation, is_folded, unfold_lora
+        from .transform import META_KEY
+
+        if META_KEY not in getattr(tp, "meta", {}):
+            raise GenerationError("load_weights takes the graph of fxtp.transform(model, ws)")
+        if is_folded(tp):
+            from .errors import LoraStateError
+
+            raise LoraStateError("load_weights: the training graph's LoRA adapters are folded "
+                                 "into its base shards; call fxtp.for_training(tp) (or "
+                                 "fxtp.unfold_lora(tp)) first")
+        src_info = tp.meta[META_KEY]
+        if (src_info.world_size, src_info.rank) != (self.world_size, self.rank):
+            raise GenerationError(
+                f"load_weights: the training graph is rank {src_info.rank} of "
+                f"{src_info.world_size}, this generator rank {self.rank} of {self.world_size}")
+        folded = is_folded(self.tp)
+        if folded:
+            unfold_lora(self.tp)
+        try:
+            source = dict(tp.named_parameters(remove_duplicate=False))
+            # the step graph holds the model as DecodeStep.lm: its names are "lm." + the model's
+            mine = {n[len("lm."):] if n.startswith("lm.") else n: p
+                    for n, p in self.tp.named_parameters(remove_duplicate=False)}
+            missing = sorted(set(mine) - set(source))
+            shapes = [f"{n}: {tuple(source[n].shape)} vs {tuple(p.shape)}" for n, p in mine.items()
+                      if n in source and source[n].shape != p.shape]
+            if missing or shapes:
+                raise GenerationError(
+                    "load_weights: the training graph does not hold this generator's shards ("
+                    + "; ".join((["missing " + ", ".join(missing[:5])] if missing else [])
+                                + shapes[:5])
+                    + "); both must come from the same model, world size and plan overrides")
+            with torch.no_grad():
+                for name, p in mine.items():
+                    p.copy_(source[name])
+        finally:
+            if folded:
+                for_generation(self.tp)
+        return self
+
     def compile(self, **options) -> "Generator":
         """Runs the step through `torch.compile(fullgraph=True, **options)`."""
         options.setdefault("fullgraph", True)

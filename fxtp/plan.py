@@ -60,7 +60,7 @@ class Plan:
     world_size: int
     entries: list[PlanEntry]
     all_reduces: dict[str, int]                 # layer -> all-reduces in the forward pass
-    all_reduce_sites: list[tuple[str, str]]     # (after module, value node)
+    all_reduce_sites: list[tuple[str, str]] = field(compare=False)   # (after module, value node)
     replicated: dict[str, str]                  # module -> reason
     not_divisible: list[Reason]
     overrides: dict[str, str] = field(default_factory=dict)
@@ -68,6 +68,13 @@ class Plan:
     # bytes of all model parameters (a tied tensor counted once): full, and held by each rank
     full_param_bytes: int = 0
     local_param_bytes: tuple[int, ...] = ()
+    # planned from a probe capture of a few layers (fxtp.repeats): the repeated lists, and the
+    # model (transform captures it whole; override/replan plan it again)
+    probe: tuple = field(default=(), compare=False)
+    source: Any = field(default=None, repr=False, compare=False)
+    source_inputs: Any = field(default=None, repr=False, compare=False)
+    # parameter name -> elements each rank keeps, for the split ones (not serialised)
+    param_shares: dict = field(default_factory=dict, repr=False, compare=False)
     captured: Optional[Captured] = field(default=None, repr=False, compare=False)
     solution: Optional[Solution] = field(default=None, repr=False, compare=False)
 
@@ -112,6 +119,11 @@ class Plan:
                     " (fxtp decides column/row placement itself: 'replicate' keeps a module "
                     "whole, 'shard' demands that it be sharded and fails if that is unsafe)")
             merged[module] = choice
+        if self.probe:
+            from .transform import plan_from_probe
+
+            return plan_from_probe(self.captured, self.source, self.probe, self.world_size,
+                                   merged, self.vocab_parallel, self.source_inputs)
         return build_plan(self.captured, self.world_size, self.model_name, merged,
                           self.vocab_parallel)
 
@@ -126,6 +138,11 @@ class Plan:
         if ws < 1:
             raise PlanOverrideError(f"world_size must be >= 1, got {ws}")
         vp = self.vocab_parallel if vocab_parallel is None else vocab_parallel
+        if self.probe:
+            from .transform import plan_from_probe
+
+            return plan_from_probe(self.captured, self.source, self.probe, ws, self.overrides,
+                                   vp, self.source_inputs)
         return build_plan(self.captured, ws, self.model_name, self.overrides, vp)
 
     # -- output ----------------------------------------------------------------------------
@@ -420,11 +437,11 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
     if ws == 1:
         per_layer = {}
         sites = []
-    full_bytes, local_bytes = _param_bytes(captured.gm, entries, act, ws)
+    full_bytes, local_bytes, shares = _param_bytes(captured.gm, entries, act, ws)
     return Plan(model_name=model_name, world_size=ws, entries=entries, all_reduces=per_layer,
                 all_reduce_sites=sites, replicated=replicated, not_divisible=not_div,
                 overrides=overrides, full_param_bytes=full_bytes, local_param_bytes=local_bytes,
-                captured=captured, solution=sol)
+                param_shares=shares, captured=captured, solution=sol)
 
 
 def _sizes(gm: fx.GraphModule, weight: str, numel: int, spec, ws: int) -> tuple:
@@ -439,7 +456,7 @@ def _sizes(gm: fx.GraphModule, weight: str, numel: int, spec, ws: int) -> tuple:
 
 
 def _param_bytes(gm: fx.GraphModule, entries: list[PlanEntry], act, ws: int
-                 ) -> tuple[int, tuple]:
+                 ) -> tuple[int, tuple, dict]:
     """Bytes of every parameter (a tied tensor once) and what each rank keeps of them: the
     split weights of the entries, and the parameters sliced where they meet a sharded value
     (column-parallel biases, per-head constants: `passes/local_slices` slices those in place)."""
@@ -463,4 +480,6 @@ def _param_bytes(gm: fx.GraphModule, entries: list[PlanEntry], act, ws: int
         numels = split.get(id(p))
         for r in range(ws):
             local[r] += (numels[r] if numels else p.numel()) * p.element_size()
-    return full, tuple(local)
+    shares = {name: split[id(p)] for name, p in gm.named_parameters(remove_duplicate=False)
+              if id(p) in split}
+    return full, tuple(local), shares

@@ -18,6 +18,7 @@ from .passes import (cleanup, gather_vocab_outputs, insert_all_reduces, insert_g
                      shard_linear_params)
 from .patterns.linear import split_biases
 from .plan import Plan, build_plan
+from .repeats import expand_plan, find_repeats, probe as probe_layers, same_layers
 from .runtime import GroupInfo, resolve_group
 
 META_KEY = "fxtp"
@@ -50,18 +51,64 @@ def _model_name(model: nn.Module) -> str:
 
 
 def plan_model(model: nn.Module, world_size: int, *, example_inputs: Any = None,
-               overrides: Optional[dict[str, str]] = None, vocab_parallel: bool = False) -> Plan:
+               overrides: Optional[dict[str, str]] = None, vocab_parallel: bool = False,
+               probe: bool = True) -> Plan:
     """The sharding decisions for `model` at `world_size`; needs no process group.
 
     `vocab_parallel=True` also splits embedding tables by rows (masked lookup + all-reduce) and
     makes output projections (lm_head) column-parallel with their logits all-gathered; tied
-    weights stay tied (both uses slice the same rows).
+    weights stay tied (both uses slice the same rows). A deep model is planned from a capture
+    of a few of its repeated layers (`fxtp.repeats`; `probe=False` captures every layer).
     """
     if world_size < 1:
         raise PlanOverrideError(f"world_size must be >= 1, got {world_size}")
-    captured = capture(model, example_inputs)
+    repeats = find_repeats(model) if probe else []
+    if any(_inside_repeat(module, repeats) for module in overrides or {}):
+        repeats = []             # a decision for one repeated layer: capture them all
+    with probe_layers(model, repeats):
+        captured = capture(model, example_inputs)
     split_biases(captured.gm)
-    return build_plan(captured, world_size, _model_name(model), overrides, vocab_parallel)
+    if not repeats:
+        return build_plan(captured, world_size, _model_name(model), overrides, vocab_parallel)
+    return plan_from_probe(captured, model, tuple(repeats), world_size, overrides,
+                           vocab_parallel, example_inputs)
+
+
+def plan_from_probe(captured: Captured, model: nn.Module, repeats: tuple, world_size: int,
+                    overrides: Optional[dict[str, str]], vocab_parallel: bool,
+                    example_inputs: Any) -> Plan:
+    """Solves the probe capture and writes its decisions for every repeated layer; captures
+    every layer instead when the graph does not confirm that the layers are the same, or an
+    override names a repeated layer (the layers then differ)."""
+    if (not all(same_layers(captured.gm, r) for r in repeats)
+            or any(_inside_repeat(module, list(repeats)) for module in overrides or {})):
+        return plan_model(model, world_size, example_inputs=example_inputs, overrides=overrides,
+                          vocab_parallel=vocab_parallel, probe=False)
+    plan = build_plan(captured, world_size, _model_name(model), overrides, vocab_parallel)
+    if not _same_decisions(plan, list(repeats)):
+        return plan_model(model, world_size, example_inputs=example_inputs, overrides=overrides,
+                          vocab_parallel=vocab_parallel, probe=False)
+    plan = expand_plan(plan, model, list(repeats))
+    plan.source_inputs = example_inputs
+    return plan
+
+
+def _inside_repeat(module: str, repeats: list) -> bool:
+    """An override inside a repeated list makes its layers differ: capture them all."""
+    return any(module == r.path or module.startswith(r.path + ".") for r in repeats)
+
+
+def _same_decisions(plan: Plan, repeats: list) -> bool:
+    """The probe's last two repeated layers got the same placements and splits."""
+    for r in repeats:
+        a, b = f"{r.path}.{r.keep - 2}.", f"{r.path}.{r.keep - 1}."
+        da = [(e.module[len(a):], e.placement, e.shard) for e in plan.entries
+              if e.module.startswith(a)]
+        db = [(e.module[len(b):], e.placement, e.shard) for e in plan.entries
+              if e.module.startswith(b)]
+        if da != db or plan.all_reduces.get(a[:-1]) != plan.all_reduces.get(b[:-1]):
+            return False
+    return True
 
 
 def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
@@ -76,11 +123,11 @@ def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
     info = resolve_group(world_size, group)
     if plan is None:
         plan = plan_model(model, world_size, example_inputs=example_inputs,
-                          vocab_parallel=vocab_parallel)
+                          vocab_parallel=vocab_parallel, probe=False)
     elif plan.world_size != world_size:
         raise PlanOverrideError(f"the plan was made for world_size={plan.world_size}, not "
                                 f"{world_size}: rebuild it with fxtp.plan(model, {world_size})")
-    if plan.captured is None:
+    if plan.captured is None or plan.probe:   # loaded from JSON, or planned from a probe
         plan = _rederive(model, plan, example_inputs)
     if plan.not_divisible:
         r = plan.not_divisible[0]
@@ -99,12 +146,13 @@ def _rederive(model: nn.Module, saved: Plan, example_inputs: Any) -> Plan:
     overrides and insist that every decision is the same (another model, another fxtp version
     or a hand-edited entry would otherwise be applied silently)."""
     fresh = plan_model(model, saved.world_size, example_inputs=example_inputs,
-                       overrides=saved.overrides, vocab_parallel=saved.vocab_parallel)
+                       overrides=saved.overrides, vocab_parallel=saved.vocab_parallel,
+                       probe=False)
     diffs = saved.mismatches(fresh)
     if diffs:
         shown = "; ".join(diffs[:5]) + (f"; ... {len(diffs) - 5} more" if len(diffs) > 5 else "")
         raise PlanOverrideError(
-            f"the loaded plan does not match {_model_name(model)} (saved vs derived): {shown}. "
+            f"the plan does not match {_model_name(model)} (given vs derived from the whole model): {shown}. "
             "A saved plan is re-derived from the model with its 'overrides'; change decisions "
             "there (module -> 'replicate'/'shard'), or save a new plan from fxtp.plan(model, ws).")
     return fresh

@@ -168,8 +168,35 @@ def lora_case(ws: int) -> dict[str, Any]:
         ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
                              pad_token_id=0)
     out = gen.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    return {"equal": torch.equal(ref, out), "ref": ref.tolist(), "out": out.tolist(),
-            "folded": gen.info.lora_fold is not None}
+    result = {"equal": torch.equal(ref, out), "ref": ref.tolist(), "out": out.tolist(),
+              "folded": gen.info.lora_fold is not None}
+    result.update(_hybrid_round(model, gen, ws, ids, mask))
+    return result
+
+
+def _hybrid_round(model, gen, ws: int, ids, mask) -> dict[str, Any]:
+    """The RLHF loop: an optimizer step on the adapters of the training graph, the same step on
+    the PEFT model, then gen.load_weights(tp): the generator decodes what the stepped model
+    decodes (a large step, so the tokens change)."""
+    tp = fxtp.for_training(fxtp.transform(model, ws))
+    batch = torch.randint(1, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(5))
+    for m in (model, tp):
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=3.0)
+        logits = m(input_ids=batch).logits
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    stale = gen.generate(ids, **kw)
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, **kw)
+    fresh = gen.load_weights(tp).generate(ids, **kw)
+    folded_error = _error(lambda: gen.load_weights(fxtp.for_generation(tp)))
+    return {"hybrid_equal": torch.equal(ref, fresh), "hybrid_changed": not torch.equal(stale, fresh),
+            "hybrid_ref": ref.tolist(), "hybrid_out": fresh.tolist(),
+            "hybrid_folded_error": folded_error}
 
 
 def run_all(rank: int, ws: int) -> dict[str, Any]:

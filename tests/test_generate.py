@@ -84,3 +84,12 @@ def test_lora_folded_generation():
     for r in case("lora"):
         assert r["folded"]
         assert r["equal"], (r["out"], r["ref"])
+
+
+def test_generator_takes_the_weights_of_a_trained_graph():
+    """Hybrid engine: after an optimizer step on the training graph's adapter shards,
+    gen.load_weights(tp) makes the generator decode what the stepped model decodes."""
+    for r in case("lora"):
+        assert r["hybrid_changed"]                       # the step changed the tokens
+        assert r["hybrid_equal"], (r["hybrid_out"], r["hybrid_ref"])
+        assert r["hybrid_folded_error"].startswith("LoraStateError")
