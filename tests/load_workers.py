@@ -13,7 +13,7 @@ from fxtp.verify import check_equivalence, hf_inputs
 
 # model name -> how to build it (the same seed in the test process and in every rank)
 MODELS = ("llama", "gpt2", "phi3", "llama_uneven", "llama_tied")
-EXAMPLES = 4
+EXAMPLES = 3
 
 
 def build(name: str, empty: bool = False):
@@ -124,6 +124,7 @@ def _load_case(name: str, ws: int, path: str, adapter: str | None = None) -> dic
         "max_error": max(eq.max_error.values()), "examples": eq.examples,
         "bytes_read": rep.bytes_read, "bytes_loaded": rep.bytes_loaded, "held": held,
         "full_bytes": rep.full_bytes, "files": len(rep.files), "kept": rep.kept,
+        "plan_bytes": info.plan.local_param_bytes[info.rank],
         "sliced": len(info.param_slices), "unloaded": list(info.unloaded),
         "devices": sorted({t.device.type for t in [*tp.parameters(), *tp.buffers()]}),
         "requires_grad": sorted({(k.split(".")[-2] if "lora" in k else "base", p.requires_grad)
