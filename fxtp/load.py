@@ -170,17 +170,15 @@ def _runs(index: torch.Tensor) -> list[tuple[int, int]]:
 
 def _read_into(f, entry: _Entry, dim: int, runs: list[tuple[int, int]], out: torch.Tensor) -> int:
     """Reads `runs` of `entry` along `dim` into the contiguous `out`; returns bytes read."""
-    shape = entry.shape
+    shape = entry.shape or (1,)         # a 0-d tensor reads as one element
     item = out.element_size()
     outer, size, inner = math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])
     n_local = out.shape[dim] if out.dim() else 1
     buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-    if not shape:                       # a 0-d tensor
-        outer, size, inner = 1, 1, 1
     total, pos = 0, 0
     for a, n in runs:
         length = n * inner * item
-        # dim 0 (or a dim with nothing before it): one read per run
+        # one contiguous byte range per index before `dim` (a single one for dim 0)
         for o in range(outer):
             src = entry.start + (o * size + a) * inner * item
             dst = (o * n_local + pos) * inner * item

@@ -43,9 +43,7 @@ def build(name: str, empty: bool = False):
 def write_checkpoints(root: str) -> dict[str, str]:
     """In the test process: every model's checkpoint (several shards for llama), the LoRA
     base + adapter, and the broken ones. Returns name -> directory."""
-    import json
     import os
-    import shutil
 
     from safetensors.torch import load_file, save_file
 
@@ -84,8 +82,6 @@ def write_checkpoints(root: str) -> dict[str, str]:
             broken["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(48, 64)
         save_file(broken, os.path.join(d, "model.safetensors"))
     dirs["other_arch"] = dirs["gpt2"]
-    json.dumps(dirs)
-    shutil.rmtree(os.path.join(root, "unused"), ignore_errors=True)
     return dirs
 
 

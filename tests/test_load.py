@@ -55,8 +55,7 @@ def test_each_rank_reads_only_its_shard(results, name):
         assert r["sliced"] > 0
     if name == "llama_uneven":     # 6 heads / 3 kv heads / 102 features on 2 ranks: 2 sizes
         assert per_rank[0]["bytes_read"] > per_rank[1]["bytes_read"]
-    if name not in ("llama_one",):
-        assert per_rank[0]["files"] > 1      # sharded checkpoints with an index (adapter: 2 files)
+    assert per_rank[0]["files"] > 1      # sharded checkpoints with an index (LoRA: base + adapter)
 
 
 def test_non_persistent_buffers_keep_their_values(results):
@@ -121,3 +120,32 @@ def test_world_size_one_loads_whole_tensors(tmp_path):
     assert rep.bytes_read == rep.full_bytes
     ids = torch.randint(0, 128, (2, 5))
     torch.testing.assert_close(tp(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_runs_are_read_at_their_offsets(tmp_path):
+    """The direct reader on any dim, runs in the order kept, 0-d and bfloat16 tensors."""
+    from safetensors.torch import save_file
+
+    from fxtp.load import _read_header, _read_into, _runs
+
+    t = {"a": torch.arange(24.).view(2, 3, 4), "s": torch.tensor(5.0),
+         "b": torch.arange(10, dtype=torch.bfloat16)}
+    f = str(tmp_path / "x.safetensors")
+    save_file(t, f)
+    h = _read_header(f)
+    with open(f, "rb", buffering=0) as fh:
+        for name, dim, idx in (("a", 2, [0, 2, 3]), ("a", 1, [2, 0]), ("a", 0, [1]),
+                               ("b", 0, [1, 2, 7, 8])):
+            idx = torch.tensor(idx)
+            want = t[name].index_select(dim, idx)
+            out = torch.empty_like(want)
+            assert _read_into(fh, h[name], dim, _runs(idx), out) == want.numel() * want.element_size()
+            assert torch.equal(out, want)
+        out = torch.empty(())
+        _read_into(fh, h["s"], 0, [(0, 1)], out)
+        assert out.item() == 5.0
+    # a file cut inside its header
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(open(f, "rb").read()[:20])
+    with pytest.raises(fxtp.CheckpointError, match="cut.safetensors"):
+        _read_header(str(cut))
