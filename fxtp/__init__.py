@@ -3,8 +3,9 @@
     tp = fxtp.transform(model, world_size)     # inside an initialised process group
     print(fxtp.plan(model, world_size))        # the decisions, no process group needed
 """
-from .errors import (CacheOverflowError, CaptureError, DropoutError, FxtpError, GenerationError,
-                     InputError, LoraStateError, NoLoraError, NotDivisibleError,
+from .errors import (CacheOverflowError, CaptureError, CheckpointError, DropoutError, FxtpError,
+                     GenerationError, InputError, LoraStateError, MetaTensorError, NoLoraError,
+                     NotDivisibleError,
                      PlanOverrideError, ProcessGroupError, PromptMismatchError,
                      WorldSizeMismatchError)
 from .plan import Plan, PlanEntry
@@ -13,6 +14,7 @@ from .hybrid import fold_lora, for_generation, for_training, unfold_lora
 from .explain import Explanation, diff, explain
 from .draw import draw
 from .generate import Generator, generator
+from .load import LoadReport, init_empty, load
 from .verify import verify  # noqa: E402  (the function; the module stays importable)
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "unfold_lora", "Plan", "PlanEntry", "TPInfo", "META_KEY",
     "FxtpError", "CaptureError", "DropoutError", "NoLoraError", "LoraStateError", "InputError", "NotDivisibleError", "PlanOverrideError",
     "ProcessGroupError", "WorldSizeMismatchError", "GenerationError", "CacheOverflowError",
-    "PromptMismatchError",
+    "PromptMismatchError", "load", "init_empty", "LoadReport", "CheckpointError",
+    "MetaTensorError",
 ]
 __version__ = "0.1.0"

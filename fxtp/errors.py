@@ -55,3 +55,12 @@ class CacheOverflowError(GenerationError):
 
 class PromptMismatchError(GenerationError):
     """The ranks were given different prompts or generation arguments."""
+
+
+class CheckpointError(FxtpError):
+    """A checkpoint does not fit the tensor-parallel model (missing tensors, other shapes or
+    dtypes, another architecture) or cannot be read (a truncated file); nothing was loaded."""
+
+
+class MetaTensorError(FxtpError):
+    """The tensor-parallel model still holds meta tensors (built on the meta device, not loaded)."""

@@ -11,7 +11,8 @@ import torch.distributed as dist
 from torch import fx, nn
 
 from .capture import Captured, capture
-from .errors import DropoutError, InputError, NotDivisibleError, PlanOverrideError
+from .errors import (DropoutError, InputError, MetaTensorError, NotDivisibleError,
+                     PlanOverrideError)
 from .passes import (cleanup, gather_vocab_outputs, insert_all_reduces, insert_grad_syncs,
                      insert_local_slices,
                      keep_constant_adds_on_rank0, mask_vocab_embeddings, rewrite_shape_constants,
@@ -42,6 +43,8 @@ class TPInfo:
     param_slices: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
     dropout_disabled: bool = False     # set by fxtp.for_training(tp, disable_dropout=True)
     lora_fold: Any = None              # passes.lora.FoldState while LoRA is folded
+    # parameters/buffers still on the meta device (a model built on meta, before fxtp.load)
+    unloaded: tuple[str, ...] = ()
 
 
 def _model_name(model: nn.Module) -> str:
@@ -136,6 +139,7 @@ def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
             f"the head count, or keep it replicated: fxtp.transform(model, {world_size}, "
             f"plan=fxtp.plan(model, {world_size}).override({{{(r.module or r.node)!r}: 'replicate'}}))")
     gm = rewrite(plan, info)
+    _guard_meta(gm)
     _install_input_defaults(gm, plan.captured)
     _guard_training(gm)
     return gm
@@ -225,8 +229,33 @@ def rewrite(plan: Plan, info: GroupInfo) -> fx.GraphModule:
                                                [*tp.sharded_params, *tp.sliced_attrs])
         tp.param_slices = _with_aliases(gm, slices)
     cleanup(gm)
+    from .load import meta_tensors
+
+    tp.unloaded = meta_tensors(gm)
     gm.meta[META_KEY] = tp
     return gm
+
+
+def _guard_meta(gm: fx.GraphModule) -> None:
+    """A graph of a model built on the meta device holds no values until `fxtp.load`: calling
+    it raises `MetaTensorError` rather than computing on meta tensors. Checks a flag (the
+    names recorded at transform/load); rescans only while it is set, so weights assigned by
+    other means are noticed."""
+    def hook(module, args, kwargs):
+        info = module.meta[META_KEY]
+        if info.unloaded:
+            from .load import meta_tensors
+
+            info.unloaded = meta_tensors(module)
+            if info.unloaded:
+                shown = ", ".join(info.unloaded[:5])
+                more = f" and {len(info.unloaded) - 5} more" if len(info.unloaded) > 5 else ""
+                raise MetaTensorError(
+                    f"fxtp: the tensor-parallel model holds {len(info.unloaded)} tensor(s) on "
+                    f"the meta device ({shown}{more}): the model was built without weights. "
+                    "Fill them with fxtp.load(tp, checkpoint_dir) on every rank first.")
+
+    gm.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def _with_aliases(gm: fx.GraphModule, slices: dict) -> dict:

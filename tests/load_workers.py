@@ -1,0 +1,200 @@
+"""Loading cases run inside the spawned gloo ranks of tests/test_load.py: a model built under
+`fxtp.init_empty()`, transformed, filled by `fxtp.load` from checkpoints the test process
+wrote, and compared with the model that wrote them. Ranks return plain data."""
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+import torch
+
+import fxtp
+from fxtp.verify import check_equivalence, hf_inputs
+
+# model name -> how to build it (the same seed in the test process and in every rank)
+MODELS = ("llama", "gpt2", "phi3", "llama_uneven", "llama_tied")
+EXAMPLES = 3
+
+
+def build(name: str, empty: bool = False):
+    """The model `name` (tiny_model or a family), random weights from a fixed seed; under
+    `fxtp.init_empty()` when `empty`."""
+    from fxtp.families import FAMILIES, family_model
+    from fxtp.models import tiny_model
+
+    if not empty:
+        if name != "lora":
+            return family_model(name) if name in FAMILIES else tiny_model(name)
+        from .train_workers import lora_model
+
+        return lora_model("llama")
+    with fxtp.init_empty():
+        if name == "lora":      # the same adapters as lora_model, on meta
+            from peft import LoraConfig, get_peft_model
+
+            from .train_workers import LORA_TARGETS
+
+            cfg = LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS["llama"],
+                             lora_dropout=0.0, task_type="CAUSAL_LM")
+            return get_peft_model(tiny_model("llama"), cfg)
+        return family_model(name) if name in FAMILIES else tiny_model(name)
+
+
+def write_checkpoints(root: str) -> dict[str, str]:
+    """In the test process: every model's checkpoint (several shards for llama), the LoRA
+    base + adapter, and the broken ones. Returns name -> directory."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    dirs = {}
+    for name in MODELS:
+        d = os.path.join(root, name)
+        # small shards: several files and an index for every model
+        build(name).save_pretrained(d, safe_serialization=True, max_shard_size="40KB")
+        dirs[name] = d
+    lora = build("lora")
+    dirs["lora_base"] = os.path.join(root, "lora_base")
+    from .train_workers import train_model
+
+    # the base model as Hugging Face saves it (lora_model wraps this one, same seed)
+    train_model("llama").save_pretrained(dirs["lora_base"], safe_serialization=True)
+    dirs["lora_adapter"] = os.path.join(root, "lora_adapter")
+    lora.save_pretrained(dirs["lora_adapter"])
+    # broken copies of the llama checkpoint, as one file
+    one = os.path.join(root, "llama_one")
+    build("llama").save_pretrained(one, safe_serialization=True)
+    dirs["llama_one"] = one
+    sd = load_file(os.path.join(one, "model.safetensors"))
+    for kind in ("missing", "shape", "truncated"):
+        d = os.path.join(root, kind)
+        os.makedirs(d)
+        dirs[kind] = d
+        if kind == "truncated":
+            src = os.path.join(one, "model.safetensors")
+            data = open(src, "rb").read()
+            open(os.path.join(d, "model.safetensors"), "wb").write(data[: len(data) - 1000])
+            continue
+        broken = dict(sd)
+        if kind == "missing":
+            del broken["model.layers.1.mlp.up_proj.weight"]
+        else:
+            broken["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(48, 64)
+        save_file(broken, os.path.join(d, "model.safetensors"))
+    dirs["other_arch"] = dirs["gpt2"]
+    return dirs
+
+
+_PLANS: dict[str, Any] = {}
+
+
+def empty_tp(name: str, ws: int):
+    """A meta model's tensor-parallel graph; the capture is made once per model and rank."""
+    empty = build(name, empty=True).eval()
+    if name not in _PLANS:
+        _PLANS[name] = fxtp.plan(empty, ws)
+    return empty, fxtp.transform(empty, ws, plan=_PLANS[name])
+
+
+def _load_case(name: str, ws: int, path: str, adapter: str | None = None) -> dict[str, Any]:
+    model = build(name).eval()
+    empty, tp = empty_tp(name, ws)
+    held_before = sum(1 for p in empty.parameters() if p.device.type == "meta")
+    info = tp.meta["fxtp"]
+    meta_local = {k: tuple(v.shape) for k, v in tp.named_parameters(remove_duplicate=False)}
+    meta_devices = {v.device.type for v in tp.parameters()}
+    try:
+        tp(input_ids=torch.zeros(1, 2, dtype=torch.long))
+        called = "no error"
+    except fxtp.FxtpError as e:
+        called = type(e).__name__
+    rep = fxtp.load(tp, path, adapter=adapter)
+    eq = check_equivalence(model, tp, hf_inputs(model.config.vocab_size, max_batch=2, max_seq=12),
+                           max_examples=EXAMPLES)
+    local = {k: tuple(v.shape) for k, v in tp.named_parameters(remove_duplicate=False)}
+    held = sum(p.numel() * p.element_size() for p in tp.parameters())    # a tied tensor once
+    held += sum(b.numel() * b.element_size() for n, b in tp.named_buffers() if n not in rep.kept)
+    return {
+        "meta_params_before": held_before, "meta_devices": sorted(meta_devices),
+        "meta_shapes_are_local": meta_local == local, "call_before_load": called,
+        "max_error": max(eq.max_error.values()), "examples": eq.examples,
+        "bytes_read": rep.bytes_read, "bytes_loaded": rep.bytes_loaded, "held": held,
+        "full_bytes": rep.full_bytes, "files": len(rep.files), "kept": rep.kept,
+        "plan_bytes": info.plan.local_param_bytes[info.rank],
+        "sliced": len(info.param_slices), "unloaded": list(info.unloaded),
+        "devices": sorted({t.device.type for t in [*tp.parameters(), *tp.buffers()]}),
+        "requires_grad": sorted({(k.split(".")[-2] if "lora" in k else "base", p.requires_grad)
+                                 for k, p in tp.named_parameters()}),
+    }
+
+
+def _error_cases(ws: int, dirs: dict[str, str]) -> dict[str, Any]:
+    """Each broken checkpoint into one meta llama graph: the error, then that nothing was
+    loaded (the graph still refuses to run), then a good load."""
+    _, tp = empty_tp("llama", ws)
+    out: dict[str, Any] = {}
+    for kind in ("missing", "shape", "other_arch", "truncated"):
+        try:
+            fxtp.load(tp, dirs[kind])
+            out[kind] = {"error": None}
+        except fxtp.FxtpError as e:
+            out[kind] = {"error": type(e).__name__, "message": str(e)}
+        out[kind]["meta_left"] = len(tp.meta["fxtp"].unloaded)
+        out[kind]["all_meta"] = all(p.device.type == "meta" for p in tp.parameters())
+    try:
+        tp(input_ids=torch.zeros(1, 2, dtype=torch.long))
+        out["call"] = None
+    except fxtp.FxtpError as e:
+        out["call"] = type(e).__name__
+    # a plain torch.device("meta") model: inv_freq has no value and is in no checkpoint
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        bare = AutoModelForCausalLM.from_config(build("llama").config)
+    tp2 = fxtp.transform(bare, ws)
+    try:
+        fxtp.load(tp2, dirs["llama_one"])
+        out["bare_meta"] = {"error": None}
+    except fxtp.FxtpError as e:
+        out["bare_meta"] = {"error": type(e).__name__, "message": str(e)}
+    rep = fxtp.load(tp, dirs["llama_one"])
+    out["after"] = {"bytes_read": rep.bytes_read, "unloaded": len(tp.meta["fxtp"].unloaded)}
+    return out
+
+
+def run_all(rank: int, ws: int, dirs: dict[str, str]) -> dict[str, Any]:
+    torch.manual_seed(0)
+    out: dict[str, Any] = {}
+    cases = [(n, n, dirs[n], None) for n in MODELS]
+    cases.append(("lora", "lora", dirs["lora_base"], dirs["lora_adapter"]))
+    cases.append(("llama_one_safetensors", "llama", dirs["llama_one"], "safetensors"))
+    import time
+
+    for key, name, path, extra in cases:
+        t0 = time.perf_counter()
+        try:
+            if extra == "safetensors":
+                out[key] = _reader_case(ws, path)
+            else:
+                out[key] = _load_case(name, ws, path, adapter=extra)
+        except Exception:
+            out[key] = {"exception": traceback.format_exc()}
+        out[key]["seconds"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    try:
+        out["errors"] = _error_cases(ws, dirs)
+    except Exception:
+        out["errors"] = {"exception": traceback.format_exc()}
+    out["errors"]["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _reader_case(ws: int, path: str) -> dict[str, Any]:
+    """safetensors' own get_slice reader gives the same tensors."""
+    _, a = empty_tp("llama", ws)
+    _, b = empty_tp("llama", ws)
+    ra = fxtp.load(a, path)
+    rb = fxtp.load(b, path, reader="safetensors")
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    return {"equal": all(torch.equal(pa[k], pb[k]) for k in pa),
+            "bytes": (ra.bytes_read, rb.bytes_read)}
