@@ -136,9 +136,10 @@ def fold(gm: fx.GraphModule, linears: dict[str, LinearMatch], label: str) -> Fol
                                   "2-D base weights can be folded")
             b_w = _as_out_in(get_tensor_attr(gm, mb.weight), mb)
             a_w = _as_out_in(get_tensor_attr(gm, ma.weight), ma)
-            delta = (br.scale * (b_w.double() @ a_w.double())).to(w.dtype)
             state.originals.setdefault(mbase.weight, w.detach().clone())
-            _as_out_in(w, mbase).add_(delta)
+            # W += scale * B @ A in the weight's dtype, as PEFT's merge does (restored exactly
+            # from the saved shard on unfold, so no rounding accumulates over rounds)
+            _as_out_in(w, mbase).addmm_(b_w.to(w.dtype), a_w.to(w.dtype), alpha=br.scale)
             add = nodes[br.add]
             x, y = add.args
             add.replace_all_uses_with(y if _match(y, x, linears) is not None else x)
