@@ -13,8 +13,8 @@ Prints, for one Llama-shaped model with random weights:
 - all-reduces per layer and bytes all-reduced per token vs the Megatron optimum (2 per layer,
   one hidden vector each);
 - LoRA fold/unfold time vs PEFT's merge_adapter/unmerge_adapter (one process).
-Times are medians over --repeats forwards after 3 warm-ups; ratios compare numbers from the
-same run on the same machine.
+Times are medians over --repeats forwards after 3 warm-ups, the contenders' calls interleaved
+so that the machine's slow spells hit all alike; ratios compare numbers from the same run.
 """
 from __future__ import annotations
 
@@ -46,14 +46,22 @@ def build(hidden: int, layers: int, seed: int = 0):
 
 
 def median_time(fn, repeats: int) -> float:
+    return median_times({"fn": fn}, repeats)["fn"]
+
+
+def median_times(fns: dict, repeats: int) -> dict:
+    """Median seconds of each function, the calls interleaved (a, b, c, a, b, c, ...) so that
+    a slow spell of this shared machine hits every contender alike."""
     for _ in range(3):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict = {name: [] for name in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _hand_written(model, rank: int, ws: int):
@@ -117,15 +125,17 @@ def tp_rank(rank: int, ws: int, args: dict) -> dict:
     except Exception as e:  # reported, not hidden
         contenders["DTensor"] = f"{type(e).__name__}: {e}"
     out: dict = {}
+    runnable = {}
     for name, m in contenders.items():
         if isinstance(m, str):
             out[name] = {"error": m}
             continue
         with torch.no_grad():
-            logits = m(input_ids=ids).logits
-            err = float((logits - ref).abs().max())
-            t = median_time(lambda: m(input_ids=ids), args["repeats"])
-        out[name] = {"seconds": t, "max_error": err}
+            out[name] = {"max_error": float((m(input_ids=ids).logits - ref).abs().max())}
+        runnable[name] = (lambda m=m: m(input_ids=ids))
+    with torch.no_grad():
+        for name, t in median_times(runnable, args["repeats"]).items():
+            out[name]["seconds"] = t
     plan = contenders["fxtp"].meta["fxtp"].plan
     out["all_reduces"] = dict(plan.all_reduces)
     return out
@@ -175,8 +185,9 @@ def main() -> None:
     ids = torch.randint(0, 1024, (args["batch"], args["seq"]), generator=torch.Generator().manual_seed(1))
     tp1 = fxtp.transform(model, 1)
     with torch.no_grad():
-        t_model = median_time(lambda: model(input_ids=ids), args["repeats"])
-        t_tp1 = median_time(lambda: tp1(input_ids=ids), args["repeats"])
+        ws1 = median_times({"model": lambda: model(input_ids=ids),
+                            "fxtp": lambda: tp1(input_ids=ids)}, args["repeats"])
+    t_model, t_tp1 = ws1["model"], ws1["fxtp"]
     ws = args["world_size"]
     ranks = run_ranks(tp_rank, ws, args, timeout=1800)
     params = sum(p.numel() for p in model.parameters())
