@@ -14,7 +14,7 @@ import fxtp
 
 # name -> (builder, structure it stands for)
 GREEDY_CASES = ("llama", "gpt2", "phi3", "falcon_mqa")
-EXAMPLES = 3          # hypothesis-drawn prompts per model
+EXAMPLES = 2          # hypothesis-drawn prompts per model (plus the eos-stopped one)
 NEW_TOKENS = 5
 MAX_LEN = 24
 MAX_BATCH = 3

@@ -29,7 +29,7 @@ def case(name: str, ws: int = WS) -> list[dict]:
 def test_greedy_tokens_equal_hf_generate_on_every_rank(name):
     per_rank = case(f"greedy_{name}")
     for rank, r in enumerate(per_rank):
-        assert len(r["examples"]) >= 3
+        assert len(r["examples"]) >= 2
         for ex in r["examples"]:
             assert ex["equal"], f"rank {rank} {ex['shape']} pads {ex['pads']}: {ex['out']} != {ex['ref']}"
         assert r["eos"]["equal"], r["eos"]
