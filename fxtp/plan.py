@@ -461,6 +461,7 @@ def _param_bytes(gm: fx.GraphModule, entries: list[PlanEntry], act, ws: int
     split weights of the entries, and the parameters sliced where they meet a sharded value
     (column-parallel biases, per-head constants: `passes/local_slices` slices those in place)."""
     from .passes._util import get_arg, nodes_by_name
+    from .passes.local_slices import sliced_in_place
     from .patterns.linear import tensor_key
 
     split = {tensor_key(gm, e.parameter): e.local_numels or (e.local_numel,) for e in entries
@@ -468,7 +469,7 @@ def _param_bytes(gm: fx.GraphModule, entries: list[PlanEntry], act, ws: int
     nodes = nodes_by_name(gm)
     for user, path, dim, have, want in act.narrows:
         value = get_arg(nodes[user], path)
-        if value.op == "get_attr" and len(value.users) == 1 and have is None and not want.outer:
+        if sliced_in_place(value, have, want):
             t = value.meta.get("val")
             if t is not None and dim < t.dim():
                 per_row = t.numel() // t.shape[dim]

@@ -142,7 +142,7 @@ def same_layers(gm: fx.GraphModule, r: Repeat) -> bool:
 # writing the last probe layer's decisions for every layer
 
 def _renamer(repeats: list[Repeat]):
-    """Maps a name in layer i >= keep to the probe layer's name, and back."""
+    """Maps a name in layer i >= keep to the name in the probe layer it copies."""
     pats = [(r, re.compile(rf"^({re.escape(r.path)})\.(\d+)(\.|$)")) for r in repeats]
 
     def to_probe(name: str) -> str:

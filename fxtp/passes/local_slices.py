@@ -40,6 +40,12 @@ def relative_ranges(have: DimShard | None, want: DimShard, rank: int) -> list[tu
     return runs
 
 
+def sliced_in_place(value: fx.Node, have: DimShard | None, want: DimShard) -> bool:
+    """A parameter or buffer read only here, whole, by a plain (not outer) split: its stored
+    tensor is replaced by this rank's slice instead of slicing it at run time."""
+    return value.op == "get_attr" and len(value.users) == 1 and have is None and not want.outer
+
+
 def insert_local_slices(gm: fx.GraphModule, actions: Actions, rank: int,
                         record: dict | None = None) -> list[str]:
     """Applies the solver's narrows; returns the names of parameters/buffers sliced in place
@@ -51,7 +57,7 @@ def insert_local_slices(gm: fx.GraphModule, actions: Actions, rank: int,
         user = nodes[user_name]
         value = get_arg(user, path)
         ranges = relative_ranges(have, want, rank)
-        if value.op == "get_attr" and len(value.users) == 1 and have is None and not want.outer:
+        if sliced_in_place(value, have, want):
             full = get_tensor_attr(gm, value.target)
             index = torch.cat([torch.arange(s, s + n) for s, n in ranges])
             set_tensor_attr(gm, value.target, slice_tensor(full, dim, index))
