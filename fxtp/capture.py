@@ -16,6 +16,7 @@ from torch import fx, nn
 from torch.export import Dim
 
 from .errors import CaptureError
+from .passes.cleanup import drop_no_ops
 
 
 @dataclass
@@ -108,6 +109,8 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
         if had_cache and "use_cache" not in kwargs:
             cfg.use_cache = had_cache
     gm = ep.module()
+    drop_no_ops(gm)
+    gm.recompile()
     defaults = {}
     if hf:
         if "use_cache" in kwargs:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import fx, nn
 
 from .capture import Captured, is_hf_model
+from .passes.cleanup import drop_no_ops
 from .errors import (CacheOverflowError, CaptureError, GenerationError, PromptMismatchError)
 
 aten = torch.ops.aten
@@ -122,6 +123,8 @@ def capture_step(model: nn.Module, max_batch: int, max_len: int) -> Captured:
             ep = torch.export.export(step, (ids, pos, mask, torch.tensor(0, device=dev)),
                                      dynamic_shapes=({1: seq}, {1: seq}, None, None), strict=False)
             gm = ep.module()
+            drop_no_ops(gm)
+            gm.recompile()
     except GenerationError:
         raise
     except Exception as e:

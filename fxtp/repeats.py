@@ -141,6 +141,20 @@ def same_layers(gm: fx.GraphModule, r: Repeat) -> bool:
 # ---------------------------------------------------------------------------------------------
 # writing the last probe layer's decisions for every layer
 
+def same_decisions(plan, repeats: list[Repeat]) -> bool:
+    """The probe's last two layers of each repeated list got the same placements, splits and
+    all-reduces: the second check (after `same_layers`) before their plan is copied."""
+    for r in repeats:
+        a, b = f"{r.path}.{r.keep - 2}.", f"{r.path}.{r.keep - 1}."
+        da = [(e.module[len(a):], e.placement, e.shard) for e in plan.entries
+              if e.module.startswith(a)]
+        db = [(e.module[len(b):], e.placement, e.shard) for e in plan.entries
+              if e.module.startswith(b)]
+        if da != db or plan.all_reduces.get(a[:-1]) != plan.all_reduces.get(b[:-1]):
+            return False
+    return True
+
+
 def _renamer(repeats: list[Repeat]):
     """Maps a name in layer i >= keep to the name in the probe layer it copies."""
     pats = [(r, re.compile(rf"^({re.escape(r.path)})\.(\d+)(\.|$)")) for r in repeats]

@@ -53,8 +53,8 @@ def resolve_group(world_size: int, group: Optional[dist.ProcessGroup] = None) ->
 #
 # Each is a module-level function wrapping an `autograd.Function`, so an FX `call_function` node
 # can name it and dynamo traces it with `fullgraph=True` (forward and backward are made of
-# functional collectives and plain tensor ops). Without grad, dynamo inlines the forward: the
-# inference graph is the same as with bare `all_reduce` + `wait_tensor` nodes.
+# functional collectives and plain tensor ops). Without grad the functions call the forward's
+# ops directly (see `_needs_autograd`): the inference graph is bare `all_reduce` + `wait_tensor`.
 
 class _AllReduceSum(torch.autograd.Function):
     """g: sums a partial value over the ranks; the gradient of the sum is every summand's."""
@@ -141,13 +141,25 @@ class _GradOnlyAdd(torch.autograd.Function):
         return grad, grad.sum_to_size(ctx.const_shape)
 
 
+def _needs_autograd(*tensors: torch.Tensor) -> bool:
+    """Whether a gradient can flow through this call. Without one (inference, `no_grad`) the
+    collectives skip `autograd.Function.apply`, whose bookkeeping costs eager inference as much
+    as the latency of a small all-reduce; the forward computed is the same either way, so traced
+    and compiled graphs are unchanged."""
+    return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
+
+
 def all_reduce_sum(x: torch.Tensor, group_name: str) -> torch.Tensor:
     """Megatron's g: all-reduce forward, identity backward (after a row-parallel region)."""
+    if not _needs_autograd(x):
+        return WAIT(ALL_REDUCE(x, "sum", group_name))
     return _AllReduceSum.apply(x, group_name)
 
 
 def copy_to_region(x: torch.Tensor, group_name: str) -> torch.Tensor:
     """Megatron's f: identity forward, all-reduce backward (before a column-parallel region)."""
+    if not _needs_autograd(x):
+        return x
     return _CopyToRegion.apply(x, group_name)
 
 
@@ -155,16 +167,22 @@ def sum_over_replicas(x: torch.Tensor, group_name: str, dim: int, ranges: tuple,
                       full_size: int) -> torch.Tensor:
     """Identity forward; backward sums each element's gradient over the ranks holding it.
     `ranges`: the (global start, length) runs along `dim` this rank holds, in order."""
+    if not _needs_autograd(x):
+        return x
     return _SumOverReplicas.apply(x, group_name, dim, ranges, full_size)
 
 
 def all_gather_dim0(x: torch.Tensor, world_size: int, group_name: str, rank: int) -> torch.Tensor:
     """All-gather along dim 0 forward, this rank's slice backward (vocab-parallel logits)."""
+    if not _needs_autograd(x):
+        return WAIT(ALL_GATHER(x, world_size, group_name))
     return _GatherDim0.apply(x, world_size, group_name, rank)
 
 
 def grad_only_add(partial: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
     """`partial` forward; backward also gives `const` the gradient of `partial + const`."""
+    if not _needs_autograd(partial, const):
+        return partial
     return _GradOnlyAdd.apply(partial, const)
 
 

@@ -19,7 +19,8 @@ from .passes import (cleanup, gather_vocab_outputs, insert_all_reduces, insert_g
                      shard_linear_params)
 from .patterns.linear import split_biases
 from .plan import Plan, build_plan
-from .repeats import expand_plan, find_repeats, probe as probe_layers, same_layers
+from .repeats import (expand_plan, find_repeats, probe as probe_layers, same_decisions,
+                      same_layers)
 from .runtime import GroupInfo, resolve_group
 
 META_KEY = "fxtp"
@@ -81,17 +82,18 @@ def plan_from_probe(captured: Captured, model: nn.Module, repeats: tuple, world_
                     overrides: Optional[dict[str, str]], vocab_parallel: bool,
                     example_inputs: Any) -> Plan:
     """Solves the probe capture and writes its decisions for every repeated layer; captures
-    every layer instead when the graph does not confirm that the layers are the same, or an
-    override names a repeated layer (the layers then differ)."""
-    if (not all(same_layers(captured.gm, r) for r in repeats)
-            or any(_inside_repeat(module, list(repeats)) for module in overrides or {})):
+    every layer instead when the graph does not confirm that the layers are the same, an
+    override names a repeated layer (the layers then differ), or the probe's layers were
+    planned differently."""
+    repeats = list(repeats)
+    plan = None
+    if (all(same_layers(captured.gm, r) for r in repeats)
+            and not any(_inside_repeat(module, repeats) for module in overrides or {})):
+        plan = build_plan(captured, world_size, _model_name(model), overrides, vocab_parallel)
+    if plan is None or not same_decisions(plan, repeats):
         return plan_model(model, world_size, example_inputs=example_inputs, overrides=overrides,
                           vocab_parallel=vocab_parallel, probe=False)
-    plan = build_plan(captured, world_size, _model_name(model), overrides, vocab_parallel)
-    if not _same_decisions(plan, list(repeats)):
-        return plan_model(model, world_size, example_inputs=example_inputs, overrides=overrides,
-                          vocab_parallel=vocab_parallel, probe=False)
-    plan = expand_plan(plan, model, list(repeats))
+    plan = expand_plan(plan, model, repeats)
     plan.source_inputs = example_inputs
     return plan
 
@@ -99,19 +101,6 @@ def plan_from_probe(captured: Captured, model: nn.Module, repeats: tuple, world_
 def _inside_repeat(module: str, repeats: list) -> bool:
     """An override inside a repeated list makes its layers differ: capture them all."""
     return any(module == r.path or module.startswith(r.path + ".") for r in repeats)
-
-
-def _same_decisions(plan: Plan, repeats: list) -> bool:
-    """The probe's last two repeated layers got the same placements and splits."""
-    for r in repeats:
-        a, b = f"{r.path}.{r.keep - 2}.", f"{r.path}.{r.keep - 1}."
-        da = [(e.module[len(a):], e.placement, e.shard) for e in plan.entries
-              if e.module.startswith(a)]
-        db = [(e.module[len(b):], e.placement, e.shard) for e in plan.entries
-              if e.module.startswith(b)]
-        if da != db or plan.all_reduces.get(a[:-1]) != plan.all_reduces.get(b[:-1]):
-            return False
-    return True
 
 
 def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,

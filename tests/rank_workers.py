@@ -18,6 +18,7 @@ from fxtp.verify import check_equivalence, hf_inputs, tensor_inputs
 HF_CASES = ("llama", "gpt2", "bert", "llama_mqa")
 FAMILY_EXAMPLES = 5   # per family and world size
 EXAMPLES = 8
+SECONDS = "_seconds"    # results key: each case's wall time on this rank
 
 
 def _all_reduce_nodes(tp) -> list:
@@ -238,7 +239,6 @@ def _compile_case(name: str, ws: int) -> dict[str, Any]:
 
 def run_all(rank: int, world_size: int) -> dict[str, Any]:
     """Every multi-rank case at this world size; exceptions are returned as text per case."""
-    results: dict[str, Any] = {}
     cases = {name: (lambda n=name: _run_case(n, rank, world_size)) for name in HF_CASES + ("tinynet",)}
     if world_size > 1:
         cases["not_divisible"] = lambda: _not_divisible_case(world_size)
@@ -252,11 +252,22 @@ def run_all(rank: int, world_size: int) -> dict[str, Any]:
         from .train_workers import cases as training_cases
 
         cases.update(training_cases(world_size))
+    return _run_timed(cases)
+
+
+def _run_timed(cases: dict) -> dict[str, Any]:
+    """Runs each case, its exception returned as text; `SECONDS` holds each case's wall time
+    (to see where the suite's time goes: `tests/case_times.py`)."""
+    import time
+
+    results: dict[str, Any] = {SECONDS: {}}
     for name, fn in cases.items():
+        start = time.perf_counter()
         try:
             results[name] = fn()
         except Exception:
             results[name] = {"exception": traceback.format_exc()}
+        results[SECONDS][name] = time.perf_counter() - start
     return results
 
 
@@ -291,13 +302,8 @@ def run_families(rank: int, world_size: int, names: tuple, compile_check: bool =
                  ) -> dict[str, Any]:
     """Every family case at this world size (one spawn); exceptions returned as text.
     `compile_check`: also run each TP graph under torch.compile(fullgraph=True)."""
-    results: dict[str, Any] = {}
-    for name in names:
-        try:
-            results[name] = _family_case(name, world_size, compile_check)
-        except Exception:
-            results[name] = {"exception": traceback.format_exc()}
-    return results
+    return _run_timed({name: (lambda n=name: _family_case(n, world_size, compile_check))
+                       for name in names})
 
 
 def raise_deliberately(rank: int, world_size: int) -> None:

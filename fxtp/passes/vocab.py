@@ -19,7 +19,11 @@ aten = torch.ops.aten
 
 
 def mask_vocab_embeddings(gm: fx.GraphModule, actions: Actions, rank: int) -> None:
-    """Rewrites embedding(W, ids) for this rank's rows of W (W itself is sliced elsewhere)."""
+    """Rewrites embedding(W, ids) for this rank's rows of W (W itself is sliced elsewhere).
+
+    The lookup moves to a new node and the original node becomes the masking of its result, so
+    the node the solver named (whose partial sum later passes reduce, add constants to, ...)
+    is the masked value."""
     nodes = nodes_by_name(gm)
     g = gm.graph
     for name, spec in actions.vocab_embeddings.items():
@@ -32,16 +36,12 @@ def mask_vocab_embeddings(gm: fx.GraphModule, actions: Actions, rank: int) -> No
             outside = g.call_function(aten.logical_or.default, (below, above))
             shifted = g.call_function(aten.sub.Tensor, (ids, start))
             local_ids = g.call_function(aten.masked_fill.Scalar, (shifted, outside, 0))
-        emb.args = (emb.args[0], local_ids, *emb.args[2:])
-        with g.inserting_after(emb):
+            lookup = g.call_function(emb.target, (emb.args[0], local_ids, *emb.args[2:]),
+                                     dict(emb.kwargs))
             keep = g.call_function(aten.unsqueeze.default, (outside, -1))
-        with g.inserting_after(keep):
-            masked = g.call_function(aten.masked_fill.Scalar, (emb, keep, 0.0))
-        for user in list(emb.users):
-            if user not in (keep, masked):
-                user.replace_input_with(emb, masked)
-        masked.meta["val"] = emb.meta.get("val")
-        masked.meta["nn_module_stack"] = emb.meta.get("nn_module_stack", {})
+        lookup.meta["val"] = emb.meta.get("val")
+        lookup.meta["nn_module_stack"] = emb.meta.get("nn_module_stack", {})
+        emb.target, emb.args, emb.kwargs = aten.masked_fill.Scalar, (lookup, keep, 0.0), {}
 
 
 def gather_vocab_outputs(gm: fx.GraphModule, actions: Actions, world_size: int,
