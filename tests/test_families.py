@@ -10,7 +10,7 @@ import pytest
 from fxtp.families import FAMILIES
 from fxtp.verify import run_ranks
 
-from .rank_workers import FAMILY_EXAMPLES, run_families
+from .rank_workers import FAMILY_EXAMPLES, run_families, world_sizes
 
 TOL = 1e-4
 NAMES = tuple(FAMILIES)
@@ -20,17 +20,22 @@ PARALLEL_BLOCKS = {"phi", "gpt_neox", "falcon", "falcon_mqa"}
 _cache: dict[int, list] = {}
 
 
-# at world 4, the families whose structure differs from one already run there: the other
-# llama-like GQA configs (mistral, qwen2, gemma: the same graph as llama_bias without
-# biases), the MHA ones (llama_mha, opt: one head per rank, as tests/test_multirank.py's
-# GPT-2 and BERT at world 4; phi3: as phi3_gqa without kv groups) and Phi (a parallel block
-# like GPT-NeoX) run at world 2 only, which keeps the suite's time in check (4 ranks share 2
-# CPU cores here)
-AT_4 = tuple(n for n in NAMES if n not in {"mistral", "qwen2", "gemma", "llama_mha", "opt",
-                                           "phi3", "phi"})
+# at world 4 only the families whose layout there differs from world 2's: kv heads fewer than
+# the ranks (llama_bias with its k/v biases, phi3_gqa's fused chunks held by pairs of ranks,
+# Falcon-40B's kv groups) and heads that do not divide 4 (llama_uneven, gpt2_3heads). The
+# others slice the same way at any world size (their world-2 run covers them; 4 ranks share
+# this machine's 2 CPU cores, ~11 s a family); tests/test_multirank.py runs Llama, GPT-2 and
+# BERT at world 4 as well
+AT_4 = ("llama_bias", "phi3_gqa", "falcon", "llama_uneven", "gpt2_3heads")
+
+
+def sizes(*names: str) -> list[tuple[int, str]]:
+    return world_sizes(names, AT_4)
+
+
 # torch.compile(fullgraph=True) of every family's TP graph, at world 2
 COMPILED_AT = 2
-RUNS = [(2, n) for n in NAMES] + [(4, n) for n in AT_4]
+RUNS = sizes(*NAMES)
 
 
 def family(ws: int, name: str) -> list[dict]:
@@ -83,8 +88,7 @@ def test_family_all_reduces_and_local_parameters(ws, name):
         assert held == planned
 
 
-@pytest.mark.parametrize("ws", (2, 4))
-@pytest.mark.parametrize("name", ("mixtral", "qwen2_moe"))
+@pytest.mark.parametrize("ws, name", sizes("mixtral", "qwen2_moe"))
 def test_moe_experts_sharded_router_replicated(ws, name):
     r = family(ws, name)[0]
     p = r["param_placements"]
@@ -100,7 +104,7 @@ def test_moe_experts_sharded_router_replicated(ws, name):
     assert down == (4, 64, inter // ws)
 
 
-@pytest.mark.parametrize("ws", (2, 4))
+@pytest.mark.parametrize("ws", [ws for ws, _ in sizes("llama_tied")])
 def test_tied_embeddings_stay_tied_and_replicated(ws):
     r = family(ws, "llama_tied")[0]
     assert r["placements"]["lm_head"] == "replicate"
@@ -108,7 +112,7 @@ def test_tied_embeddings_stay_tied_and_replicated(ws):
     assert r["local_shapes"]["model.embed_tokens.weight"] == (128, 64)
 
 
-@pytest.mark.parametrize("ws", (2, 4))
+@pytest.mark.parametrize("ws", [ws for ws, _ in sizes("llama_bias")])
 def test_biases_on_every_linear(ws):
     r = family(ws, "llama_bias")[0]
     shapes = r["local_shapes"]
@@ -117,7 +121,7 @@ def test_biases_on_every_linear(ws):
     assert shapes["model.layers.0.mlp.down_proj.bias"] == (64,)
 
 
-@pytest.mark.parametrize("ws", (2, 4))
+@pytest.mark.parametrize("ws", [ws for ws, _ in sizes("t5")])
 def test_t5_self_and_cross_attention_sharded(ws):
     p = family(ws, "t5")[0]["placements"]
     for attn in ("layer.0.SelfAttention", "layer.1.EncDecAttention"):
@@ -126,7 +130,7 @@ def test_t5_self_and_cross_attention_sharded(ws):
         assert p[f"decoder.block.0.{attn}.o"] == "row"
 
 
-@pytest.mark.parametrize("ws", (2, 4))
+@pytest.mark.parametrize("ws", [ws for ws, _ in sizes("bloom")])
 def test_bloom_alibi_heads_merged_into_batch(ws):
     """BLOOM views [b, heads, s, d] as [b * heads, s, d] around baddbmm with the ALiBi bias:
     the heads stay sharded inside the merged dim and each rank adds its own heads' slopes."""
@@ -138,7 +142,7 @@ def test_bloom_alibi_heads_merged_into_batch(ws):
     assert r["outer_narrows"] == 2      # the ALiBi bias of each layer, sliced to this rank's heads
 
 
-@pytest.mark.parametrize("ws", (2, 4))
+@pytest.mark.parametrize("ws", [ws for ws, _ in sizes("falcon_mqa")])
 def test_falcon_multi_query_fused_qkv(ws):
     """Falcon-7B: q heads split over the ranks, the fused single k and v heads kept whole."""
     r = family(ws, "falcon_mqa")[0]
@@ -147,7 +151,7 @@ def test_falcon_multi_query_fused_qkv(ws):
     assert "whole" in r["shards"]["transformer.h.0.self_attention.query_key_value"]
 
 
-@pytest.mark.parametrize("ws", (2, 4))
+@pytest.mark.parametrize("ws", [ws for ws, _ in sizes("llama_uneven")])
 def test_uneven_heads_and_features(ws):
     """6 q heads / 3 kv heads of 16 and 102 MLP features: the first ranks hold one unit more."""
     ranks = family(ws, "llama_uneven")
@@ -161,7 +165,7 @@ def test_uneven_heads_and_features(ws):
     assert "uneven" in ranks[0]["shards"]["model.layers.0.mlp.up_proj"] or ws == 2
 
 
-@pytest.mark.parametrize("ws", (2, 4))
+@pytest.mark.parametrize("ws", [ws for ws, _ in sizes("gpt2_3heads")])
 def test_gpt2_fused_thirds_with_uneven_heads(ws):
     ranks = family(ws, "gpt2_3heads")
     rows = [r["local_shapes"]["transformer.h.0.attn.c_attn.weight"] for r in ranks]
@@ -171,7 +175,7 @@ def test_gpt2_fused_thirds_with_uneven_heads(ws):
         assert rows == [(48, 144)] * 4
 
 
-@pytest.mark.parametrize("ws", (2, 4))
+@pytest.mark.parametrize("ws", [ws for ws, _ in sizes("phi3_gqa")])
 def test_fused_qkv_with_fewer_kv_heads_than_ranks(ws):
     """Phi-3's fused qkv with 4 q heads and 2 kv heads: each chunk split on its own; on 4 ranks
     the k and v chunks are held by pairs of ranks (as vLLM does), the q chunk by each rank."""

@@ -6,15 +6,21 @@ from __future__ import annotations
 
 import pytest
 
+from .rank_workers import world_sizes
 from .test_multirank import case
+from .train_workers import AT_4
 
 GRAD_TOL = 1e-4
 
 
-@pytest.mark.parametrize("ws", (2, 4))
-@pytest.mark.parametrize("name", ("llama", "gpt2", "gpt2_vocab"))
+def sizes(*names: str) -> list[tuple[int, str]]:
+    return world_sizes(names, AT_4)
+
+
+@pytest.mark.parametrize("ws, name", sizes("train_grad_llama", "train_grad_gpt2",
+                                           "train_grad_gpt2_vocab"))
 def test_gradients_are_the_slices_of_the_full_gradients(ws, name):
-    for rank, r in enumerate(case(ws, f"train_grad_{name}")):
+    for rank, r in enumerate(case(ws, name)):
         assert r["training"]
         assert r["examples"] >= 4
         # every parameter is compared (none missing, none without a gradient)
@@ -25,12 +31,12 @@ def test_gradients_are_the_slices_of_the_full_gradients(ws, name):
         assert r["grad_syncs"] >= 2 * 2
 
 
-@pytest.mark.parametrize("ws", (2, 4))
-@pytest.mark.parametrize("name", ("llama_uneven", "falcon_mqa", "bloom"))
+@pytest.mark.parametrize("ws, name", sizes("train_grad_llama_uneven", "train_grad_falcon_mqa",
+                                           "train_grad_bloom"))
 def test_gradients_with_uneven_and_whole_chunks(ws, name):
     """Uneven heads (2+1 kv heads), k/v chunks held whole by every rank (their gradients summed
     over all ranks) and heads merged into the batch dim: still each parameter's own slice."""
-    for rank, r in enumerate(case(ws, f"train_grad_{name}")):
+    for rank, r in enumerate(case(ws, name)):
         assert r["compared"] == r["params"] and not r["missing"], r
         assert r["max_error"] <= GRAD_TOL, f"rank {rank}: {r['max_error']} at {r['worst']}"
         assert r["loss_error"] <= GRAD_TOL
@@ -52,9 +58,8 @@ def test_optimizer_steps_track_the_unsharded_run(name):
         assert r["losses_tp"] == pytest.approx(r["losses_ref"], abs=1e-4)
 
 
-@pytest.mark.parametrize("ws", (2, 4))
-def test_dropout_model_refuses_train_until_disabled(ws):
-    for r in case(ws, "train_dropout"):
+def test_dropout_model_refuses_train_until_disabled():
+    for r in case(2, "train_dropout"):
         kind, msg = r["error"]
         assert kind == "DropoutError"
         assert "transformer.drop" in msg and "disable_dropout=True" in msg
@@ -63,8 +68,8 @@ def test_dropout_model_refuses_train_until_disabled(ws):
         assert r["training_after_generation"] is False
 
 
-@pytest.mark.parametrize("ws", (2, 4))
-@pytest.mark.parametrize("name", ("llama", "gpt2"))
+@pytest.mark.parametrize("ws, name", [(ws, n.removeprefix("lora_"))
+                                      for ws, n in sizes("lora_llama", "lora_gpt2")])
 def test_peft_lora_sharded_with_its_base(ws, name):
     """The LoRA branch is found from the graph: beside a column-parallel base, A whole and B
     split like the base; beside a row-parallel base, A split on its input and B whole applied
@@ -91,8 +96,8 @@ def test_peft_lora_sharded_with_its_base(ws, name):
         assert shapes[f"{row}.lora_A.default.weight"] == (8, {"llama": 128, "gpt2": 256}[name] // ws)
 
 
-@pytest.mark.parametrize("ws", (2, 4))
-@pytest.mark.parametrize("name", ("llama", "gpt2"))
+@pytest.mark.parametrize("ws, name", [(ws, n.removeprefix("lora_"))
+                                      for ws, n in sizes("lora_llama", "lora_gpt2")])
 def test_fold_and_unfold_lora_on_the_sharded_graph(ws, name):
     for r in case(ws, f"lora_{name}"):
         assert r["folded_error"] <= GRAD_TOL and r["unfolded_error"] <= GRAD_TOL
