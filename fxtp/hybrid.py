@@ -21,7 +21,8 @@ def fold_lora(tp: fx.GraphModule) -> fx.GraphModule:
         raise LoraStateError("fxtp.fold_lora: the LoRA adapters are already folded into the "
                              "weights; call fxtp.unfold_lora(tp) first (fxtp.for_generation(tp) "
                              "is a no-op when folded)")
-    info.lora_fold = lora.fold(tp, info.plan.solution.linears, _label(tp))
+    info.lora_fold = info.lora_last_fold = lora.fold(tp, info.plan.solution.linears, _label(tp),
+                                                     info.lora_last_fold)
     return tp
 
 

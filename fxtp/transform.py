@@ -44,6 +44,7 @@ class TPInfo:
     param_slices: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
     dropout_disabled: bool = False     # set by fxtp.for_training(tp, disable_dropout=True)
     lora_fold: Any = None              # passes.lora.FoldState while LoRA is folded
+    lora_last_fold: Any = None         # the latest FoldState: its two graphs serve later folds
     # parameters/buffers still on the meta device (a model built on meta, before fxtp.load)
     unloaded: tuple[str, ...] = ()
 

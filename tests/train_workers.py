@@ -129,6 +129,10 @@ def _fold_round_trip(model, tp, compile_check: bool = False) -> dict[str, Any]:
     fxtp.for_generation(tp)
     strategy = hf_inputs(model.config.vocab_size, max_batch=2, max_seq=12)
     folded = check_equivalence(model, tp, strategy, max_examples=3).worst
+    probe = {"input_ids": torch.arange(10).view(2, 5) % model.config.vocab_size}
+    with torch.no_grad():
+        folded_probe = tp(**probe).logits
+    folded_forward = type(tp).forward
     if compile_check:
         compiled["compile_folded"] = compile_counts(tp, forward_calls(hf_ids(model)))
     ar1, lora1 = facts()
@@ -147,7 +151,17 @@ def _fold_round_trip(model, tp, compile_check: bool = False) -> dict[str, Any]:
         errors.append(None)
     except fxtp.FxtpError as e:
         errors.append(type(e).__name__)
-    return {"folded_error": folded, "unfolded_error": unfolded, "round_trip": round_trip,
+    # a second round reuses both graphs' generated code (no recompile) and gives the same
+    # folded outputs and restored weights
+    unfolded_forward = type(tp).forward
+    fxtp.fold_lora(tp)
+    with torch.no_grad():
+        second_fold = float((tp(**probe).logits - folded_probe).abs().max())
+    reused = type(tp).forward is folded_forward
+    fxtp.unfold_lora(tp)
+    reused = reused and type(tp).forward is unfolded_forward
+    second_trip = max(float((v.detach() - before[k]).abs().max()) for k, v in tp.named_parameters())
+    return {"second_round": (second_fold, second_trip, reused),"folded_error": folded, "unfolded_error": unfolded, "round_trip": round_trip,
             "all_reduces_unfolded_folded": (ar0, ar1), "adapter_weights_used": (lora0, lora1),
             "state_errors": errors, "training_after": tp.training, **compiled}
 

@@ -9,14 +9,17 @@ beside a row-parallel base A holds the base's input columns, so in both cases
 `W_local += scale * B_local @ A_local` is this rank's slice of the merged weight.
 
 Folding keeps the graph as it was (restored by `unfold_lora`) and the local base shards as they
-were (copied back bit for bit: `W + d - d` is not always `W` in floating point).
+were (copied back bit for bit: `W + d - d` is not always `W` in floating point). Both graphs
+keep their generated code: an RLHF loop switches every step, and regenerating and compiling the
+Python of a graph of thousands of nodes cost more than the weight arithmetic (and gave
+torch.compile a new code object to compile each time).
 """
 from __future__ import annotations
 
 import copy
 import numbers
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 from torch import fx
@@ -44,10 +47,36 @@ class LoraBranch:
 
 
 @dataclass
+class GraphCode:
+    """A graph with the forward `recompile()` generated from it; `install` puts both back on
+    the module as `recompile()` would, without generating and compiling the code again."""
+    graph: fx.Graph
+    code: str
+    forward: Any
+    lineno_map: Any
+    prologue_start: int
+
+    @staticmethod
+    def of(gm: fx.GraphModule) -> "GraphCode":
+        return GraphCode(gm.graph, gm.code, type(gm).forward, gm._lineno_map, gm._prologue_start)
+
+    def installed_on(self, gm: fx.GraphModule) -> bool:
+        """Whether `gm` runs this graph's code now (not after an edit and recompile)."""
+        return gm.graph is self.graph and gm.code == self.code and type(gm).forward is self.forward
+
+    def install(self, gm: fx.GraphModule) -> None:
+        gm._graph = self.graph
+        self.graph.owning_module = gm
+        gm._code, gm._lineno_map, gm._prologue_start = self.code, self.lineno_map, self.prologue_start
+        type(gm).forward = self.forward
+
+
+@dataclass
 class FoldState:
-    graph: fx.Graph                        # the unfolded graph, restored by unfold_lora
-    originals: dict[str, torch.Tensor]     # base weight name -> local shard before folding
+    unfolded: GraphCode                    # restored by unfold_lora
+    folded: GraphCode                      # installed by fold_lora (made by the first fold)
     branches: list[LoraBranch]
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)   # base weight -> shard
 
 
 def _through(n: object) -> object:
@@ -117,41 +146,70 @@ def _as_out_in(t: torch.Tensor, m: LinearMatch) -> torch.Tensor:
     return t if m.out_dim == 0 else t.t()
 
 
-def fold(gm: fx.GraphModule, linears: dict[str, LinearMatch], label: str) -> FoldState:
+def fold(gm: fx.GraphModule, linears: dict[str, LinearMatch], label: str,
+         previous: Optional[FoldState] = None) -> FoldState:
+    """Folds every branch into its base weight and installs the graph without branches.
+    `previous`: the state of an earlier fold of this graph, whose two graphs are reused when
+    the module still runs the unfolded one (no edit since)."""
+    if previous is not None and previous.unfolded.installed_on(gm):
+        # the saved shards' buffers too: copying into them spares allocating them each round
+        state = FoldState(previous.unfolded, previous.folded, previous.branches,
+                          previous.originals)
+    else:
+        state = _fold_graph(gm, linears, label)
+    weights = []
+    for br in state.branches:
+        mb, ma, mbase = linears[br.b], linears[br.a], linears[br.base]
+        w = get_tensor_attr(gm, mbase.weight)
+        if w.dim() != 2:
+            raise NoLoraError(f"fxtp.fold_lora: {br.module} has a {w.dim()}-D weight; only "
+                              "2-D base weights can be folded")
+        weights.append((br, mbase, w, _as_out_in(get_tensor_attr(gm, mb.weight), mb),
+                        _as_out_in(get_tensor_attr(gm, ma.weight), ma)))
+    saved_now: set[str] = set()
+    with torch.no_grad():
+        for br, mbase, w, b_w, a_w in weights:
+            if mbase.weight not in saved_now:      # once per weight, before any branch adds
+                saved_now.add(mbase.weight)
+                saved = state.originals.get(mbase.weight)
+                if saved is None or saved.shape != w.shape or saved.dtype != w.dtype:
+                    state.originals[mbase.weight] = w.detach().clone()
+                else:
+                    saved.copy_(w)
+            # W += scale * B @ A in the weight's dtype, as PEFT's merge does (restored exactly
+            # from the saved shard on unfold, so no rounding accumulates over rounds)
+            _as_out_in(w, mbase).addmm_(b_w.to(w.dtype), a_w.to(w.dtype), alpha=br.scale)
+    state.folded.install(gm)
+    return state
+
+
+def _fold_graph(gm: fx.GraphModule, linears: dict[str, LinearMatch], label: str) -> FoldState:
+    """The graph without LoRA branches, as a copy (the module's own graph is kept for
+    unfolding), with its code generated once."""
     branches = find_lora_branches(gm, linears)
     if not branches:
         raise NoLoraError(
             f"fxtp.fold_lora: no LoRA branch found in {label} (looked for base(x) + scale * "
             "B(A(x)) with A and B linears). Nothing to fold: use the graph as it is, or transform "
             "a PEFT model (peft.get_peft_model) to get adapters.")
-    state = FoldState(graph=copy.deepcopy(gm.graph), originals={}, branches=branches)
-    g = gm.graph
+    unfolded = GraphCode.of(gm)
+    g = copy.deepcopy(gm.graph)        # same node names
+    g.owning_module = gm               # dead-code elimination asks the module what is impure
     nodes = {n.name: n for n in g.nodes}
-    with torch.no_grad():
-        for br in branches:
-            mb, ma, mbase = linears[br.b], linears[br.a], linears[br.base]
-            w = get_tensor_attr(gm, mbase.weight)
-            if w.dim() != 2:
-                raise NoLoraError(f"fxtp.fold_lora: {br.module} has a {w.dim()}-D weight; only "
-                                  "2-D base weights can be folded")
-            b_w = _as_out_in(get_tensor_attr(gm, mb.weight), mb)
-            a_w = _as_out_in(get_tensor_attr(gm, ma.weight), ma)
-            state.originals.setdefault(mbase.weight, w.detach().clone())
-            # W += scale * B @ A in the weight's dtype, as PEFT's merge does (restored exactly
-            # from the saved shard on unfold, so no rounding accumulates over rounds)
-            _as_out_in(w, mbase).addmm_(b_w.to(w.dtype), a_w.to(w.dtype), alpha=br.scale)
-            add = nodes[br.add]
-            x, y = add.args
-            add.replace_all_uses_with(y if _match(y, x, linears) is not None else x)
+    for br in branches:
+        add = nodes[br.add]
+        x, y = add.args
+        add.replace_all_uses_with(y if _match(y, x, linears) is not None else x)
     g.eliminate_dead_code()
     g.lint()
-    gm.recompile()
-    return state
+    gm.graph = g                       # generates and compiles the folded code, once
+    folded = GraphCode.of(gm)
+    unfolded.install(gm)
+    return FoldState(unfolded, folded, branches)
 
 
 def unfold(gm: fx.GraphModule, state: FoldState) -> None:
     with torch.no_grad():
         for name, original in state.originals.items():
             get_tensor_attr(gm, name).copy_(original)
-    gm.graph = state.graph
-    gm.recompile()
+    state.unfolded.install(gm)
