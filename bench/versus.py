@@ -49,15 +49,6 @@ def build(hidden: int, layers: int, seed: int = 0):
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def median_time(fn, repeats: int) -> float:
-    return median_times({"fn": fn}, repeats)["fn"]
-
-
-def median_times(fns: dict, repeats: int) -> dict:
-    """Median seconds of each function (see `round_times`)."""
-    return {name: statistics.median(ts) for name, ts in round_times(fns, repeats).items()}
-
-
 def round_times(fns: dict, repeats: int) -> dict:
     """Seconds of each function in each of `repeats` rounds, the calls interleaved (a, b, c,
     a, b, c, ...) so that a slow spell of this shared machine hits every contender alike."""
@@ -194,7 +185,7 @@ def lora_times(hidden: int, layers: int, repeats: int) -> dict:
         model.unmerge_adapter()
 
     with torch.no_grad():
-        return {"fxtp": median_time(fold_unfold, repeats), "peft": median_time(merge_unmerge, repeats)}
+        return round_times({"fxtp": fold_unfold, "peft": merge_unmerge}, repeats)
 
 
 def main() -> None:
@@ -255,8 +246,9 @@ def main() -> None:
     print(f"all-reduces per layer: {per_layer} (Megatron optimum [2]); bytes all-reduced per token "
           f"per layer: {per_layer[-1] * hidden * 4} (optimum {2 * hidden * 4}, fp32)")
     lt = lora_times(hidden, args["layers"], max(3, args["repeats"] // 4))
-    print(f"LoRA fold+unfold (world 1): fxtp {lt['fxtp'] * 1e3:.1f} ms, PEFT merge+unmerge "
-          f"{lt['peft'] * 1e3:.1f} ms, ratio {lt['fxtp'] / lt['peft']:.2f}")
+    print(f"LoRA fold+unfold (world 1): fxtp {statistics.median(lt['fxtp']) * 1e3:.1f} ms, PEFT "
+          f"merge+unmerge {statistics.median(lt['peft']) * 1e3:.1f} ms, ratio "
+          f"{paired_ratio(lt['fxtp'], lt['peft']):.2f}")
 
 
 if __name__ == "__main__":
