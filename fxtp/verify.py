@@ -50,9 +50,15 @@ def _rank_context():
     return ctx
 
 
-def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple, out: Any) -> None:
+def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple, out: Any,
+               env: Optional[dict] = None, cwd: Optional[str] = None) -> None:
     import torch.distributed as dist
 
+    if env is not None:    # a forked rank gets the caller's environment and directory of now,
+        os.environ.clear()  # as a spawned one would, not the forkserver's from its start
+        os.environ.update(env)
+    if cwd is not None:
+        os.chdir(cwd)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     try:
@@ -74,7 +80,8 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 600.0)
     ctx = _rank_context()
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, out), daemon=True)
+    procs = [ctx.Process(target=_rank_main, daemon=True,
+                         args=(fn, r, world_size, port, args, out, dict(os.environ), os.getcwd()))
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -316,3 +316,9 @@ def run_families(rank: int, world_size: int, names: tuple, compile_check: bool =
 def raise_deliberately(rank: int, world_size: int) -> None:
     """A rank that raises an fxtp error, as transform does for a model it cannot shard."""
     raise fxtp.NotDivisibleError(f"proj: 3 heads on {world_size} ranks (test)")
+
+
+def environment_and_directory(rank: int, world_size: int) -> tuple:
+    import os
+
+    return os.environ.get("FXTP_TEST_SETTING"), os.getcwd()

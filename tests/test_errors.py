@@ -161,3 +161,18 @@ def test_an_fxtp_error_in_a_rank_is_raised_again_as_itself():
 
     with pytest.raises(fxtp.NotDivisibleError, match=r"^rank 0: proj: 3 heads on 1 ranks"):
         run_ranks(raise_deliberately, 1, timeout=120)
+
+
+def test_ranks_see_the_callers_environment_and_directory_of_now(tmp_path, monkeypatch):
+    """Ranks fork from a forkserver started earlier; each still gets the caller's current
+    environment and working directory, as a spawned process would."""
+    from fxtp.verify import run_ranks
+
+    from .rank_workers import environment_and_directory
+
+    run_ranks(environment_and_directory, 1, timeout=120)     # the forkserver is running now
+    monkeypatch.setenv("FXTP_TEST_SETTING", "set after the forkserver started")
+    monkeypatch.chdir(tmp_path)
+    for setting, cwd in run_ranks(environment_and_directory, 2, timeout=120):
+        assert setting == "set after the forkserver started"
+        assert cwd == str(tmp_path)
