@@ -110,7 +110,6 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
             cfg.use_cache = had_cache
     gm = ep.module()
     drop_no_ops(gm)
-    gm.recompile()
     defaults = {}
     if hf:
         if "use_cache" in kwargs:

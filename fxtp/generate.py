@@ -124,7 +124,6 @@ def capture_step(model: nn.Module, max_batch: int, max_len: int) -> Captured:
                                      dynamic_shapes=({1: seq}, {1: seq}, None, None), strict=False)
             gm = ep.module()
             drop_no_ops(gm)
-            gm.recompile()
     except GenerationError:
         raise
     except Exception as e:

@@ -2,8 +2,8 @@
 
 `run_ranks` starts `world_size` processes (forked from a forkserver that imported torch,
 transformers and fxtp once; spawn where there is no forkserver), on 127.0.0.1 at a free port,
-initialises a gloo group in each, calls a picklable function and collects what every rank returns; a rank that
-hangs or dies fails the run after `timeout` seconds instead of blocking. `check_equivalence`
+initialises a gloo group in each, calls a picklable function and collects what every rank
+returns; a rank that hangs or dies fails the run after `timeout` seconds instead of blocking. `check_equivalence`
 draws inputs with hypothesis (derandomized, so every rank draws the same examples and
 collectives line up) and records the largest difference to the original model.
 """
@@ -51,14 +51,14 @@ def _rank_context():
 
 
 def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple, out: Any,
-               env: Optional[dict] = None, cwd: Optional[str] = None) -> None:
+               env: dict, cwd: str) -> None:
     import torch.distributed as dist
 
-    if env is not None:    # a forked rank gets the caller's environment and directory of now,
-        os.environ.clear()  # as a spawned one would, not the forkserver's from its start
-        os.environ.update(env)
-    if cwd is not None:
-        os.chdir(cwd)
+    # the caller's environment and directory of now, as a spawned rank would have them, not
+    # the forkserver's from when it started
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     try:

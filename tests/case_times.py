@@ -10,7 +10,7 @@ import time
 
 from fxtp.verify import run_ranks
 
-from .rank_workers import SECONDS, run_all, run_families
+from .rank_workers import SECONDS, run_all
 
 
 def main() -> None:
@@ -19,10 +19,9 @@ def main() -> None:
     if which == "multirank":
         ranks = run_ranks(run_all, ws, timeout=1200)
     else:
-        from .test_families import AT_4, COMPILED_AT, NAMES
+        from .test_families import spawn
 
-        ranks = run_ranks(run_families, ws, NAMES if ws == 2 else AT_4, ws == COMPILED_AT,
-                          timeout=1200)
+        ranks = spawn(ws)
     total = time.perf_counter() - start
     slowest = {name: max(r[SECONDS][name] for r in ranks) for name in ranks[0][SECONDS]}
     for name, s in sorted(slowest.items(), key=lambda kv: -kv[1]):

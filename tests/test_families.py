@@ -33,15 +33,24 @@ def sizes(*names: str) -> list[tuple[int, str]]:
     return world_sizes(names, AT_4)
 
 
+def worlds_of(name: str) -> list[int]:
+    return [ws for ws, _ in sizes(name)]
+
+
 # torch.compile(fullgraph=True) of every family's TP graph, at world 2
 COMPILED_AT = 2
 RUNS = sizes(*NAMES)
 
 
+def spawn(ws: int) -> list[dict]:
+    """Every family run at this world size, in one spawn of gloo ranks."""
+    return run_ranks(run_families, ws, NAMES if ws == 2 else AT_4, ws == COMPILED_AT,
+                     timeout=900)
+
+
 def family(ws: int, name: str) -> list[dict]:
     if ws not in _cache:
-        _cache[ws] = run_ranks(run_families, ws, NAMES if ws == 2 else AT_4, ws == COMPILED_AT,
-                               timeout=900)
+        _cache[ws] = spawn(ws)
     per_rank = [r[name] for r in _cache[ws]]
     for r in per_rank:
         assert "exception" not in r, r.get("exception")
@@ -104,7 +113,7 @@ def test_moe_experts_sharded_router_replicated(ws, name):
     assert down == (4, 64, inter // ws)
 
 
-@pytest.mark.parametrize("ws", [ws for ws, _ in sizes("llama_tied")])
+@pytest.mark.parametrize("ws", worlds_of("llama_tied"))
 def test_tied_embeddings_stay_tied_and_replicated(ws):
     r = family(ws, "llama_tied")[0]
     assert r["placements"]["lm_head"] == "replicate"
@@ -112,7 +121,7 @@ def test_tied_embeddings_stay_tied_and_replicated(ws):
     assert r["local_shapes"]["model.embed_tokens.weight"] == (128, 64)
 
 
-@pytest.mark.parametrize("ws", [ws for ws, _ in sizes("llama_bias")])
+@pytest.mark.parametrize("ws", worlds_of("llama_bias"))
 def test_biases_on_every_linear(ws):
     r = family(ws, "llama_bias")[0]
     shapes = r["local_shapes"]
@@ -121,7 +130,7 @@ def test_biases_on_every_linear(ws):
     assert shapes["model.layers.0.mlp.down_proj.bias"] == (64,)
 
 
-@pytest.mark.parametrize("ws", [ws for ws, _ in sizes("t5")])
+@pytest.mark.parametrize("ws", worlds_of("t5"))
 def test_t5_self_and_cross_attention_sharded(ws):
     p = family(ws, "t5")[0]["placements"]
     for attn in ("layer.0.SelfAttention", "layer.1.EncDecAttention"):
@@ -130,7 +139,7 @@ def test_t5_self_and_cross_attention_sharded(ws):
         assert p[f"decoder.block.0.{attn}.o"] == "row"
 
 
-@pytest.mark.parametrize("ws", [ws for ws, _ in sizes("bloom")])
+@pytest.mark.parametrize("ws", worlds_of("bloom"))
 def test_bloom_alibi_heads_merged_into_batch(ws):
     """BLOOM views [b, heads, s, d] as [b * heads, s, d] around baddbmm with the ALiBi bias:
     the heads stay sharded inside the merged dim and each rank adds its own heads' slopes."""
@@ -142,7 +151,7 @@ def test_bloom_alibi_heads_merged_into_batch(ws):
     assert r["outer_narrows"] == 2      # the ALiBi bias of each layer, sliced to this rank's heads
 
 
-@pytest.mark.parametrize("ws", [ws for ws, _ in sizes("falcon_mqa")])
+@pytest.mark.parametrize("ws", worlds_of("falcon_mqa"))
 def test_falcon_multi_query_fused_qkv(ws):
     """Falcon-7B: q heads split over the ranks, the fused single k and v heads kept whole."""
     r = family(ws, "falcon_mqa")[0]
@@ -151,7 +160,7 @@ def test_falcon_multi_query_fused_qkv(ws):
     assert "whole" in r["shards"]["transformer.h.0.self_attention.query_key_value"]
 
 
-@pytest.mark.parametrize("ws", [ws for ws, _ in sizes("llama_uneven")])
+@pytest.mark.parametrize("ws", worlds_of("llama_uneven"))
 def test_uneven_heads_and_features(ws):
     """6 q heads / 3 kv heads of 16 and 102 MLP features: the first ranks hold one unit more."""
     ranks = family(ws, "llama_uneven")
@@ -165,7 +174,7 @@ def test_uneven_heads_and_features(ws):
     assert "uneven" in ranks[0]["shards"]["model.layers.0.mlp.up_proj"] or ws == 2
 
 
-@pytest.mark.parametrize("ws", [ws for ws, _ in sizes("gpt2_3heads")])
+@pytest.mark.parametrize("ws", worlds_of("gpt2_3heads"))
 def test_gpt2_fused_thirds_with_uneven_heads(ws):
     ranks = family(ws, "gpt2_3heads")
     rows = [r["local_shapes"]["transformer.h.0.attn.c_attn.weight"] for r in ranks]
@@ -175,7 +184,7 @@ def test_gpt2_fused_thirds_with_uneven_heads(ws):
         assert rows == [(48, 144)] * 4
 
 
-@pytest.mark.parametrize("ws", [ws for ws, _ in sizes("phi3_gqa")])
+@pytest.mark.parametrize("ws", worlds_of("phi3_gqa"))
 def test_fused_qkv_with_fewer_kv_heads_than_ranks(ws):
     """Phi-3's fused qkv with 4 q heads and 2 kv heads: each chunk split on its own; on 4 ranks
     the k and v chunks are held by pairs of ranks (as vLLM does), the q chunk by each rank."""

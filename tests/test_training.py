@@ -17,6 +17,9 @@ def sizes(*names: str) -> list[tuple[int, str]]:
     return world_sizes(names, AT_4)
 
 
+LORA_SIZES = [(ws, n.removeprefix("lora_")) for ws, n in sizes("lora_llama", "lora_gpt2")]
+
+
 @pytest.mark.parametrize("ws, name", sizes("train_grad_llama", "train_grad_gpt2",
                                            "train_grad_gpt2_vocab"))
 def test_gradients_are_the_slices_of_the_full_gradients(ws, name):
@@ -68,8 +71,7 @@ def test_dropout_model_refuses_train_until_disabled():
         assert r["training_after_generation"] is False
 
 
-@pytest.mark.parametrize("ws, name", [(ws, n.removeprefix("lora_"))
-                                      for ws, n in sizes("lora_llama", "lora_gpt2")])
+@pytest.mark.parametrize("ws, name", LORA_SIZES)
 def test_peft_lora_sharded_with_its_base(ws, name):
     """The LoRA branch is found from the graph: beside a column-parallel base, A whole and B
     split like the base; beside a row-parallel base, A split on its input and B whole applied
@@ -96,8 +98,7 @@ def test_peft_lora_sharded_with_its_base(ws, name):
         assert shapes[f"{row}.lora_A.default.weight"] == (8, {"llama": 128, "gpt2": 256}[name] // ws)
 
 
-@pytest.mark.parametrize("ws, name", [(ws, n.removeprefix("lora_"))
-                                      for ws, n in sizes("lora_llama", "lora_gpt2")])
+@pytest.mark.parametrize("ws, name", LORA_SIZES)
 def test_fold_and_unfold_lora_on_the_sharded_graph(ws, name):
     for r in case(ws, f"lora_{name}"):
         assert r["folded_error"] <= GRAD_TOL and r["unfolded_error"] <= GRAD_TOL

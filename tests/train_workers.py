@@ -161,7 +161,8 @@ def _fold_round_trip(model, tp, compile_check: bool = False) -> dict[str, Any]:
     fxtp.unfold_lora(tp)
     reused = reused and type(tp).forward is unfolded_forward
     second_trip = max(float((v.detach() - before[k]).abs().max()) for k, v in tp.named_parameters())
-    return {"second_round": (second_fold, second_trip, reused),"folded_error": folded, "unfolded_error": unfolded, "round_trip": round_trip,
+    return {"folded_error": folded, "unfolded_error": unfolded, "round_trip": round_trip,
+            "second_round": (second_fold, second_trip, reused),
             "all_reduces_unfolded_folded": (ar0, ar1), "adapter_weights_used": (lora0, lora1),
             "state_errors": errors, "training_after": tp.training, **compiled}
 

@@ -35,13 +35,13 @@ _TO = {aten.to.dtype, aten.to.device, aten.to.dtype_layout}
 _WHOLE = 2 ** 62       # export writes "to the end" as sys.maxsize
 
 
-def drop_no_ops(gm: fx.GraphModule) -> int:
+def drop_no_ops(gm: fx.GraphModule) -> None:
     """Removes what export records but eager code skips: dtype/device checks
     (`_assert_tensor_metadata`), casts to the dtype and device a tensor already has, slices of a
     whole dimension. Each is a few microseconds of dispatch per call and a model has several
     per layer. A no-op cast returns its input itself and a whole slice views all of it, so the
     input stands in for either, in-place writes included. Nodes that fxtp's own passes
-    annotated are left alone. Returns how many were removed; the caller recompiles."""
+    annotated are left alone. Recompiles the module if anything was removed."""
     removed = 0
     for n in list(gm.graph.nodes):
         if n.op != "call_function" or any(k.startswith("fxtp") for k in n.meta):
@@ -54,7 +54,8 @@ def drop_no_ops(gm: fx.GraphModule) -> int:
             n.replace_all_uses_with(n.args[0])
             gm.graph.erase_node(n)
             removed += 1
-    return removed
+    if removed:
+        gm.recompile()
 
 
 def _is_no_op(n: fx.Node) -> bool:

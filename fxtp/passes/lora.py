@@ -61,8 +61,9 @@ class GraphCode:
         return GraphCode(gm.graph, gm.code, type(gm).forward, gm._lineno_map, gm._prologue_start)
 
     def installed_on(self, gm: fx.GraphModule) -> bool:
-        """Whether `gm` runs this graph's code now (not after an edit and recompile)."""
-        return gm.graph is self.graph and gm.code == self.code and type(gm).forward is self.forward
+        """Whether `gm` runs this graph's code now: every `recompile()` (after an edit, or
+        `fxtp.load` retargeting devices) makes a new forward."""
+        return gm.graph is self.graph and type(gm).forward is self.forward
 
     def install(self, gm: fx.GraphModule) -> None:
         gm._graph = self.graph
@@ -152,9 +153,7 @@ def fold(gm: fx.GraphModule, linears: dict[str, LinearMatch], label: str,
     `previous`: the state of an earlier fold of this graph, whose two graphs are reused when
     the module still runs the unfolded one (no edit since)."""
     if previous is not None and previous.unfolded.installed_on(gm):
-        # the saved shards' buffers too: copying into them spares allocating them each round
-        state = FoldState(previous.unfolded, previous.folded, previous.branches,
-                          previous.originals)
+        state = previous    # its saved shards' buffers too: copied into, not allocated again
     else:
         state = _fold_graph(gm, linears, label)
     weights = []
