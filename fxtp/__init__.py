@@ -3,7 +3,8 @@
     tp = fxtp.transform(model, world_size)     # inside an initialised process group
     print(fxtp.plan(model, world_size))        # the decisions, no process group needed
 """
-from .errors import (CacheOverflowError, CaptureError, CheckpointError, DropoutError, FxtpError,
+from .errors import (CacheOverflowError, CaptureError, CheckpointError, DropoutError, DtypeError,
+                     FxtpError,
                      GenerationError, InputError, LoraStateError, MetaTensorError, NoLoraError,
                      NotDivisibleError,
                      PlanOverrideError, ProcessGroupError, PromptMismatchError,
@@ -23,6 +24,6 @@ __all__ = [
     "FxtpError", "CaptureError", "DropoutError", "NoLoraError", "LoraStateError", "InputError", "NotDivisibleError", "PlanOverrideError",
     "ProcessGroupError", "WorldSizeMismatchError", "GenerationError", "CacheOverflowError",
     "PromptMismatchError", "load", "init_empty", "LoadReport", "CheckpointError",
-    "MetaTensorError",
+    "MetaTensorError", "DtypeError",
 ]
 __version__ = "0.1.0"

@@ -44,11 +44,24 @@ def is_hf_model(model: nn.Module) -> bool:
         return False
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device a model computes on: its parameters' (meta for a model built without
+    weights), else its buffers', else the CPU. Every tensor fxtp makes for the model goes there."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def hf_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> dict[str, Any]:
-    """Dummy inputs for a Hugging Face model, from its config: token ids within the vocab."""
+    """Dummy inputs for a Hugging Face model, from its config: token ids within the vocab, on
+    the model's device (a CUDA model is captured with CUDA inputs, a meta-built one with meta
+    inputs: torch.export propagates devices and rejects a mix)."""
     cfg = model.config
     vocab = getattr(cfg, "vocab_size", None) or 32
-    ids = torch.randint(0, vocab, (batch, seq))
+    dev = model_device(model)
+    ids = torch.randint(0, vocab, (batch, seq), device="cpu").to(dev)
     params = inspect.signature(model.forward).parameters
     # wrappers (PEFT) take **kwargs and pass them on to the model
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -56,7 +69,7 @@ def hf_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> dict[st
     if "attention_mask" in params or takes_any:
         kwargs["attention_mask"] = torch.ones_like(ids)
     if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
-        kwargs["decoder_input_ids"] = torch.randint(0, vocab, (batch, max(2, seq // 2)))
+        kwargs["decoder_input_ids"] = torch.randint(0, vocab, (batch, max(2, seq // 2))).to(dev)
     if "use_cache" in params:
         kwargs["use_cache"] = False
     return kwargs

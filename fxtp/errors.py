@@ -64,3 +64,7 @@ class CheckpointError(FxtpError):
 
 class MetaTensorError(FxtpError):
     """The tensor-parallel model still holds meta tensors (built on the meta device, not loaded)."""
+
+
+class DtypeError(FxtpError):
+    """A dtype other than the one the graph was captured in (load(dtype=), tp.to(dtype))."""

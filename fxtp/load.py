@@ -28,12 +28,17 @@ import math
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch import fx, nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, DtypeError, LoraStateError
+from .passes._util import get_tensor_attr, set_tensor_attr, written_in_place
+from .passes.devices import retarget_devices
+from .runtime import ALL_REDUCE, WAIT, collective_device
+from .transform import META_KEY, tensor_attrs
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -85,6 +90,7 @@ class LoadReport:
     files: list[str] = field(default_factory=list)
     tensors: dict[str, str] = field(default_factory=dict)     # tp name -> checkpoint name
     kept: list[str] = field(default_factory=list)             # real buffers not in the checkpoint
+    zeroed: list[str] = field(default_factory=list)           # state (KV cache) made as zeros
     bytes_read: int = 0         # bytes read from the files
     bytes_loaded: int = 0       # bytes of the local tensors filled (each tied tensor once)
     full_bytes: int = 0         # bytes of the same tensors unsliced
@@ -157,17 +163,6 @@ def _headers(files: list[str]) -> dict[str, _Entry]:
     return entries
 
 
-def _runs(index: torch.Tensor) -> list[tuple[int, int]]:
-    """Sorted runs (start, length) of consecutive global indices, in the order kept."""
-    runs: list[tuple[int, int]] = []
-    for i in index.tolist():
-        if runs and runs[-1][0] + runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((i, 1))
-    return runs
-
-
 def _read_into(f, entry: _Entry, dim: int, runs: list[tuple[int, int]], out: torch.Tensor) -> int:
     """Reads `runs` of `entry` along `dim` into the contiguous `out`; returns bytes read."""
     shape = entry.shape or (1,)         # a 0-d tensor reads as one element
@@ -233,51 +228,69 @@ def _show(items: list[str]) -> str:
     return ", ".join(items[:SHOWN]) + more
 
 
-def load(tp: fx.GraphModule, path: str, *, adapter: Optional[str] = None,
+def load(tp: Any, path: str, *, device: Union[str, torch.device, None] = None,
+         dtype: Optional[torch.dtype] = None, adapter: Optional[str] = None,
          adapter_name: str = "default", reader: str = "direct") -> LoadReport:
-    """Fills `tp` (from `fxtp.transform`, typically of a model built under `fxtp.init_empty()`)
-    with this rank's slices of the checkpoint in `path`: a directory holding `model.safetensors`
-    or sharded `model-*.safetensors` with `model.safetensors.index.json`, or one file.
-    `adapter`: a PEFT adapter directory (`adapter_model.safetensors`) for a PEFT model's LoRA
-    weights, the base weights coming from `path`.
+    """Fills `tp` (from `fxtp.transform`, typically of a model built under `fxtp.init_empty()`,
+    or an `fxtp.generator` of one) with this rank's slices of the checkpoint in `path`: a
+    directory holding `model.safetensors` or sharded `model-*.safetensors` with
+    `model.safetensors.index.json`, or one file. `adapter`: a PEFT adapter directory
+    (`adapter_model.safetensors`) for a PEFT model's LoRA weights, the base weights coming from
+    `path`.
+
+    `device`: where the local tensors go (`f"cuda:{local_rank}"`; default: where the graph's
+    real tensors are, else the CPU). The whole graph moves there: the buffers the model
+    computed, the KV cache of a generator (zeros), and the devices baked into the graph.
+    `dtype`: the floating dtype the model was built (and captured) in; checkpoint tensors of
+    another floating dtype are cast while reading (a bf16 checkpoint into fp32 and back). A
+    `dtype` other than the model's raises `DtypeError`: build the model in that dtype.
 
     Every tensor is checked (present, full shape, dtype, files whole) before any is read; on
-    any problem `CheckpointError` names the tensors and nothing changes. Call it on every rank.
+    any problem `CheckpointError` names the tensors and nothing changes. Each tensor is read
+    into a host buffer of its local size and moved to `device`: at most one tensor is staged
+    in host memory. Call it on every rank.
     """
-    from .transform import META_KEY
-
-    info = tp.meta.get(META_KEY)
+    gm = tp if isinstance(tp, fx.GraphModule) else getattr(tp, "tp", None)
+    info = gm.meta.get(META_KEY) if isinstance(gm, fx.GraphModule) else None
     if info is None:
-        raise CheckpointError("fxtp.load takes the result of fxtp.transform")
+        raise CheckpointError("fxtp.load takes the result of fxtp.transform or fxtp.generator, "
+                              f"not {type(tp).__name__}")
     if info.lora_fold is not None:
-        raise CheckpointError("fxtp.load: the LoRA adapters are folded into the weights; call "
-                              "fxtp.unfold_lora(tp) before loading")
+        raise LoraStateError("fxtp.load: the LoRA adapters are folded into the weights; call "
+                             "fxtp.unfold_lora(tp) before loading")
     if reader not in ("direct", "safetensors"):
         raise CheckpointError(f"fxtp.load: reader must be 'direct' or 'safetensors', not {reader!r}")
+    target = _target_device(gm, device)
+    _check_dtype(gm, dtype)
     files = _files(path, "model.safetensors.index.json", "model.safetensors")
     if adapter is not None:
         files += _files(adapter, "adapter_model.safetensors.index.json", "adapter_model.safetensors")
     entries = _headers(files)
     captured = info.plan.captured.gm
-    from .passes._util import get_tensor_attr
 
     # every tensor of tp once, with all of its names (tied weights)
-    params = dict(tp.named_parameters(remove_duplicate=False))
-    buffers = dict(tp.named_buffers(remove_duplicate=False))
+    named = tensor_attrs(gm)
+    buffers = dict(gm.named_buffers(remove_duplicate=False))
+    state = written_in_place(gm)
     groups: dict[int, list[str]] = {}
     tensors: dict[int, torch.Tensor] = {}
-    for name, t in {**params, **buffers}.items():
+    for name, t in named.items():
         groups.setdefault(id(t), []).append(name)
         tensors[id(t)] = t
     report = LoadReport(files=files)
     plan: list[tuple[list[str], str, _Entry, torch.Tensor]] = []
+    moved: list[tuple[list[str], torch.Tensor]] = []     # tensors not in the checkpoint
     missing, shapes, dtypes = [], [], []
     for key, names in groups.items():
         t = tensors[key]
         found = next((c for n in names for c in _candidates(n, adapter_name) if c in entries), None)
         if found is None:
-            if names[0] in buffers and t.device.type != "meta":
+            if t.device.type != "meta" and (names[0] in buffers or names[0] in state):
                 report.kept.extend(names)        # a real buffer computed by the model
+                moved.append((names, t))
+            elif names[0] in state:              # a KV cache: state the graph writes
+                report.zeroed.extend(names)
+                moved.append((names, t))
             else:
                 missing.append(names[0] + (f" (or {', '.join(names[1:])})" if names[1:] else ""))
             continue
@@ -285,34 +298,42 @@ def load(tp: fx.GraphModule, path: str, *, adapter: Optional[str] = None,
         full = tuple(get_tensor_attr(captured, names[0]).shape)
         if e.shape != full:
             shapes.append(f"{found}: {list(e.shape)} in the checkpoint, {list(full)} expected")
-        elif DTYPES.get(e.dtype) != t.dtype:
+        elif DTYPES.get(e.dtype) != t.dtype and not _castable(DTYPES.get(e.dtype), t.dtype):
             dtypes.append(f"{found}: {e.dtype} in the checkpoint, {t.dtype} in the model")
         plan.append((names, found, e, t))
     if missing or shapes or dtypes:
         raise CheckpointError(_problems(missing, shapes, dtypes, len(groups), entries,
                                         {f for _, f, _, _ in plan}, path))
-    # read every local slice into new tensors
+    # read every local slice into new tensors on the target device
     new: list[tuple[list[str], torch.Tensor]] = []
     handles: dict = {}
     opened: dict[str, object] = {}
+    failure = ""
     try:
         for names, found, e, t in plan:
             rec = next((info.param_slices[n] for n in names if n in info.param_slices), None)
-            dim, runs = (rec[0], _runs(rec[1])) if rec else (0, [(0, e.shape[0] if e.shape else 1)])
-            out = torch.empty(t.shape, dtype=t.dtype)
+            dim, runs = rec if rec else (0, ((0, e.shape[0] if e.shape else 1),))
+            # read straight into the result where it is a host tensor of the checkpoint's
+            # dtype; otherwise into a host buffer of the local size, then cast and move
+            host = torch.empty(t.shape, dtype=DTYPES[e.dtype], device="cpu")
             if reader == "direct":
                 if e.file not in opened:
                     opened[e.file] = open(e.file, "rb", buffering=0)
-                report.bytes_read += _read_into(opened[e.file], e, dim, runs, out)
+                report.bytes_read += _read_into(opened[e.file], e, dim, runs, host)
             else:
-                report.bytes_read += _read_with_safetensors(handles, found, e, dim, runs, out)
+                report.bytes_read += _read_with_safetensors(handles, found, e, dim, runs, host)
+            out = host.to(device=target, dtype=t.dtype)
+            del host
             report.bytes_loaded += out.numel() * out.element_size()
             report.full_bytes += e.end - e.start
             for n in names:
                 report.tensors[n] = found
             new.append((names, out))
+        for names, t in moved:
+            new.append((names, torch.zeros(t.shape, dtype=t.dtype, device=target)
+                        if t.device.type == "meta" else t.to(target)))
         ok = True
-    except OSError as err:
+    except (OSError, RuntimeError) as err:    # RuntimeError: out of device memory
         ok, failure = False, f"{type(err).__name__}: {err}"
     except CheckpointError as err:
         ok, failure = False, str(err)
@@ -324,46 +345,59 @@ def load(tp: fx.GraphModule, path: str, *, adapter: Optional[str] = None,
         raise CheckpointError(failure if not ok else
                               "fxtp.load: another rank failed to read its slices (see its "
                               "error); nothing was loaded")
-    from .passes._util import set_tensor_attr
-
     for names, out in new:
-        set_tensor_attr(tp, names[0], out)   # every alias (tied names) gets the same tensor
-    _retarget_devices(tp, torch.device("cpu"))
-    info.unloaded = meta_tensors(tp)
+        set_tensor_attr(gm, names[0], out)   # every alias (tied names) gets the same tensor
+    retarget_devices(gm, target)
+    info.unloaded = meta_tensors(gm)
     return report
 
 
-def _retarget_devices(gm: fx.GraphModule, device: torch.device) -> None:
-    """A graph captured from a meta model has `device=meta` baked into some ops (export's
-    `_assert_tensor_metadata` checks, factory calls, `to(device)`): point them at the device
-    the weights were loaded to."""
-    def fix(a):
-        if isinstance(a, torch.device) and a.type == "meta":
-            return device
-        if isinstance(a, (list, tuple)):
-            return type(a)(fix(x) for x in a)
-        if isinstance(a, dict):
-            return {k: fix(v) for k, v in a.items()}
-        return a
+def _target_device(gm: fx.GraphModule, device: Union[str, torch.device, None]) -> torch.device:
+    """`device`, or where the graph's real tensors already are (the model's computed buffers),
+    or the CPU."""
+    if device is None:
+        real = [t.device for t in tensor_attrs(gm).values() if t.device.type != "meta"]
+        return real[0] if real else torch.device("cpu")
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise CheckpointError(f"fxtp.load: device={device!r} is not a device: {e}") from e
+    if target.type == "meta":
+        raise CheckpointError("fxtp.load: device='meta' holds no values; name the device the "
+                              "weights go to (e.g. f'cuda:{local_rank}' or 'cpu')")
+    if target.type == "cuda" and target.index is None and torch.cuda.is_available():
+        target = torch.device("cuda", torch.cuda.current_device())
+    return target
 
-    changed = False
-    for n in gm.graph.nodes:
-        args, kwargs = fix(n.args), fix(n.kwargs)
-        if args != n.args or kwargs != n.kwargs:
-            n.args, n.kwargs, changed = args, kwargs, True
-    if changed:
-        gm.recompile()
+
+def _check_dtype(gm: fx.GraphModule, dtype: Optional[torch.dtype]) -> None:
+    """The floating dtype is the one the model was captured in: the graph's casts, masks and
+    constants were recorded in it, so loading weights of another dtype into it would compute
+    in a mix of both."""
+    if dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise DtypeError(f"fxtp.load: dtype must be a floating torch.dtype, got {dtype!r}")
+    built = sorted({str(p.dtype) for p in gm.parameters() if p.dtype.is_floating_point})
+    if built and built != [str(dtype)]:
+        raise DtypeError(
+            f"fxtp.load: dtype={dtype} but the model was built and captured in {', '.join(built)}. "
+            f"The graph's casts and masks are in that dtype: build the model in {dtype} "
+            f"(AutoModelForCausalLM.from_config(cfg, dtype={dtype}) under fxtp.init_empty()) "
+            "before fxtp.transform, or leave dtype out to cast the checkpoint to the model's dtype.")
+
+
+def _castable(src: Optional[torch.dtype], dst: torch.dtype) -> bool:
+    """A checkpoint tensor is cast while reading between floating dtypes only."""
+    return src is not None and src.is_floating_point and dst.is_floating_point
 
 
 def _all_ranks_ok(ok: bool, info) -> bool:
     """In a process group, every rank swaps its tensors in only if every rank read them."""
-    import torch.distributed as dist
-
     if info.world_size == 1 or not dist.is_initialized():
         return ok
-    flag = torch.tensor([1 if ok else 0])
-    flag = torch.ops._c10d_functional.wait_tensor(
-        torch.ops._c10d_functional.all_reduce(flag, "min", info.group_name))
+    flag = torch.tensor([1 if ok else 0], device=collective_device(info.group_name))
+    flag = WAIT(ALL_REDUCE(flag, "min", info.group_name))
     return bool(flag.item())
 
 

@@ -161,7 +161,7 @@ class DimShard:
 
     def index(self, rank: int) -> torch.Tensor:
         """The global indices this rank holds along the dimension."""
-        return torch.cat([torch.arange(s, s + n) for s, n in self.local_ranges(rank)])
+        return torch.cat([torch.arange(s, s + n, device="cpu") for s, n in self.local_ranges(rank)])
 
     def scaled(self, factor_num: int, factor_den: int = 1) -> Optional["DimShard"]:
         """The same split with every size multiplied by num/den (a view regrouping the dim),

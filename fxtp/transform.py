@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -11,8 +12,8 @@ import torch.distributed as dist
 from torch import fx, nn
 
 from .capture import Captured, capture
-from .errors import (DropoutError, InputError, MetaTensorError, NotDivisibleError,
-                     PlanOverrideError)
+from .errors import (DropoutError, DtypeError, InputError, MetaTensorError,
+                     NotDivisibleError, PlanOverrideError)
 from .passes import (cleanup, gather_vocab_outputs, insert_all_reduces, insert_grad_syncs,
                      insert_local_slices,
                      keep_constant_adds_on_rank0, mask_vocab_embeddings, rewrite_shape_constants,
@@ -21,6 +22,8 @@ from .patterns.linear import split_biases
 from .plan import Plan, build_plan
 from .repeats import (expand_plan, find_repeats, probe as probe_layers, same_decisions,
                       same_layers)
+from .passes._util import get_tensor_attr, index_runs, set_tensor_attr
+from .passes.devices import retarget_devices
 from .runtime import GroupInfo, resolve_group
 
 META_KEY = "fxtp"
@@ -40,8 +43,9 @@ class TPInfo:
     all_reduce_nodes: list[str] = field(default_factory=list)
     all_gather_nodes: list[str] = field(default_factory=list)
     grad_sync_nodes: list[str] = field(default_factory=list)
-    # parameter/buffer name (every alias of a tied one) -> (dim, global indices this rank keeps)
-    param_slices: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
+    # parameter/buffer name (every alias of a tied one) -> (dim, runs (global start, length) of
+    # the indices this rank keeps, in order): plain ints, so nothing here is on a device
+    param_slices: dict[str, tuple[int, tuple[tuple[int, int], ...]]] = field(default_factory=dict)
     dropout_disabled: bool = False     # set by fxtp.for_training(tp, disable_dropout=True)
     lora_fold: Any = None              # passes.lora.FoldState while LoRA is folded
     lora_last_fold: Any = None         # the latest FoldState: its two graphs serve later folds
@@ -130,8 +134,9 @@ def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
             f"plan=fxtp.plan(model, {world_size}).override({{{(r.module or r.node)!r}: 'replicate'}}))")
     gm = rewrite(plan, info)
     _guard_meta(gm)
-    _install_input_defaults(gm, plan.captured)
+    _install_input_defaults(gm, gm.meta[META_KEY].plan.captured)   # shapes only
     _guard_training(gm)
+    _guard_moves(gm)
     return gm
 
 
@@ -196,14 +201,65 @@ def _guard_training(gm: fx.GraphModule) -> None:
     nn.Module.train(gm, False)     # the graph behaves as in eval mode; say so
 
 
+def _guard_moves(gm: fx.GraphModule) -> None:
+    """`tp.to(device)` / `.cuda()` / `.cpu()` move the tensors and point the devices baked into
+    the graph by the capture at the new device. A floating dtype other than the captured one
+    (`.to(torch.bfloat16)`, `.half()`, ...) raises `DtypeError` before anything moves: the
+    graph's casts, masks and constants were recorded in the captured dtype."""
+    def captured_dtypes() -> set[torch.dtype]:
+        return {p.dtype for p in gm.parameters() if p.dtype.is_floating_point}
+
+    def refuse(dtype: torch.dtype) -> None:
+        have = captured_dtypes()
+        if dtype is not None and have and have != {dtype}:
+            raise DtypeError(
+                f"fxtp: the tensor-parallel graph was captured in "
+                f"{', '.join(sorted(map(str, have)))} and cannot be cast to {dtype}: its casts, "
+                f"masks and constants were recorded in that dtype. Build (or cast) the model in "
+                f"{dtype} before fxtp.transform (model.to({dtype}) or from_config(..., "
+                f"dtype={dtype})).")
+
+    def to(*args, **kwargs):
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        refuse(dtype)
+        if device is not None:
+            if gm.meta[META_KEY].lora_fold is not None:
+                from .errors import LoraStateError
+
+                raise LoraStateError("fxtp: unfold the LoRA adapters (fxtp.unfold_lora(tp) or "
+                                     "fxtp.for_training(tp)) before moving the graph to another "
+                                     "device; fold them again there")
+            device = torch.device(device)
+            if device.type == "cuda" and device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+        nn.Module.to(gm, *args, **kwargs)
+        if device is not None:
+            retarget_devices(gm, device)
+        return gm
+
+    def cast(dtype: torch.dtype):
+        def method(*_args, **_kwargs):
+            refuse(dtype)
+            return gm
+        return method
+
+    gm.to = to
+    gm.cuda = lambda device=None: to(torch.device("cuda", device) if isinstance(device, int)
+                                     else (device or "cuda"))
+    gm.cpu = lambda: to("cpu")
+    gm.half, gm.bfloat16 = cast(torch.float16), cast(torch.bfloat16)
+    gm.float, gm.double = cast(torch.float32), cast(torch.float64)
+
+
 def rewrite(plan: Plan, info: GroupInfo) -> fx.GraphModule:
     """Applies the plan's actions to a copy of the captured graph for `info.rank`."""
     captured, sol = plan.captured, plan.solution
-    with warnings.catch_warnings():
-        # torch's own pytree spec pickling warns about its deprecated LeafSpec; not ours to fix
-        warnings.simplefilter("ignore", FutureWarning)
-        gm = copy.deepcopy(captured.gm)
-    tp = TPInfo(plan=plan, rank=info.rank, world_size=info.world_size, group_name=info.group_name)
+    full = {id(t): t for t in tensor_attrs(captured.gm).values()}
+    # the graph is copied, the weights are not: each rank slices the captured (= the user's)
+    # tensors into new local ones, then copies what it keeps whole (`_own_tensors`)
+    gm = _deepcopy(captured.gm, dict(full))
+    tp = TPInfo(plan=shapes_only(plan), rank=info.rank, world_size=info.world_size,
+                group_name=info.group_name)
     if info.world_size > 1:
         slices: dict[str, tuple[int, torch.Tensor]] = {}
         tp.sharded_params = shard_linear_params(gm, sol.actions, sol.linears, info.rank, slices)
@@ -219,11 +275,63 @@ def rewrite(plan: Plan, info: GroupInfo) -> fx.GraphModule:
                                                [*tp.sharded_params, *tp.sliced_attrs])
         tp.param_slices = _with_aliases(gm, slices)
     cleanup(gm)
+    _own_tensors(gm, full)
     from .load import meta_tensors
 
     tp.unloaded = meta_tensors(gm)
     gm.meta[META_KEY] = tp
     return gm
+
+
+def tensor_attrs(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Every tensor the module holds, by every name: parameters, buffers and plain tensor
+    attributes that the graph reads (`get_attr`), tied ones under each of their names."""
+    out = {**dict(gm.named_parameters(remove_duplicate=False)),
+           **dict(gm.named_buffers(remove_duplicate=False))}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target not in out:
+            t = get_tensor_attr(gm, n.target)
+            if isinstance(t, torch.Tensor):
+                out[n.target] = t
+    return out
+
+
+def _deepcopy(gm: fx.GraphModule, memo: dict) -> fx.GraphModule:
+    with warnings.catch_warnings():
+        # torch's own pytree spec pickling warns about its deprecated LeafSpec; not ours to fix
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(gm, memo)
+
+
+def _own_tensors(gm: fx.GraphModule, full: dict[int, torch.Tensor]) -> None:
+    """Gives the rewritten graph its own copy of every tensor it still shares with the capture
+    (what it keeps whole: norms, replicated linears, buffers): training or folding LoRA into
+    `tp` must not write into the user's model. Sliced tensors are new already. Peak memory:
+    the model (the user's) plus this rank's shard."""
+    copies: dict[int, torch.Tensor] = {}
+    for name, t in tensor_attrs(gm).items():
+        if id(t) in full:
+            if id(t) not in copies:
+                with torch.no_grad():
+                    copies[id(t)] = t.detach().clone()
+            set_tensor_attr(gm, name, copies[id(t)])
+
+
+def shapes_only(plan: Plan) -> Plan:
+    """The plan as kept in `tp.meta`: its captured graph holds meta tensors of the full shapes,
+    so the tensor-parallel result keeps no reference to the full weights (the captured graph
+    aliases the user's parameters). Planning again (`override`, `replan`) and checking a
+    checkpoint's shapes need only the shapes."""
+    if plan.captured is None:
+        return plan
+    memo: dict = {}
+    for t in tensor_attrs(plan.captured.gm).values():
+        if id(t) not in memo:
+            meta = t.detach().to("meta")
+            memo[id(t)] = (nn.Parameter(meta, requires_grad=t.requires_grad)
+                           if isinstance(t, nn.Parameter) else meta)
+    gm = _deepcopy(plan.captured.gm, memo)
+    return dataclasses.replace(plan, captured=dataclasses.replace(plan.captured, gm=gm))
 
 
 def _guard_meta(gm: fx.GraphModule) -> None:
@@ -249,9 +357,8 @@ def _guard_meta(gm: fx.GraphModule) -> None:
 
 
 def _with_aliases(gm: fx.GraphModule, slices: dict) -> dict:
-    """The slice records under every name of each (possibly tied) tensor."""
-    from .passes._util import get_tensor_attr
-
+    """The slice records under every name of each (possibly tied) tensor, as runs."""
+    slices = {name: (dim, index_runs(index)) for name, (dim, index) in slices.items()}
     by_id = {id(get_tensor_attr(gm, name)): rec for name, rec in slices.items()}
     named = {**dict(gm.named_parameters(remove_duplicate=False)),
              **dict(gm.named_buffers(remove_duplicate=False))}

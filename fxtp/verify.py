@@ -20,8 +20,11 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from .errors import FxtpError
+from .capture import model_device
+from .passes._util import runs_index
 
 
 class RankFailure(FxtpError):
@@ -194,7 +197,7 @@ def hf_inputs(vocab: int, max_batch: int = 3, max_seq: int = 24, encoder_decoder
 
     def ids(d, b: int, s: int) -> torch.Tensor:
         flat = d(st.lists(st.integers(0, vocab - 1), min_size=b * s, max_size=b * s))
-        return torch.tensor(flat, dtype=torch.long).view(b, s)
+        return torch.tensor(flat, dtype=torch.long, device="cpu").view(b, s)
 
     @st.composite
     def draw(d):
@@ -241,12 +244,15 @@ def check_equivalence(model: nn.Module, tp: nn.Module, strategy, max_examples: i
     from hypothesis import HealthCheck, Phase, given, settings
 
     report = EquivalenceReport()
+    device = model_device(model)
 
     @settings(max_examples=max_examples, derandomize=True, database=None, deadline=None,
               phases=[Phase.generate], suppress_health_check=list(HealthCheck))
     @given(strategy)
     def run(inputs):
         args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
+        # drawn on the host; run where the model is (a CUDA model gets CUDA inputs)
+        args, kwargs = tree_map_only(torch.Tensor, lambda t: t.to(device), (args, kwargs))
         with torch.no_grad():
             expected = model(*args, **kwargs)
             actual = tp(*args, **kwargs)
@@ -299,8 +305,8 @@ def local_slice(tp: nn.Module, name: str, full: torch.Tensor) -> torch.Tensor:
     rec = tp.meta["fxtp"].param_slices.get(name) if hasattr(tp, "meta") else None
     if rec is None:
         return full
-    dim, index = rec
-    return full.index_select(dim, index.to(full.device))
+    dim, runs = rec
+    return full.index_select(dim, runs_index(runs, full.device))
 
 
 def token_loss(out: Any, inputs: dict) -> torch.Tensor:

@@ -126,7 +126,8 @@ def test_runs_are_read_at_their_offsets(tmp_path):
     """The direct reader on any dim, runs in the order kept, 0-d and bfloat16 tensors."""
     from safetensors.torch import save_file
 
-    from fxtp.load import _read_header, _read_into, _runs
+    from fxtp.load import _read_header, _read_into
+    from fxtp.passes._util import index_runs
 
     t = {"a": torch.arange(24.).view(2, 3, 4), "s": torch.tensor(5.0),
          "b": torch.arange(10, dtype=torch.bfloat16)}
@@ -139,7 +140,7 @@ def test_runs_are_read_at_their_offsets(tmp_path):
             idx = torch.tensor(idx)
             want = t[name].index_select(dim, idx)
             out = torch.empty_like(want)
-            assert _read_into(fh, h[name], dim, _runs(idx), out) == want.numel() * want.element_size()
+            assert _read_into(fh, h[name], dim, index_runs(idx), out) == want.numel() * want.element_size()
             assert torch.equal(out, want)
         out = torch.empty(())
         _read_into(fh, h["s"], 0, [(0, 1)], out)

@@ -62,3 +62,35 @@ def get_tensor_attr(gm: fx.GraphModule, qualname: str) -> torch.Tensor:
     owner_name, _, leaf = qualname.rpartition(".")
     owner = gm.get_submodule(owner_name) if owner_name else gm
     return getattr(owner, leaf)
+
+
+def index_runs(index: torch.Tensor) -> tuple[tuple[int, int], ...]:
+    """Runs (start, length) of consecutive indices, in the order kept: the compact form of the
+    global indices a rank holds of a sliced tensor (one run per piece of each fused chunk)."""
+    runs: list[tuple[int, int]] = []
+    for i in index.tolist():
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return tuple(runs)
+
+
+def runs_index(runs: tuple[tuple[int, int], ...], device: torch.device | str = "cpu") -> torch.Tensor:
+    """The indices of `runs`, on `device`."""
+    return torch.cat([torch.arange(s, s + n, device=device) for s, n in runs])
+
+
+def written_in_place(gm: fx.GraphModule) -> set[str]:
+    """Tensor attributes the graph writes in place (an op whose schema marks that argument as
+    written: the static KV cache's `index_copy_`): state, not weights."""
+    out: set[str] = set()
+    for n in gm.graph.nodes:
+        schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
+        if schema is None:
+            continue
+        for i, a in enumerate(n.args[:len(schema.arguments)]):
+            info = schema.arguments[i].alias_info
+            if isinstance(a, fx.Node) and a.op == "get_attr" and info is not None and info.is_write:
+                out.add(a.target)
+    return out

@@ -14,7 +14,7 @@ from torch import fx
 
 from ..sharding import DimShard
 from ..solver import Actions
-from ._util import get_arg, get_tensor_attr, nodes_by_name, set_arg, set_tensor_attr
+from ._util import get_arg, get_tensor_attr, nodes_by_name, runs_index, set_arg, set_tensor_attr
 from .shard_params import slice_tensor
 
 aten = torch.ops.aten
@@ -59,7 +59,7 @@ def insert_local_slices(gm: fx.GraphModule, actions: Actions, rank: int,
         ranges = relative_ranges(have, want, rank)
         if sliced_in_place(value, have, want):
             full = get_tensor_attr(gm, value.target)
-            index = torch.cat([torch.arange(s, s + n) for s, n in ranges])
+            index = runs_index(ranges)
             set_tensor_attr(gm, value.target, slice_tensor(full, dim, index))
             sliced_attrs.append(value.target)
             if record is not None:
