@@ -82,6 +82,9 @@ def write_checkpoints(root: str) -> dict[str, str]:
             broken["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(48, 64)
         save_file(broken, os.path.join(d, "model.safetensors"))
     dirs["other_arch"] = dirs["gpt2"]
+    # the llama checkpoint in bf16 (a hub checkpoint's usual dtype)
+    dirs["llama_bf16"] = os.path.join(root, "llama_bf16")
+    build("llama").to(torch.bfloat16).save_pretrained(dirs["llama_bf16"], safe_serialization=True)
     return dirs
 
 
@@ -162,6 +165,73 @@ def _error_cases(ws: int, dirs: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+def _bf16_case(ws: int, dirs: dict[str, str]) -> dict[str, Any]:
+    """bf16 end to end: a bf16 meta-built llama loaded from the fp32 checkpoint with the cast
+    done while reading, and an fp32 one from the bf16 checkpoint. The references are Hugging
+    Face's own loads of the same files in the same dtypes; a tensor-parallel bf16 forward sums
+    its partial results in another order, so its error against the fp32 model is compared with
+    Hugging Face's bf16 error against it (bf16 rounding, not a wrong answer)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = build("llama").config
+    ids = torch.randint(1, cfg.vocab_size, (3, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    with fxtp.init_empty():
+        empty = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    tp = fxtp.transform(empty, ws)
+    rep = fxtp.load(tp, dirs["llama"], device="cpu", dtype=torch.bfloat16)
+
+    def run(m):
+        with torch.no_grad():
+            return m(input_ids=ids, attention_mask=mask).logits.float()
+
+    fp32 = AutoModelForCausalLM.from_pretrained(dirs["llama"]).eval()
+    hf16 = AutoModelForCausalLM.from_pretrained(dirs["llama"], dtype=torch.bfloat16).eval()
+    exact = run(fp32)
+    out = {"dtypes": sorted({str(p.dtype) for p in tp.parameters()}),
+           "read_vs_loaded": (rep.bytes_read, rep.bytes_loaded),
+           "tp_error": float((run(tp) - exact).abs().max()),
+           "hf_bf16_error": float((run(hf16) - exact).abs().max())}
+    with fxtp.init_empty():   # a fresh config: from_config(dtype=) wrote bf16 into cfg
+        empty32 = AutoModelForCausalLM.from_config(build("llama").config)
+    tp32 = fxtp.transform(empty32, ws)
+    fxtp.load(tp32, dirs["llama_bf16"])          # dtype of the model: fp32, cast from bf16
+    ref = AutoModelForCausalLM.from_pretrained(dirs["llama_bf16"], dtype=torch.float32).eval()
+    out["fp32_dtypes"] = sorted({str(p.dtype) for p in tp32.parameters()})
+    out["fp32_from_bf16_error"] = float((run(tp32) - run(ref)).abs().max())
+    return out
+
+
+def _device_case(ws: int) -> dict[str, Any]:
+    """Device leaks made visible without a GPU: a model built wholly on meta leaves nothing but
+    meta in the graph and in fxtp's records; a real model transformed and run under a default
+    device of meta still computes on the CPU (anything fxtp made on the default device would
+    be a meta tensor with no data)."""
+    from transformers import AutoModelForCausalLM
+
+    from fxtp.passes.devices import graph_devices
+    from fxtp.transform import tensor_attrs
+
+    from .test_device_dtype import tensors_in
+
+    model = build("llama")
+    with torch.device("meta"):
+        bare = AutoModelForCausalLM.from_config(model.config)
+    tp = fxtp.transform(bare, ws)
+    out = {"graph_devices": sorted(str(d) for d in graph_devices(tp)),
+           "tensor_devices": sorted({t.device.type for t in tensor_attrs(tp).values()}),
+           "record_devices": sorted({t.device.type for t in tensors_in(tp.meta["fxtp"])})}
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        with torch.device("meta"):
+            tp = fxtp.transform(model, ws)
+            got = tp(input_ids=ids).logits
+    out["default_meta"] = {"device": got.device.type, "error": float((got - ref).abs().max())}
+    return out
+
+
 def run_all(rank: int, ws: int, dirs: dict[str, str]) -> dict[str, Any]:
     torch.manual_seed(0)
     out: dict[str, Any] = {}
@@ -177,6 +247,13 @@ def run_all(rank: int, ws: int, dirs: dict[str, str]) -> dict[str, Any]:
                 out[key] = _reader_case(ws, path)
             else:
                 out[key] = _load_case(name, ws, path, adapter=extra)
+        except Exception:
+            out[key] = {"exception": traceback.format_exc()}
+        out[key]["seconds"] = time.perf_counter() - t0
+    for key, fn in (("bf16", lambda: _bf16_case(ws, dirs)), ("devices", lambda: _device_case(ws))):
+        t0 = time.perf_counter()
+        try:
+            out[key] = fn()
         except Exception:
             out[key] = {"exception": traceback.format_exc()}
         out[key]["seconds"] = time.perf_counter() - t0

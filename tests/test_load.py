@@ -96,6 +96,23 @@ def test_failed_loads_leave_a_graph_that_refuses_to_run(results):
         assert r["after"]["unloaded"] == 0 and r["after"]["bytes_read"] > 0
 
 
+def test_bf16_end_to_end_with_a_cast_while_loading(results):
+    for rank, r in enumerate(case(results, "bf16")):
+        assert r["dtypes"] == ["torch.bfloat16"]
+        assert r["read_vs_loaded"][0] == 2 * r["read_vs_loaded"][1]     # fp32 read, bf16 held
+        # bf16 rounding: about Hugging Face's own bf16 error against the fp32 model
+        assert 0 < r["tp_error"] <= 2 * r["hf_bf16_error"] + 1e-2, (rank, r)
+        assert r["fp32_dtypes"] == ["torch.float32"]
+        assert r["fp32_from_bf16_error"] <= TOL, (rank, r)
+
+
+def test_nothing_fxtp_makes_lands_on_another_device(results):
+    for r in case(results, "devices"):
+        assert r["graph_devices"] == ["meta"]
+        assert r["tensor_devices"] == ["meta"] and r["record_devices"] == ["meta"]
+        assert r["default_meta"]["device"] == "cpu" and r["default_meta"]["error"] <= TOL
+
+
 def test_init_empty_puts_parameters_on_meta_and_keeps_buffers():
     from fxtp.models import tiny_model
 
