@@ -83,9 +83,11 @@ FULL = Shape(2048, 16, 32, 8, 5632, 32000, batch=8, seq=512, prompt=128, new_tok
 QUICK_CUDA = Shape(1024, 4, 16, 4, 2816, 32000, batch=8, seq=256, prompt=64, new_tokens=64)
 QUICK_CPU = Shape(64, 2, 4, 2, 128, 128, batch=2, seq=16, prompt=8, new_tokens=8)
 
-# seconds a section needs on the full shape (quick shapes: a tenth); skipped when less is left
-NEEDS = {"forward": 30, "decode1": 100, "meta": 45, "gloo": 45, "nccl": 90, "decode8": 70,
-         "compiled": 100}
+# seconds a section needs on the full shape with cold compile caches (inductor compiles a
+# 16-layer graph in ~30 s): it is skipped when less is left (quick shapes: a fraction of it)
+NEEDS = {"forward": 40, "decode1": 35, "decode_compiled": 110, "meta": 50, "gloo": 50,
+         "nccl": 120, "decode8": 35, "compiled": 130}
+SECTIONS = ("forward", "decode1", "meta", "gloo", "nccl", "decode8", "compiled")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,6 +129,7 @@ class Bench:
     model: Any = None                       # the untouched model on the device
     tp: Any = None                          # fxtp.transform(model, 1)
     decode: dict = field(default_factory=dict)   # batch -> results of the decode section
+    skipped: list = field(default_factory=list)  # sections (or parts) the budget left out
 
     @property
     def cuda(self) -> bool:
@@ -136,7 +139,21 @@ class Bench:
         return self.args.budget - (time.perf_counter() - self.start)
 
     def need(self, key: str) -> float:
-        return NEEDS[key] * (1.0 if self.shape == FULL else 0.1)
+        return NEEDS[key] * {FULL: 1.0, QUICK_CUDA: 0.35}.get(self.shape, 0.1)
+
+    def ensure_model(self):
+        """The untouched model (built by the forward section, or here when it did not run)."""
+        if self.model is None:
+            self.model = build(self.shape, self.device, self.dtype)
+        return self.model
+
+    def ensure_tp(self):
+        """fxtp.transform(model, 1) (from the forward section, or made here)."""
+        import fxtp
+
+        if self.tp is None:
+            self.tp = fxtp.transform(self.ensure_model(), 1)
+        return self.tp
 
 
 def run_section(bench: Bench, title: str, key: str, fn: Callable[[Bench], None],
@@ -155,6 +172,7 @@ def run_section(bench: Bench, title: str, key: str, fn: Callable[[Bench], None],
     if key != "env" and bench.left() < bench.need(key):
         print(f"  skipped: time budget ({bench.left():.0f} s left of {bench.args.budget:.0f} s, "
               f"this section needs ~{bench.need(key):.0f} s)", flush=True)
+        bench.skipped.append(key)
         return
     t0 = time.perf_counter()
     try:
@@ -472,9 +490,7 @@ def section_decode(b: Bench, batch: int) -> None:
     """Greedy decode: fxtp.generator vs model.generate, eager then compiled."""
     from transformers import CompileConfig  # noqa: F401  (fail early if missing)
 
-    if b.model is None:
-        b.model = build(b.shape, b.device, b.dtype)
-    model, s = b.model, b.shape
+    model, s = b.ensure_model(), b.shape
     ids, mask = prompt(s, batch, b.device)
     n = s.new_tokens
     res: dict[str, Any] = {}
@@ -517,8 +533,10 @@ def section_decode(b: Bench, batch: int) -> None:
                    f"GB per step at {b.bandwidth / 1e12:.2f} TB/s)")
 
         # -- compiled: HF's static cache under torch.compile vs fxtp's compiled step --
-        if b.left() < b.need("decode1") * 0.5:
-            print(f"  compiled decode skipped: time budget ({b.left():.0f} s left)", flush=True)
+        if b.left() < b.need("decode_compiled"):
+            print(f"  compiled decode skipped: time budget ({b.left():.0f} s left, it needs "
+                  f"~{b.need('decode_compiled'):.0f} s)", flush=True)
+            b.skipped.append(f"decode{1 if batch == 1 else 8} (compiled part)")
             return
         hf_static = dict(hf_kw, **_hf_static_kwargs(b))
         t0 = time.perf_counter()
@@ -573,8 +591,7 @@ def section_meta_load(b: Bench) -> None:
     import fxtp
     from transformers import AutoModelForCausalLM
 
-    if b.model is None:
-        b.model = build(b.shape, b.device, b.dtype)
+    b.ensure_model()
     path = tempfile.mkdtemp(prefix="fxtp_gpu_bench_", dir="/tmp" if os.path.isdir("/tmp") else None)
     try:
         t0 = time.perf_counter()
@@ -673,20 +690,28 @@ def section_two_ranks_gloo(b: Bench) -> None:
 
 
 def _nccl_worker(rank: int, ws: int, port: int, shape: Shape, dtype: str, n_new: int,
-                 repeats: int, queue) -> None:
-    """One NCCL rank on GPU `rank`: forward and decode against world 1 on the same GPU."""
+                 repeats: int, decode_repeats: int, reference_tokens: Optional[torch.Tensor],
+                 queue, device_type: str = "cuda") -> None:
+    """One NCCL rank on GPU `rank`: the TP forward against the untouched model on the same GPU
+    (world 1), and TP greedy decode at batch 1 (tokens compared with world 1's).
+    `device_type="cpu"` runs the same code over gloo (to check this function without GPUs)."""
     try:
         import torch.distributed as dist
 
         import fxtp
 
+        warnings.filterwarnings("ignore")
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                           WORLD_SIZE=str(ws), LOCAL_RANK=str(rank))
-        dev = torch.device("cuda", rank)
-        torch.cuda.set_device(dev)
-        dist.init_process_group("nccl", device_id=dev)
-        dt = getattr(torch, dtype)
-        model = build(shape, dev, dt)
+        if device_type == "cuda":
+            dev = torch.device("cuda", rank)
+            torch.cuda.set_device(dev)
+            dist.init_process_group("nccl", device_id=dev)
+        else:
+            dev = torch.device("cpu")
+            dist.init_process_group("gloo")
+        model = build(shape, dev, getattr(torch, dtype))
+        # same seed on the same kind of GPU: the same weights; checked, since TP needs it
         check = torch.stack([p.float().sum() for p in model.parameters()]).sum().reshape(1)
         sums = [torch.zeros_like(check) for _ in range(ws)]
         dist.all_gather(sums, check)
@@ -696,28 +721,26 @@ def _nccl_worker(rank: int, ws: int, port: int, shape: Shape, dtype: str, n_new:
         with torch.no_grad():
             err = _rel_err(tp(input_ids=ids, attention_mask=mask).logits,
                            model(input_ids=ids, attention_mask=mask).logits)
-            fns = {"model": lambda: model(input_ids=ids, attention_mask=mask),
-                   "tp": lambda: tp(input_ids=ids, attention_mask=mask)}
-            t = rounds(fns, repeats, 3, dev)
-        one = make_generator(model, 1, shape.prompt + n_new, 1)
+            # every rank runs the same sequence, so the TP forwards' collectives line up
+            t = rounds({"model": lambda: model(input_ids=ids, attention_mask=mask),
+                        "tp": lambda: tp(input_ids=ids, attention_mask=mask)}, repeats, 3, dev)
+        del tp
         gen = make_generator(model, ws, shape.prompt + n_new, 1)
         p_ids, p_mask = prompt(shape, 1, dev)
         kw = dict(attention_mask=p_mask, do_sample=False)
         with torch.no_grad():
-            td = rounds({"one_n": lambda: one.generate(p_ids, max_new_tokens=n_new, **kw),
-                         "one_1": lambda: one.generate(p_ids, max_new_tokens=1, **kw),
-                         "tp_n": lambda: gen.generate(p_ids, max_new_tokens=n_new, **kw),
-                         "tp_1": lambda: gen.generate(p_ids, max_new_tokens=1, **kw)},
-                        max(2, repeats // 4), 1, dev)
-            tokens_tp = gen.generate(p_ids, max_new_tokens=n_new, **kw)
-            tokens_one = one.generate(p_ids, max_new_tokens=n_new, **kw)
+            td = rounds({"n": lambda: gen.generate(p_ids, max_new_tokens=n_new, **kw),
+                         "1": lambda: gen.generate(p_ids, max_new_tokens=1, **kw)},
+                        decode_repeats, 1, dev)
+            tokens = gen.generate(p_ids, max_new_tokens=n_new, **kw)
         queue.put((rank, {
             "same_weights": same_weights, "err": err,
             "model_ms": med(t["model"]) * 1e3, "tp_ms": med(t["tp"]) * 1e3,
             "speedup": paired(t["model"], t["tp"]),
-            "one_rate": (n_new - 1) / max(med(td["one_n"]) - med(td["one_1"]), 1e-9),
-            "tp_rate": (n_new - 1) / max(med(td["tp_n"]) - med(td["tp_1"]), 1e-9),
-            "tokens": first_difference(tokens_tp, tokens_one, shape.prompt)}))
+            "rate": statistics.median((n_new - 1) / max(x - y, 1e-9)
+                                      for x, y in zip(td["n"], td["1"])),
+            "tokens": (first_difference(tokens, reference_tokens, shape.prompt)
+                       if reference_tokens is not None else "n/a (no world-1 decode in this run)")}))
         dist.barrier()
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001  (the parent prints it)
@@ -725,31 +748,35 @@ def _nccl_worker(rank: int, ws: int, port: int, shape: Shape, dtype: str, n_new:
 
 
 def section_nccl(b: Bench) -> None:
+    """TP=2 and 4 over NCCL, one process per GPU (spawned), against world 1."""
     import queue as queue_mod
 
     import torch.multiprocessing as mp
 
     from fxtp.verify import free_port
 
+    one = b.decode.get(1, {})
+    n_new = b.shape.new_tokens
     for ws in (2, 4):
         if torch.cuda.device_count() < ws:
             note(f"TP={ws}: skipped, {torch.cuda.device_count()} GPUs")
             continue
         if b.left() < b.need("nccl") / 2:
             note(f"TP={ws}: skipped, time budget ({b.left():.0f} s left)")
+            b.skipped.append(f"nccl (TP={ws})")
             continue
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
         port = free_port()
-        n_new = min(64, b.shape.new_tokens)
         procs = [ctx.Process(target=_nccl_worker, daemon=True,
-                             args=(r, ws, port, b.shape, str(b.dtype).replace("torch.", ""), n_new,
-                                   b.args.repeats, q)) for r in range(ws)]
+                             args=(r, ws, port, b.shape, str(b.dtype).replace("torch.", ""),
+                                   n_new, b.args.repeats, b.args.decode_repeats,
+                                   one.get("tokens"), q)) for r in range(ws)]
         t0 = time.perf_counter()
         for p in procs:
             p.start()
         results: dict[int, Any] = {}
-        deadline = time.monotonic() + max(60.0, b.left())
+        deadline = time.monotonic() + max(120.0, b.left())
         try:
             while len(results) < ws and time.monotonic() < deadline:
                 try:
@@ -759,6 +786,8 @@ def section_nccl(b: Bench) -> None:
                         break
                     continue
                 results[rank] = value
+                if isinstance(value, str):
+                    break
         finally:
             for p in procs:
                 p.join(timeout=10)
@@ -771,24 +800,25 @@ def section_nccl(b: Bench) -> None:
                 f"ranks {sorted(set(range(ws)) - set(results))} did not report (exit codes "
                 f"{[p.exitcode for p in procs]})"))
         r0 = results[0]
-        figure(f"TP={ws} NCCL: same weights on every rank", str(all(r["same_weights"] for r in results.values())))
+        same = all(r["same_weights"] for r in results.values())
+        figure(f"TP={ws} NCCL: same random weights on every rank", str(same), "True", same)
         worst = max(r["err"] for r in results.values())
-        figure(f"TP={ws} NCCL: logits vs world 1, max rel diff", f"{worst:.2e}",
+        figure(f"TP={ws} NCCL: logits vs world 1 (the model), max rel diff", f"{worst:.2e}",
                f"<= {TOL[b.dtype]:g}", worst <= TOL[b.dtype])
         figure(f"TP={ws} NCCL: forward model / fxtp (rank 0)",
-               f"{r0['model_ms']:.2f} / {r0['tp_ms']:.2f} ms = {r0['speedup']:.2f}x faster")
-        figure(f"TP={ws} NCCL: decode batch 1, world 1 / TP (eager)",
-               f"{r0['one_rate']:.1f} / {r0['tp_rate']:.1f} tokens/s = "
-               f"{r0['tp_rate'] / r0['one_rate']:.2f}x")
+               f"{r0['model_ms']:.2f} / {r0['tp_ms']:.2f} ms = {r0['speedup']:.2f}x faster",
+               f"~{ws}x (compute-bound)")
+        base = one.get("fx_eager")
+        figure(f"TP={ws} NCCL: decode batch 1 eager, fxtp TP / world 1",
+               f"{r0['rate']:.1f} / " + (f"{base:.1f} tokens/s = {r0['rate'] / base:.2f}x"
+                                         if base else "n/a (no world-1 decode in this run)"))
         figure(f"TP={ws} NCCL: greedy tokens vs world 1", r0["tokens"])
         note(f"TP={ws}: {time.perf_counter() - t0:.1f} s")
 
 
 def section_compiled_forward(b: Bench) -> None:
-    if b.model is None or b.tp is None:
-        raise RuntimeError("needs the forward section's model and graph (it failed or was skipped)")
+    model, tp = b.ensure_model(), b.ensure_tp()
     ids, mask = forward_inputs(b.shape, b.device)
-    model, tp = b.model, b.tp
     cm = torch.compile(model, backend=b.compile_backend)
     ct = torch.compile(tp, backend=b.compile_backend)
     fns = {"model+mask": lambda: cm(input_ids=ids, attention_mask=mask),
@@ -797,9 +827,10 @@ def section_compiled_forward(b: Bench) -> None:
            "tp": lambda: ct(input_ids=ids)}
     with torch.no_grad():
         for k, fn in fns.items():
-            if b.left() < 15 and k in ("model", "tp"):
+            if k == "model" and b.left() < b.need("compiled") / 2:
                 fns = {k2: v for k2, v in fns.items() if k2.endswith("+mask")}
                 note(f"without attention_mask skipped: time budget ({b.left():.0f} s left)")
+                b.skipped.append("compiled (without attention_mask)")
                 break
             t0 = time.perf_counter()
             fn()
@@ -856,8 +887,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                          "replays the step; 'reduce-overhead' where this fxtp has no cuda_graph)")
     ap.add_argument("--two-rank-dtype", choices=("float32", "bfloat16"), default="float32",
                     help="dtype of the 2-rank gloo check (float32: a tight tolerance)")
-    ap.add_argument("--only", nargs="*", default=None,
-                    choices=sorted(NEEDS), help="run only these sections")
+    ap.add_argument("--only", nargs="*", default=None, choices=SECTIONS,
+                    help="run only these sections (e.g. the ones a budgeted run skipped)")
     args = ap.parse_args(argv)
     return args
 
@@ -899,6 +930,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 lambda b: section_decode(b, decode_batch(shape)))
     run_section(bench, "forward, world 1, torch.compile", "compiled", section_compiled_forward)
     print(f"\ndone in {time.perf_counter() - start:.0f} s", flush=True)
+    if bench.skipped:
+        whole = [k for k in bench.skipped if k in SECTIONS]
+        print(f"left out by the time budget: {', '.join(bench.skipped)}"
+              + (f"; run them with: python bench/gpu.py{' --quick' if args.quick else ''} "
+                 f"--only {' '.join(whole)}" if whole else ""), flush=True)
     return 0
 
 
