@@ -129,7 +129,7 @@ class Bench:
     model: Any = None                       # the untouched model on the device
     tp: Any = None                          # fxtp.transform(model, 1)
     decode: dict = field(default_factory=dict)   # batch -> results of the decode section
-    skipped: list = field(default_factory=list)  # sections (or parts) the budget left out
+    skipped: list = field(default_factory=list)  # sections the budget left out, whole or part
 
     @property
     def cuda(self) -> bool:
@@ -362,12 +362,13 @@ def make_generator(model, ws: int, max_len: int, max_batch: int):
 
 
 def load_into(target, path: str, device: torch.device, dtype: torch.dtype):
-    """fxtp.load(target, path, device=, dtype=); a clear error where this fxtp cannot."""
+    """fxtp.load(target, path, device=, dtype=); a clear error where this fxtp cannot. The
+    device is passed as a user writes it on one GPU: "cuda" (the current device)."""
     import fxtp
 
     params = inspect.signature(fxtp.load).parameters
     if "device" in params and "dtype" in params:
-        return fxtp.load(target, path, device=device, dtype=dtype)
+        return fxtp.load(target, path, device=device.type, dtype=dtype)
     if device.type == "cpu":     # same meaning: this fxtp loads onto the CPU, checkpoint dtype
         return fxtp.load(target, path)
     raise RuntimeError(f"fxtp.load{inspect.signature(fxtp.load)} has no device=/dtype= in this "
@@ -536,7 +537,7 @@ def section_decode(b: Bench, batch: int) -> None:
         if b.left() < b.need("decode_compiled"):
             print(f"  compiled decode skipped: time budget ({b.left():.0f} s left, it needs "
                   f"~{b.need('decode_compiled'):.0f} s)", flush=True)
-            b.skipped.append(f"decode{1 if batch == 1 else 8} (compiled part)")
+            b.skipped.append("decode1" if batch == 1 else "decode8")
             return
         hf_static = dict(hf_kw, **_hf_static_kwargs(b))
         t0 = time.perf_counter()
@@ -763,7 +764,7 @@ def section_nccl(b: Bench) -> None:
             continue
         if b.left() < b.need("nccl") / 2:
             note(f"TP={ws}: skipped, time budget ({b.left():.0f} s left)")
-            b.skipped.append(f"nccl (TP={ws})")
+            b.skipped.append("nccl")
             continue
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
@@ -830,7 +831,7 @@ def section_compiled_forward(b: Bench) -> None:
             if k == "model" and b.left() < b.need("compiled") / 2:
                 fns = {k2: v for k2, v in fns.items() if k2.endswith("+mask")}
                 note(f"without attention_mask skipped: time budget ({b.left():.0f} s left)")
-                b.skipped.append("compiled (without attention_mask)")
+                b.skipped.append("compiled")
                 break
             t0 = time.perf_counter()
             fn()
@@ -931,10 +932,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     run_section(bench, "forward, world 1, torch.compile", "compiled", section_compiled_forward)
     print(f"\ndone in {time.perf_counter() - start:.0f} s", flush=True)
     if bench.skipped:
-        whole = [k for k in bench.skipped if k in SECTIONS]
-        print(f"left out by the time budget: {', '.join(bench.skipped)}"
-              + (f"; run them with: python bench/gpu.py{' --quick' if args.quick else ''} "
-                 f"--only {' '.join(whole)}" if whole else ""), flush=True)
+        keys = " ".join(dict.fromkeys(bench.skipped))
+        print(f"left out (in whole or in part) by the time budget: {keys}; run them with: "
+              f"python bench/gpu.py{' --quick' if args.quick else ''} --only {keys}", flush=True)
     return 0
 
 

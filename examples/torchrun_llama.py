@@ -137,7 +137,7 @@ def build_from_checkpoint(rank: int, world_size: int, device: torch.device, dtyp
         meta_model = AutoModelForCausalLM.from_config(llama_config(), dtype=dtype).eval()
     tp = fxtp.transform(meta_model, world_size)
     if load_supports_device_dtype():
-        fxtp.load(tp, path, device=device, dtype=dtype)
+        fxtp.load(tp, path, device=str(device), dtype=dtype)     # e.g. "cuda:3"
     elif device.type == "cpu":
         # this fxtp loads onto the CPU in the checkpoint's dtype, which is `dtype` here
         fxtp.load(tp, path)

@@ -32,7 +32,7 @@ def test_gpu_bench_cpu_smoke():
     figures and the meta load; the slower sections (gloo ranks, the larger decode batch,
     compiled forward) are named but left out here to keep this under ~30 s."""
     cmd = [sys.executable, os.path.join(ROOT, "bench", "gpu.py"), "--device", "cpu", "--quick",
-           "--only", "forward", "decode1", "meta"]
+           "--repeats", "1", "--warmup", "0", "--only", "forward", "decode1", "meta"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     out = r.stdout
