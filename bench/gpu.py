@@ -105,6 +105,16 @@ def note(text: str) -> None:
     print(f"  - {text}", flush=True)
 
 
+def first_line(e: BaseException) -> str:
+    """`Type: first line of the message`."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:.3f} GiB"
 
@@ -178,8 +188,7 @@ def run_section(bench: Bench, title: str, key: str, fn: Callable[[Bench], None],
     try:
         fn(bench)
     except Exception as e:  # noqa: BLE001  (report and go on to the next section)
-        print(f"  FAILED: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
-              flush=True)
+        print(f"  FAILED: {first_line(e)}", flush=True)
         print("    " + traceback.format_exc().strip().replace("\n", "\n    "), flush=True)
     finally:
         gc.collect()
@@ -396,7 +405,7 @@ def section_environment(b: Bench) -> None:
                + ("" if b.args.bandwidth else " (from the GPU name)"))
     s = b.shape
     figure("model", f"Llama hidden {s.hidden}, {s.layers} layers, {s.heads} heads / {s.kv_heads} "
-           f"kv, intermediate {s.intermediate}, vocab {s.vocab}, {str(b.dtype).replace('torch.', '')}")
+           f"kv, intermediate {s.intermediate}, vocab {s.vocab}, {dtype_name(b.dtype)}")
     figure("workloads", f"forward {s.batch} x {s.seq}; decode prompt {s.prompt} + "
            f"{s.new_tokens} new tokens at batch 1 and {decode_batch(s)}")
     figure("torch.compile backend", b.compile_backend)
@@ -423,7 +432,8 @@ def section_forward(b: Bench) -> None:
     ids, mask = forward_inputs(b.shape, b.device)
     model, tp = b.model, b.tp
     with torch.no_grad():
-        for label, kw in (("with attention_mask", dict(attention_mask=mask)), ("without", {})):
+        for label, kw in (("with attention_mask", dict(attention_mask=mask)),
+                          ("without attention_mask", {})):
             out = tp(input_ids=ids, **kw).logits
             ref = model(input_ids=ids, **kw).logits
             exact = torch.equal(out, ref)
@@ -543,7 +553,8 @@ def section_decode(b: Bench, batch: int) -> None:
         t0 = time.perf_counter()
         model.generate(ids, max_new_tokens=n, **hf_static)
         model.generate(ids, max_new_tokens=1, **hf_static)
-        figure(f"batch {batch} HF static-cache compile + first runs", f"{time.perf_counter() - t0:.1f} s")
+        figure(f"batch {batch} HF static-cache compile + first runs",
+               f"{time.perf_counter() - t0:.1f} s")
         gen.compile(**_fxtp_compile_options(b))
         t0 = time.perf_counter()
         gen.generate(ids, max_new_tokens=n, **hf_kw)
@@ -617,7 +628,7 @@ def section_meta_load(b: Bench) -> None:
             report = load_into(tp, path, b.device, b.dtype)
             took = time.perf_counter() - t0
         shard = tensor_bytes(tp)
-        figure(f"fxtp.load(device={b.device.type}, dtype={str(b.dtype).replace('torch.', '')})",
+        figure(f"fxtp.load(device={b.device.type}, dtype={dtype_name(b.dtype)})",
                f"{took:.1f} s, {size(report.bytes_read)} read")
         if "peak" in mem:
             figure("  peak device memory of load / shard",
@@ -632,7 +643,8 @@ def section_meta_load(b: Bench) -> None:
             ref = b.model(input_ids=ids, attention_mask=mask).logits
         exact = torch.equal(out, ref)
         figure("  loaded graph vs the model that wrote the checkpoint",
-               "bitwise equal" if exact else f"max rel diff {_rel_err(out, ref):.2e}", "equal", exact)
+               "bitwise equal" if exact else f"max rel diff {_rel_err(out, ref):.2e}",
+               "equal", exact)
         del tp, out, ref
 
         # a generator built on the meta model, filled by the same load
@@ -645,12 +657,14 @@ def section_meta_load(b: Bench) -> None:
             p_ids, p_mask = prompt(b.shape, 1, b.device)
             with torch.no_grad():
                 got = gen.generate(p_ids, attention_mask=p_mask, max_new_tokens=n, do_sample=False)
-                want = b.model.generate(p_ids, attention_mask=p_mask, max_new_tokens=n, do_sample=False)
+                want = b.model.generate(p_ids, attention_mask=p_mask, max_new_tokens=n,
+                                        do_sample=False)
             d = first_difference(got, want, b.shape.prompt)
-            figure("  generator on meta + fxtp.load(gen, ...): tokens vs HF", d, "equal", d == "equal")
+            figure("  generator on meta + fxtp.load(gen, ...): tokens vs HF", d, "equal",
+                   d == "equal")
         except Exception as e:  # noqa: BLE001
             figure("  generator on meta + fxtp.load(gen, ...)",
-                   f"FAILED: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+                   f"FAILED: {first_line(e)}")
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -686,7 +700,8 @@ def section_two_ranks_gloo(b: Bench) -> None:
     worst = max(r["err"] for r in res)
     figure(f"  logits vs the model ({dtype}), max rel diff over ranks", f"{worst:.2e}",
            f"<= {tol:g}", worst <= tol)
-    figure("  greedy argmax equal to the model's", f"{min(r['argmax'] for r in res):.2%} of positions")
+    figure("  greedy argmax equal to the model's",
+           f"{min(r['argmax'] for r in res):.2%} of positions")
     figure("  bytes held per rank / model", ", ".join(f"{r['local_fraction']:.3f}" for r in res))
 
 
@@ -741,7 +756,8 @@ def _nccl_worker(rank: int, ws: int, port: int, shape: Shape, dtype: str, n_new:
             "rate": statistics.median((n_new - 1) / max(x - y, 1e-9)
                                       for x, y in zip(td["n"], td["1"])),
             "tokens": (first_difference(tokens, reference_tokens, shape.prompt)
-                       if reference_tokens is not None else "n/a (no world-1 decode in this run)")}))
+                       if reference_tokens is not None else
+                       "n/a (no world-1 decode in this run)")}))
         dist.barrier()
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001  (the parent prints it)
@@ -770,7 +786,7 @@ def section_nccl(b: Bench) -> None:
         q = ctx.Queue()
         port = free_port()
         procs = [ctx.Process(target=_nccl_worker, daemon=True,
-                             args=(r, ws, port, b.shape, str(b.dtype).replace("torch.", ""),
+                             args=(r, ws, port, b.shape, dtype_name(b.dtype),
                                    n_new, b.args.repeats, b.args.decode_repeats,
                                    one.get("tokens"), q)) for r in range(ws)]
         t0 = time.perf_counter()
@@ -846,7 +862,8 @@ def section_compiled_forward(b: Bench) -> None:
         label = "with attention_mask" if m else "without attention_mask"
         figure(f"compiled forward, {label}: model / fxtp ws=1",
                f"{med(t['model' + m]) * 1e3:8.2f} / {med(t['tp' + m]) * 1e3:8.2f} ms")
-        figure(f"compiled forward, {label}: fxtp / model", f"{paired(t['tp' + m], t['model' + m]):.3f}x")
+        figure(f"compiled forward, {label}: fxtp / model",
+               f"{paired(t['tp' + m], t['model' + m]):.3f}x")
     figure("graphs compiled during the timed rounds", str(again), "0", again == 0)
     torch._dynamo.reset()
 

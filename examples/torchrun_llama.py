@@ -174,7 +174,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     errors: list = [None] * world_size
     dist.all_gather_object(errors, err)
     if rank == 0:
-        where = f"{args.backend}, {device.type}, {args.dtype}" + (", meta + fxtp.load" if args.meta else "")
+        where = f"{args.backend}, {device.type}, {args.dtype}"
+        where += ", meta + fxtp.load" if args.meta else ""
         print(f"world size {world_size} ({where}): max |tp - model| / max(1, |model|) per rank = "
               f"{[f'{e:.2e}' for e in errors]}")
         tol = TOLERANCE[dtype]
