@@ -1,4 +1,4 @@
-"""The example scripts run as a user runs them."""
+"""The example scripts and the GPU bench run as a user runs them (here on the CPU)."""
 from __future__ import annotations
 
 import os
@@ -7,14 +7,44 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# every section header of bench/gpu.py, printed even when the section is skipped
+BENCH_SECTIONS = ["environment", "forward, world 1, eager", "decode, batch 1",
+                  "meta build -> transform -> fxtp.load", "two ranks on one device over gloo",
+                  "tensor parallel over NCCL (TP=2, 4)", "decode, batch 2",
+                  "forward, world 1, torch.compile"]
+
 
 def test_torchrun_example_two_processes():
     from fxtp.verify import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           os.path.join(ROOT, "examples", "torchrun_llama.py")]
+           os.path.join(ROOT, "examples", "torchrun_llama.py"), "--backend", "gloo"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "OK" in r.stdout.splitlines()[-1]
+    assert "(gloo, cpu, fp32)" in r.stdout
     assert "model.layers.0.self_attn.q_proj" in r.stdout
+
+
+def test_gpu_bench_cpu_smoke():
+    """bench/gpu.py's CPU path (tiny Llama): every section header, the eager and compiled
+    figures and the meta load; the slower sections (gloo ranks, the larger decode batch,
+    compiled forward) are named but left out here to keep this under ~30 s."""
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "gpu.py"), "--device", "cpu", "--quick",
+           "--repeats", "1", "--warmup", "0", "--only", "forward", "decode1", "meta"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = r.stdout
+    assert r.returncode == 0, out[-3000:] + r.stderr[-3000:]
+    for title in BENCH_SECTIONS:
+        assert f"== {title} ==" in out, title
+    failed = [line for line in out.splitlines() if line.startswith("  FAILED")]
+    assert not failed, out
+    assert "skipped: no CUDA" in out                      # the NCCL section
+    for label in ("eager forward, with attention_mask: fxtp / model",
+                  "batch 1 eager tokens: fxtp vs HF", "batch 1 compiled: fxtp generator",
+                  "no recompile per token", "loaded graph vs the model that wrote the checkpoint"):
+        assert label in out, label
+    tokens = next(line for line in out.splitlines() if "batch 1 eager tokens: fxtp vs HF" in line)
+    assert "equal   [goal equal: met]" in tokens, tokens
