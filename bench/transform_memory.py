@@ -8,8 +8,9 @@ shard, so the ratio is about 1 (plus the capture's own working memory, which hol
         [--world-size 2]
 
 Before this measurement existed, `rewrite` deep-copied the captured graph with all its weights
-before slicing, so a rank briefly held a second full model: 1.55 in the run above the table in
-docs/architecture.md (hidden 1024, 8 layers, world 2), 1.14 since.
+before slicing, so a rank briefly held a second full model: (peak - base) / shard was 1.55 with
+the defaults (hidden 1024, 8 layers, world 2); 1.14 since, the rest being the capture's own
+working memory.
 """
 from __future__ import annotations
 
