@@ -225,8 +225,8 @@ def _device_case(ws: int) -> dict[str, Any]:
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = model(input_ids=ids).logits
-        with torch.device("meta"):
-            tp = fxtp.transform(model, ws)
+        with torch.device("meta"):       # vocab-parallel: the masked lookup and the gather too
+            tp = fxtp.transform(model, ws, vocab_parallel=True)
             got = tp(input_ids=ids).logits
     out["default_meta"] = {"device": got.device.type, "error": float((got - ref).abs().max())}
     return out
