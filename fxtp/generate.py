@@ -1,87 +1,42 @@
 """Tensor-parallel generation with a sharded static KV cache: `fxtp.generator(model, ws)`.
 
-One decoding step of the causal LM is captured with a static cache (Hugging Face's
-`StaticCache`, `[max_batch, kv_heads, max_len, head_dim]` per layer and for k and v). The same
-graph serves the prefill (S = prompt length) and every decode step (S = 1): the sequence
-length is a dynamic dim, the batch is `max_batch` (smaller batches are padded with dummy rows).
-The cache tensors are constants of the captured graph, written in place by `index_copy_`: the
-solver's `index_copy` rule aligns them with the (head-sharded) k/v written into them, so the
-rewrite slices each cache once, in place, to this rank's kv heads: cache memory per rank is
-1/N (kv heads replicated per rank group when there are fewer kv heads than ranks, as vLLM
-does; MQA's single kv head stays whole on every rank).
+One decoding step of the causal LM is captured with a static cache (`decode_step.py`: Hugging
+Face's `StaticCache`, `[max_batch, kv_heads, max_len, head_dim]` per layer for k and v). The
+same graph serves the prefill (S = prompt length) and every decode step (S = 1) of every batch
+size up to `max_batch` (both dims dynamic; a batch of b runs on the cache's first b rows). The
+cache tensors are constants of the graph, written in place by `index_copy_`: the solver's
+`index_copy` rule aligns them with the (head-sharded) k/v written into them, so the rewrite
+slices each cache once, in place, to this rank's kv heads: cache memory per rank is 1/N (kv
+heads replicated per rank group when there are fewer kv heads than ranks, as vLLM does; MQA's
+single kv head stays whole on every rank). Decode steps run from static buffers, as CUDA graphs
+on a GPU (`decode_replay.py`).
 
 Decoding follows `model.generate`: the generation config, special tokens, attention mask,
 max/min length, logits processors (temperature, top-k, top-p, repetition penalty, ...) and
 stopping criteria are prepared by the model's own generation helpers, so every argument means
 what it means to Hugging Face; position ids come from the attention mask's cumsum (left
-padding), as in Hugging Face. Greedy and sampling only (no beams).
+padding), as in Hugging Face. Greedy and sampling only (no beams). Every tensor is made on the
+device of the step's parameters at call time (`fxtp.load`/`.to()` may move them).
 """
 from __future__ import annotations
 
 import copy
-import warnings
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import fx, nn
 
 from .capture import Captured, is_hf_model
-from .passes.cleanup import drop_no_ops
-from .errors import (CacheOverflowError, CaptureError, GenerationError, PromptMismatchError)
+from .decode_replay import Replay
+from .decode_step import CacheRows, cache_attrs, capture_step, model_device
+from .errors import (CacheOverflowError, GenerationError, MetaTensorError, PromptMismatchError)
 
-aten = torch.ops.aten
-
-
-# ---------------------------------------------------------------------------------------------
-# the captured decoding step
-
-class DecodeStep(nn.Module):
-    """One forward of a causal LM over a static KV cache:
-    `(input_ids [B, S], position_ids [B, S], attention_mask [B, max_len], start []) -> logits`.
-
-    `start` is the cache slot of the first of the S tokens; `attention_mask` covers every
-    cache slot (0 for left padding; slots not written yet are hidden by causality)."""
-
-    def __init__(self, model: nn.Module, max_batch: int, max_len: int):
-        super().__init__()
-        from transformers import StaticCache
-        from transformers.cache_utils import StaticLayer
-
-        self.lm = model
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.cache = StaticCache(config=cfg, max_cache_len=max_len)
-        bad = [type(layer).__name__ for layer in self.cache.layers if type(layer) is not StaticLayer]
-        if bad:
-            raise GenerationError(
-                f"fxtp.generator: {type(model).__name__} needs cache layers of kind {bad[0]} "
-                "(sliding window / hybrid attention), which fxtp cannot capture yet; only models "
-                "whose layers all use full attention are supported")
-        # the cache is allocated by a first (eager) step, so its shapes are the ones the model's
-        # attention really writes (kv heads, head dims), with no config reading
-        ids = torch.zeros(max_batch, 1, dtype=torch.long, device=_device(model))
-        with torch.no_grad():
-            self._run(ids, torch.zeros_like(ids), torch.ones(max_batch, max_len, dtype=torch.long,
-                                                              device=ids.device),
-                      torch.tensor(0, device=ids.device))
-        for layer in self.cache.layers:
-            layer.keys.zero_()
-            layer.values.zero_()
-
-    def _run(self, input_ids, position_ids, attention_mask, start):
-        for layer in self.cache.layers:
-            layer.cumulative_length.copy_(start)
-        out = self.lm(input_ids=input_ids, position_ids=position_ids,
-                      attention_mask=attention_mask, cache=self.cache, use_cache=True)
-        return out.logits if hasattr(out, "logits") else out[0]
-
-    def forward(self, input_ids, position_ids, attention_mask, start):
-        return self._run(input_ids, position_ids, attention_mask, start)
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+CudaGraph = Union[None, bool, str]
+# torch.compile modes that add inductor's own CUDA graphs, which skip this step (its cache is
+# written in place: "mutated inputs"); the generator replays its decode step as a CUDA graph
+# itself, so these become their modes without CUDA graphs
+_WITHOUT_CUDAGRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 def _generation_model(model: nn.Module) -> nn.Module:
@@ -103,65 +58,24 @@ def _generation_model(model: nn.Module) -> nn.Module:
     return hf
 
 
-def capture_step(model: nn.Module, max_batch: int, max_len: int) -> Captured:
-    """Exports one decoding step of `model` with a static cache (dynamic sequence length,
-    1..max_len, so one graph serves the prefill and every decode step)."""
-    from torch.export import Dim
-
-    was_training = model.training
-    model.eval()
-    try:
-        step = DecodeStep(model, max_batch, max_len).eval()
-        dev = _device(model)
-        s = min(2, max_len)
-        ids = torch.zeros(max_batch, s, dtype=torch.long, device=dev)
-        pos = torch.arange(s, device=dev).expand(max_batch, s).contiguous()
-        mask = torch.ones(max_batch, max_len, dtype=torch.long, device=dev)
-        seq = Dim("seq", min=1, max=max_len)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ep = torch.export.export(step, (ids, pos, mask, torch.tensor(0, device=dev)),
-                                     dynamic_shapes=({1: seq}, {1: seq}, None, None), strict=False)
-            gm = ep.module()
-            drop_no_ops(gm)
-    except GenerationError:
-        raise
-    except Exception as e:
-        from .capture import _first_line, _user_code
-
-        raise CaptureError(
-            f"fxtp could not capture a decoding step of {type(model).__name__} with a static KV "
-            f"cache: {type(e).__name__}: {_first_line(e)}{_user_code(e)}. The model must support "
-            "transformers' StaticCache (cache_implementation='static').") from e
-    finally:
-        model.train(was_training)
-    return Captured(gm=gm, arg_count=4, kwarg_names=(), defaults={}, hf=False)
-
-
-def cache_attrs(gm: fx.GraphModule) -> list[str]:
-    """The tensor attributes the graph writes in place with `index_copy_`: the KV cache."""
-    out = []
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target == aten.index_copy_.default:
-            a = n.args[0]
-            if isinstance(a, fx.Node) and a.op == "get_attr" and a.target not in out:
-                out.append(a.target)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # the generator
 
 def generator(model: nn.Module, world_size: int, *, max_len: int = 256, max_batch: int = 1,
               group: Optional[dist.ProcessGroup] = None, overrides: Optional[dict] = None,
-              vocab_parallel: bool = False, compile: bool | dict = False) -> "Generator":
+              vocab_parallel: bool = False, compile: bool | dict = False,
+              cuda_graph: CudaGraph = None) -> "Generator":
     """This rank's tensor-parallel generator of the causal LM `model`.
 
-    Call it on every rank with the same weights (like `fxtp.transform`). `max_len` is the
-    cache length: prompt plus new tokens, minus one, must fit (else `CacheOverflowError`);
-    `max_batch` the most prompts per call. LoRA adapters (a PEFT model) are folded into the
-    local weights (`fxtp.for_generation`). `compile=True` (or a dict of `torch.compile`
-    options) compiles the step with `fullgraph=True`.
+    Call it on every rank with the same weights (like `fxtp.transform`), or on a model built
+    under `fxtp.init_empty()` and then `fxtp.load(gen, ckpt_dir, device=...)`. `max_len` is
+    the cache length: prompt plus new tokens, minus one, must fit (else `CacheOverflowError`);
+    `max_batch` the most prompts per call (a smaller batch costs only its rows). LoRA adapters
+    (a PEFT model) are folded into the local weights (`fxtp.for_generation`). `compile=True`
+    (or a dict of `torch.compile` options) compiles the step with `fullgraph=True`.
+    `cuda_graph`: decode steps replayed as CUDA graphs; None: when the step's parameters are
+    on a CUDA device, True: always (a CUDA device is then required), False: never,
+    "emulate": the same static-buffer path without a CUDA graph (CPU tests).
     """
     from .hybrid import for_generation
     from .patterns.linear import split_biases
@@ -173,16 +87,23 @@ def generator(model: nn.Module, world_size: int, *, max_len: int = 256, max_batc
     if max_len < 1 or max_batch < 1:
         raise GenerationError(f"fxtp.generator: max_len and max_batch must be >= 1, got "
                               f"max_len={max_len}, max_batch={max_batch}")
+    _check_cuda_graph(cuda_graph)
     resolve_group(world_size, group)       # the process-group errors before the capture
-    captured = capture_step(model, max_batch, max_len)
+    captured = capture_step(model, hf, max_batch, max_len)
     split_biases(captured.gm)
     plan = build_plan(captured, world_size, _model_name(model), overrides, vocab_parallel)
     tp = transform(model, world_size, plan=plan, group=group)
     for_generation(tp)
-    gen = Generator(tp, hf, captured, max_len, max_batch, group)
+    gen = Generator(tp, hf, captured, max_len, max_batch, group, cuda_graph)
     if compile:
         gen.compile(**(compile if isinstance(compile, dict) else {}))
     return gen
+
+
+def _check_cuda_graph(cuda_graph: CudaGraph) -> None:
+    if cuda_graph not in (None, True, False, "emulate"):
+        raise GenerationError(f"fxtp.generator: cuda_graph must be None, True, False or "
+                              f"'emulate', got {cuda_graph!r}")
 
 
 class Generator:
@@ -191,7 +112,9 @@ class Generator:
     rank. `cache_bytes()` is this rank's KV cache, `full_cache_bytes` the unsharded one."""
 
     def __init__(self, tp: fx.GraphModule, hf_model: nn.Module, captured: Captured,
-                 max_len: int, max_batch: int, group: Optional[dist.ProcessGroup]):
+                 max_len: int, max_batch: int, group: Optional[dist.ProcessGroup],
+                 cuda_graph: CudaGraph = None):
+        from .passes._util import get_tensor_attr
         from .transform import META_KEY
 
         self.tp = tp
@@ -201,20 +124,41 @@ class Generator:
         self.world_size, self.rank = self.info.world_size, self.info.rank
         self.group = group if group is not None or self.world_size == 1 else dist.group.WORLD
         self.cache_names = cache_attrs(tp)
-        from .passes._util import get_tensor_attr
-
         self.full_cache_bytes = sum(get_tensor_attr(captured.gm, n).nbytes
                                     for n in cache_attrs(captured.gm))
+        self.cuda_graph = cuda_graph
         self._get = get_tensor_attr
+        self._rows = CacheRows(tp, self.cache_names)
         self._step = tp
+        self._replay = Replay("eager", max_batch, max_len)
 
     # -- inspection ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the step's parameters are now: every tensor of a `generate` call is made here."""
+        return model_device(self.tp)
+
     def cache(self) -> dict[str, torch.Tensor]:
         """This rank's cache tensors by attribute name."""
         return {n: self._get(self.tp, n) for n in self.cache_names}
 
     def cache_bytes(self) -> int:
         return sum(t.nbytes for t in self.cache().values())
+
+    @property
+    def decode_mode(self) -> str:
+        """How decode steps run on the current device: "graph" (CUDA graph replay), "emulate"
+        or "eager" (the step called on static buffers)."""
+        dev = self.device
+        if self.cuda_graph is True and dev.type != "cuda":
+            raise GenerationError(f"fxtp generate: cuda_graph=True needs the step on a CUDA "
+                                  f"device, its parameters are on {dev}; move it "
+                                  "(fxtp.load(gen, path, device='cuda:N')) or pass cuda_graph=None")
+        if self.cuda_graph == "emulate":
+            return "emulate"
+        if self.cuda_graph is None:
+            return "graph" if dev.type == "cuda" else "eager"
+        return "graph" if self.cuda_graph else "eager"
 
     def load_weights(self, tp: fx.GraphModule) -> "Generator":
         """Copies the local shards of a training graph (`fxtp.transform` of the same model at
@@ -261,13 +205,29 @@ class Generator:
         finally:
             if folded:
                 for_generation(self.tp)
+            self._replay.reset()     # refolding may have swapped tensors a CUDA graph holds
         return self
 
     def compile(self, **options) -> "Generator":
-        """Runs the step through `torch.compile(fullgraph=True, **options)`."""
+        """Runs the step through `torch.compile(fullgraph=True, **options)`. Decode steps of
+        the compiled step are then captured as CUDA graphs by the generator (`cuda_graph`), not
+        by inductor: `mode="reduce-overhead"` runs as the default mode and `"max-autotune"` as
+        `"max-autotune-no-cudagraphs"` (inductor skips CUDA graphs for a step that writes its
+        cache in place), and `triton.cudagraphs` is turned off."""
         options.setdefault("fullgraph", True)
+        mode = options.get("mode")
+        if mode in _WITHOUT_CUDAGRAPHS:
+            options["mode"] = _WITHOUT_CUDAGRAPHS[mode]
+        if isinstance(options.get("options"), dict):
+            options["options"] = {**options["options"], "triton.cudagraphs": False}
         self._step = torch.compile(self.tp, **options)
+        self._replay.reset()
         return self
+
+    def _call(self, input_ids, position_ids, attention_mask, start) -> torch.Tensor:
+        """The step on `b = input_ids.shape[0]` rows: the cache attributes are its first b rows."""
+        with self._rows.rows(input_ids.shape[0]):
+            return self._step(input_ids, position_ids, attention_mask, start)
 
     # -- decoding -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -275,10 +235,16 @@ class Generator:
                  generation_config: Any = None, logits_processor: Any = None,
                  stopping_criteria: Any = None, **kwargs) -> torch.Tensor:
         """Like `model.generate(input_ids, attention_mask=..., **kwargs)` (greedy or sampling,
-        `return_dict_in_generate=False`): returns prompt + new tokens, `[batch, length]`."""
+        `return_dict_in_generate=False`): returns prompt + new tokens, `[batch, length]`, on
+        the step's device (the prompt is moved there)."""
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         m = self.model
+        dev = self.device
+        if dev.type == "meta":
+            raise MetaTensorError("fxtp generate: the generator's weights and KV cache are on the "
+                                  "meta device (built under fxtp.init_empty()); fill them first: "
+                                  "fxtp.load(gen, checkpoint_dir, device=...)")
         if input_ids.dim() != 2:
             raise GenerationError(f"fxtp generate: input_ids must be [batch, length], got shape "
                                   f"{tuple(input_ids.shape)}")
@@ -289,6 +255,8 @@ class Generator:
                                   f"fxtp.generator(model, ws, max_batch={b}) or split the batch")
         if p < 1:
             raise GenerationError("fxtp generate: empty prompt (input_ids has length 0)")
+        input_ids = input_ids.to(dev)
+        attention_mask = attention_mask.to(dev) if attention_mask is not None else None
         default_max = (kwargs.get("max_length") is None and (generation_config is None or
                        generation_config.max_length is None) and m.generation_config.max_length is None)
         default_min = (kwargs.get("min_length") is None and (generation_config is None or
@@ -302,7 +270,6 @@ class Generator:
             raise GenerationError("fxtp generate: only greedy decoding and sampling are supported "
                                   f"(num_beams={gc.num_beams}, num_return_sequences="
                                   f"{gc.num_return_sequences}); set them to 1")
-        dev = input_ids.device
         m._prepare_special_tokens(gc, attention_mask is not None, device=dev, batch_size=b)
         if attention_mask is None:
             attention_mask = m._prepare_attention_mask_for_generation(input_ids, gc, {})
@@ -319,6 +286,11 @@ class Generator:
                 f"{gc.max_length - 1} cache slots, but the KV cache holds max_len={self.max_len}; "
                 f"build the generator with fxtp.generator(model, ws, max_len={gc.max_length - 1}) "
                 "or ask for fewer tokens (the cache does not grow)")
+        replay = self._replay
+        mode = self.decode_mode
+        if mode != replay.mode:
+            replay.mode = mode
+            replay.reset()
         self._check_same_inputs(input_ids, attention_mask, gc)
         processors = m._get_logits_processor(
             generation_config=gc, input_ids_seq_length=p, encoder_input_ids=input_ids,
@@ -332,23 +304,21 @@ class Generator:
         has_eos = any(hasattr(c, "eos_token_id") for c in stopping)
         do_sample = gc.do_sample
 
-        # batch padded to max_batch with dummy rows (all-ones mask, positions 0..p-1)
-        B, L = self.max_batch, self.max_len
-        am = attention_mask.to(dev, torch.long)
-        ids = torch.zeros(B, p, dtype=torch.long, device=dev)
-        ids[:b] = input_ids
-        mask = torch.ones(B, L, dtype=torch.long, device=dev)
-        mask[:b, :p] = am
-        pos = torch.arange(p, device=dev).expand(B, p).clone()
-        pos[:b] = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
-        for t in self.cache().values():
-            t.zero_()
-        logits = self._step(ids, pos, mask, torch.tensor(0, device=dev))
-        last = pos[:, -1]
-        cur = p
+        if mode != "eager":     # graphs hold addresses: recapture if anything moved
+            replay.check(list(self.tp.parameters()) + self._rows.tensors())
+        # the prefill: the b prompts on the cache's first b rows (rows up to the decode bucket
+        # cleared: dummy rows read them)
+        am = attention_mask.to(torch.long)
+        for t in self._rows.tensors():
+            t[:replay.bucket_of(b)].zero_()
+        mask = torch.ones(b, self.max_len, dtype=torch.long, device=dev)
+        mask[:, :p] = am
+        pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
+        last = self._call(input_ids, pos, mask, torch.zeros((), dtype=torch.long, device=dev))[:, -1]
+        bucket = None
         unfinished = torch.ones(b, dtype=torch.long, device=dev)
         while True:
-            scores = processors(input_ids, logits[:b, -1].to(torch.float32))
+            scores = processors(input_ids, last.to(torch.float32))
             if do_sample:
                 probs = nn.functional.softmax(scores, dim=-1)
                 nxt = torch.multinomial(probs, num_samples=1).squeeze(1)
@@ -360,19 +330,21 @@ class Generator:
             unfinished = unfinished & ~stopping(input_ids, scores)
             if unfinished.max() == 0:
                 return input_ids
-            step_ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
-            step_ids[:b, 0] = nxt
-            last = last + 1
-            logits = self._step(step_ids, last[:, None], mask, torch.tensor(cur, device=dev))
-            cur += 1
+            if bucket is None:
+                bucket = replay.begin(b, mask, pos[:, -1], p, dev)
+            last = replay.step(bucket, b, nxt, self._call)
 
     def _check_same_inputs(self, input_ids, attention_mask, gc) -> None:
         """One all-reduce (max of [v, -v]) of a fingerprint of the prompt and the decoding
         options: ranks given different prompts raise PromptMismatchError together instead of
-        decoding different tokens (and hanging or desynchronising later collectives)."""
+        decoding different tokens (and hanging or desynchronising later collectives). The
+        fingerprint is computed where the prompt is and reduced on the device the group's
+        collectives take (NCCL: the current CUDA device; gloo: the CPU)."""
         if self.world_size == 1:
             return
-        v = _fingerprint(input_ids, attention_mask, gc)
+        from .runtime import collective_device
+
+        v = _fingerprint(input_ids, attention_mask, gc, collective_device(self.group))
         both = torch.cat([v, -v])
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
         n = v.numel()
@@ -387,15 +359,22 @@ class Generator:
                 "rank's generator the same (torch.manual_seed).")
 
 
-def _fingerprint(input_ids: torch.Tensor, attention_mask: torch.Tensor, gc) -> torch.Tensor:
-    def digest(t: torch.Tensor) -> int:
-        flat = t.reshape(-1).to(torch.int64).cpu()
-        w = (torch.arange(flat.numel(), dtype=torch.int64) * 2654435761) % 1000003 + 1
-        return int(((flat + 1) * w).sum() % (2 ** 61 - 1))
+def _digest(t: torch.Tensor) -> torch.Tensor:
+    """A position-weighted sum of the values of `t`, on its device (no host loop or copy)."""
+    flat = t.reshape(-1).to(torch.int64)
+    w = torch.arange(flat.numel(), dtype=torch.int64, device=flat.device) * 2654435761 % 1000003 + 1
+    return ((flat + 1) * w).sum() % (2 ** 61 - 1)
 
+
+def _fingerprint(input_ids: torch.Tensor, attention_mask: torch.Tensor, gc,
+                 device: torch.device) -> torch.Tensor:
+    """`[batch, length, digest(ids), digest(mask), max_length, do_sample, temperature, top_k,
+    top_p]` as int64 on `device`."""
     def num(x) -> int:
         return -1 if x is None else int(round(float(x) * 1e6))
 
-    return torch.tensor([input_ids.shape[0], input_ids.shape[1], digest(input_ids),
-                         digest(attention_mask), gc.max_length, int(bool(gc.do_sample)),
-                         num(gc.temperature), num(gc.top_k), num(gc.top_p)], dtype=torch.int64)
+    digests = torch.stack([_digest(input_ids), _digest(attention_mask)]).to(device)
+    opts = torch.tensor([input_ids.shape[0], input_ids.shape[1], gc.max_length,
+                         int(bool(gc.do_sample)), num(gc.temperature), num(gc.top_k),
+                         num(gc.top_p)], dtype=torch.int64, device=device)
+    return torch.cat([opts[:2], digests, opts[2:]])

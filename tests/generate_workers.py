@@ -154,7 +154,105 @@ def compile_case(ws: int) -> dict[str, Any]:
         out = gen.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
         equal.append(torch.equal(ref, out))
         counts.append(counter.frame_count)
-    return {"frame_counts": counts, "equal": equal}
+    # the compiled step under the replay path (static buffers, "capture" after warm-up): a
+    # batch of one compiles its shapes once, later calls and tokens compile nothing
+    gen.cuda_graph = "emulate"
+    replay_counts = []
+    for b in (2, 1, 1, 2):
+        ids, mask = _prompt(model.config.vocab_size, b, 5, [0, 1], 9)
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        out = gen.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        equal.append(torch.equal(ref, out))
+        replay_counts.append(counter.frame_count)
+    gen.cuda_graph = None
+    return {"frame_counts": counts, "equal": equal, "replay_frame_counts": replay_counts}
+
+
+def replay_case(ws: int) -> dict[str, Any]:
+    """The decode path CUDA graphs use, emulated on CPU: static buffers per batch bucket, a
+    capture after warm-up at the first decode step of a bucket, replays after it; dropped and
+    made again when a weight moves. Also: a batch of one on a max_batch generator runs one row
+    (the cache view the step writes)."""
+    model, gen = llama_generator(ws)
+    vocab = model.config.vocab_size
+    out: dict[str, Any] = {"equal": [], "captures": []}
+    gen.cuda_graph = "emulate"
+    try:
+        for b, p, seed in ((1, 4, 1), (2, 6, 2), (1, 3, 3), (2, 5, 4)):
+            ids, mask = _prompt(vocab, b, p, [0, 2], seed)
+            kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+            out["equal"].append(torch.equal(model.generate(ids, **kw), gen.generate(ids, **kw)))
+            out["captures"].append(gen._replay.captures)
+        out["buckets"] = sorted(gen._replay._buckets)
+        out["warmups"] = [bk.warmups for _, bk in sorted(gen._replay._buckets.items())]
+        # a weight replaced by a new tensor (as a load or .to() does): graphs captured again
+        name, p = next(iter(gen.tp.named_parameters()))
+        owner, _, leaf = name.rpartition(".")
+        setattr(gen.tp.get_submodule(owner), leaf, torch.nn.Parameter(p.detach().clone(),
+                                                                      requires_grad=False))
+        ids, mask = _prompt(vocab, 1, 4, [0], 1)
+        kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        out["equal_after_move"] = torch.equal(model.generate(ids, **kw), gen.generate(ids, **kw))
+        out["captures_after_move"] = gen._replay.captures
+        # sampling through the replay path: HF's samples with the same seed
+        ids, mask = _prompt(vocab, 2, 5, [0, 2], 3)
+        kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=0)
+        torch.manual_seed(7)
+        sampled = gen.generate(ids, **kw)
+        torch.manual_seed(7)
+        out["sampling_equal"] = torch.equal(sampled, model.generate(ids, **kw))
+        # no tensor made on a default device: under a meta default device a leak would fail
+        with torch.device("meta"):
+            leak = gen.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0)
+        out["device_under_meta_default"] = str(leak.device)
+        gen.cuda_graph = True
+        out["graph_on_cpu"] = _error(lambda: gen.generate(ids, max_new_tokens=2, pad_token_id=0))
+        out["bad_mode"] = _error(lambda: fxtp.generator(model, ws, cuda_graph="yes"))
+    finally:
+        gen.cuda_graph = None
+    # eager: a batch of one on this max_batch 2 generator runs on one cache row
+    seen = []
+    hook = gen.tp.register_forward_pre_hook(lambda mod, args: seen.append(
+        (tuple(args[0].shape), tuple(next(iter(gen._rows.tensors())).shape))))
+    try:
+        ids, mask = _prompt(vocab, 1, 4, [0], 5)
+        gen.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0)
+    finally:
+        hook.remove()
+    out["eager_rows"] = seen
+    out["cache_after"] = [tuple(t.shape) for t in gen._rows.tensors()]
+    return out
+
+
+def meta_case(ws: int, ckpt: str) -> dict[str, Any]:
+    """A generator of a Llama built under fxtp.init_empty(): the capture runs on meta (graph
+    and cache meta, no CPU/CUDA device baked in), generate refuses until loaded; then
+    fxtp.load(gen, ckpt) (the lead's load of a Generator) fills it and it decodes what the
+    model that wrote the checkpoint decodes."""
+    with fxtp.init_empty():
+        empty = model_for("llama")
+    gen = fxtp.generator(empty, ws, max_len=MAX_LEN, max_batch=2)
+    baked = sorted({str(a) for n in gen.tp.graph.nodes
+                    for a in list(n.args) + list(n.kwargs.values()) if isinstance(a, torch.device)})
+    out: dict[str, Any] = {
+        "param_devices": sorted({str(p.device) for p in gen.tp.parameters()}),
+        "cache_devices": sorted({str(t.device) for t in gen.cache().values()}),
+        "baked_devices": baked,
+        "before_load": _error(lambda: gen.generate(torch.ones(1, 3, dtype=torch.long),
+                                                   max_new_tokens=2)),
+    }
+    try:
+        fxtp.load(gen, ckpt)
+    except Exception as e:  # noqa: BLE001 - the test decides (the load of a Generator may not be there yet)
+        out["load_error"] = f"{type(e).__name__}: {e}"
+        return out
+    model = model_for("llama")
+    ids, mask = _prompt(model.config.vocab_size, 2, 5, [0, 2], 13)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ref, got = model.generate(ids, **kw), gen.generate(ids, **kw)
+    out.update(equal=torch.equal(ref, got), ref=ref.tolist(), out=got.tolist(),
+               loaded_cache_devices=sorted({str(t.device) for t in gen.cache().values()}))
+    return out
 
 
 def lora_case(ws: int) -> dict[str, Any]:
@@ -199,12 +297,23 @@ def _hybrid_round(model, gen, ws: int, ids, mask) -> dict[str, Any]:
             "hybrid_folded_error": folded_error}
 
 
-def run_all(rank: int, ws: int) -> dict[str, Any]:
+def write_checkpoint(root: str) -> str:
+    """In the test process: the Llama of model_for("llama") (fixed seed) as save_pretrained
+    writes it, read by every rank's meta case."""
+    import os
+
+    path = os.path.join(root, "llama")
+    model_for("llama").save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def run_all(rank: int, ws: int, ckpt: str) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
     out: dict[str, Any] = {}
     cases = {f"greedy_{n}": (lambda n=n: greedy_case(n, ws)) for n in GREEDY_CASES}
     cases.update(sampling=lambda: sampling_case(ws), errors=lambda: error_case(rank, ws),
-                 compile=lambda: compile_case(ws), lora=lambda: lora_case(ws))
+                 replay=lambda: replay_case(ws), compile=lambda: compile_case(ws),
+                 meta=lambda: meta_case(ws, ckpt), lora=lambda: lora_case(ws))
     for name, fn in cases.items():
         t0 = time.perf_counter()
         try:
