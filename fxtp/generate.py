@@ -270,7 +270,9 @@ class Generator:
             raise GenerationError("fxtp generate: only greedy decoding and sampling are supported "
                                   f"(num_beams={gc.num_beams}, num_return_sequences="
                                   f"{gc.num_return_sequences}); set them to 1")
-        m._prepare_special_tokens(gc, attention_mask is not None, device=dev, batch_size=b)
+        # batch_size (transformers >= 5.1x) only decides whether padding warnings are shown
+        extra = {"batch_size": b} if _takes(m._prepare_special_tokens, "batch_size") else {}
+        m._prepare_special_tokens(gc, attention_mask is not None, device=dev, **extra)
         if attention_mask is None:
             attention_mask = m._prepare_attention_mask_for_generation(input_ids, gc, {})
         elif tuple(attention_mask.shape) != (b, p):
@@ -305,7 +307,8 @@ class Generator:
         do_sample = gc.do_sample
 
         if mode != "eager":     # graphs hold addresses: recapture if anything moved
-            replay.check(list(self.tp.parameters()) + self._rows.tensors())
+            replay.check(list(self.tp.parameters()) + list(self.tp.buffers())
+                         + self._rows.tensors())
         # the prefill: the b prompts on the cache's first b rows (rows up to the decode bucket
         # cleared: dummy rows read them)
         am = attention_mask.to(torch.long)
@@ -357,6 +360,12 @@ class Generator:
                 f"this is rank {self.rank}). Every rank must call generate with the same prompts "
                 "and options (broadcast them from rank 0 first); for sampling also seed every "
                 "rank's generator the same (torch.manual_seed).")
+
+
+def _takes(fn: Any, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(fn).parameters
 
 
 def _digest(t: torch.Tensor) -> torch.Tensor:
