@@ -7,6 +7,11 @@ Decode tokens/s = batch x (N2 - N1) / (t(N2 new tokens) - t(N1 new tokens)): the
 cancels out. Each time is the median of `--repeats` runs.
 
     .venv/bin/python bench/generate.py [--model llama|gpt2|<family>] [--hidden 256 --layers 4]
+        [--batch 1 --max-batch 8] [--cuda-graph auto|on|off|emulate] [--device cuda --ws 0]
+
+`--max-batch` builds the generators for more prompts than `--batch` (a small batch on a large
+generator should cost what its rows cost); `--ws 0` skips the gloo ranks (e.g. on a GPU, where
+the world-1 generator runs on `--device` and decodes through CUDA graphs by default).
 """
 from __future__ import annotations
 
@@ -75,13 +80,16 @@ def _decode_rate(gen_fn, batch: int, n1: int, n2: int, repeats: int) -> float:
 def tp_rank(rank: int, ws: int, args: dict) -> dict:
     import warnings
 
+    import torch
+
     import fxtp
 
     warnings.filterwarnings("ignore")
-    model = build(args["model"], args["hidden"], args["layers"])
+    model = build(args["model"], args["hidden"], args["layers"]).to(getattr(torch, args["dtype"]))
     ids = _prompt(model.config.vocab_size, args["batch"], args["prompt"])
     t0 = time.perf_counter()
-    gen = fxtp.generator(model, ws, max_len=args["prompt"] + args["n2"], max_batch=args["batch"])
+    gen = fxtp.generator(model, ws, max_len=args["prompt"] + args["n2"],
+                         max_batch=args["max_batch"] or args["batch"], cuda_graph=args["cuda_graph"])
     build_s = time.perf_counter() - t0
     kw = dict(do_sample=False, pad_token_id=0)
     rate = _decode_rate(lambda n: gen.generate(ids, max_new_tokens=n, **kw), args["batch"],
@@ -106,12 +114,19 @@ def main() -> None:
     ap.add_argument("--n1", type=int, default=8)
     ap.add_argument("--n2", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--ws", type=int, default=2)
+    ap.add_argument("--ws", type=int, default=2, help="0: no gloo ranks")
+    ap.add_argument("--max-batch", type=int, default=0, help="generator's max_batch (0: --batch)")
+    ap.add_argument("--cuda-graph", default="auto", choices=("auto", "on", "off", "emulate"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
     args = vars(ap.parse_args())
+    args["cuda_graph"] = {"auto": None, "on": True, "off": False}.get(args["cuda_graph"],
+                                                                      args["cuda_graph"])
 
     torch.set_num_threads(1)
     model = build(args["model"], args["hidden"], args["layers"])
-    ids = _prompt(model.config.vocab_size, args["batch"], args["prompt"])
+    model = model.to(args["device"], getattr(torch, args["dtype"]))
+    ids = _prompt(model.config.vocab_size, args["batch"], args["prompt"]).to(args["device"])
     kw = dict(do_sample=False, pad_token_id=0)
     with torch.no_grad():
         hf_rate = _decode_rate(lambda n: model.generate(ids, max_new_tokens=n, **kw),
@@ -119,18 +134,25 @@ def main() -> None:
         ref = model.generate(ids, max_new_tokens=args["n2"], **kw).tolist()
     import fxtp
 
-    one = fxtp.generator(model, 1, max_len=args["prompt"] + args["n2"], max_batch=args["batch"])
+    one = fxtp.generator(model, 1, max_len=args["prompt"] + args["n2"],
+                         max_batch=args["max_batch"] or args["batch"], cuda_graph=args["cuda_graph"])
     one_rate = _decode_rate(lambda n: one.generate(ids, max_new_tokens=n, **kw), args["batch"],
                             args["n1"], args["n2"], args["repeats"])
+    one_tokens, mode = one.generate(ids, max_new_tokens=args["n2"], **kw).tolist(), one.decode_mode
     one = None     # free the world-1 copy before the ranks build theirs
-    ranks = run_ranks(tp_rank, args["ws"], args, timeout=1200)
-    r = ranks[0]
     params = sum(p.numel() for p in model.parameters())
-    print(f"model {args['model']} ({params / 1e6:.2f}M params), batch {args['batch']}, prompt "
-          f"{args['prompt']}, decode measured between {args['n1']} and {args['n2']} new tokens")
+    print(f"model {args['model']} ({params / 1e6:.2f}M params, {args['dtype']} on "
+          f"{args['device']}), batch {args['batch']} (generators' max_batch "
+          f"{args['max_batch'] or args['batch']}), prompt {args['prompt']}, decode measured "
+          f"between {args['n1']} and {args['n2']} new tokens")
     print(f"  model.generate, 1 process, 1 thread : {hf_rate:8.1f} tokens/s")
     print(f"  fxtp.generator, world 1, 1 thread : {one_rate:8.1f} tokens/s (the step graph alone, "
-          f"ratio {one_rate / hf_rate:.2f})")
+          f"decode {mode}, ratio {one_rate / hf_rate:.2f}; tokens equal: {one_tokens == ref})")
+    if args["ws"] < 2:
+        return
+    args["device"] = "cpu"
+    ranks = run_ranks(tp_rank, args["ws"], args, timeout=1200)
+    r = ranks[0]
     print(f"  fxtp.generator, world {args['ws']} (gloo)   : {r['rate']:8.1f} tokens/s per rank set "
           f"(ratio {r['rate'] / hf_rate:.2f}; ranks: "
           + ", ".join(f"{x['rate']:.1f}" for x in ranks) + ")")
