@@ -22,4 +22,4 @@ import transformers
 from packaging.version import Version
 assert Version(transformers.__version__) == Version('$low'), transformers.__version__
 print('transformers', transformers.__version__, 'from', transformers.__file__)"
-PYTHONPATH="$overlay" exec .venv/bin/python -m pytest -q tests/test_generate.py
+PYTHONPATH="$overlay" exec .venv/bin/python -m pytest -q tests/test_generate.py tests/test_generate_replay.py

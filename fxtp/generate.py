@@ -307,8 +307,11 @@ class Generator:
         do_sample = gc.do_sample
 
         if mode != "eager":     # graphs hold addresses: recapture if anything moved
-            replay.check(list(self.tp.parameters()) + list(self.tp.buffers())
-                         + self._rows.tensors())
+            state = dict(self.tp.named_parameters())
+            state.update(self.tp.named_buffers())
+            if mode == "graph":
+                _check_one_device(state, dev)
+            replay.check(list(state.values()) + self._rows.tensors())
         # the prefill: the b prompts on the cache's first b rows (rows up to the decode bucket
         # cleared: dummy rows read them)
         am = attention_mask.to(torch.long)
@@ -360,6 +363,18 @@ class Generator:
                 f"this is rank {self.rank}). Every rank must call generate with the same prompts "
                 "and options (broadcast them from rank 0 first); for sampling also seed every "
                 "rank's generator the same (torch.manual_seed).")
+
+
+def _check_one_device(state: dict[str, torch.Tensor], dev: torch.device) -> None:
+    """A CUDA graph cannot copy a host tensor into the step (an index constant, a rotary
+    buffer): everything the step reads must be on its device before the capture."""
+    away = [f"{n} ({t.device})" for n, t in state.items() if t.device != dev]
+    if away:
+        raise GenerationError(
+            f"fxtp generate: the step's parameters are on {dev} but {len(away)} tensor(s) it "
+            f"reads are not: {', '.join(away[:5])}; a CUDA graph cannot copy them in. Move the "
+            f"whole step (gen.tp.to({str(dev)!r}), or fxtp.load(gen, path, device=...)) or "
+            "pass cuda_graph=False")
 
 
 def _takes(fn: Any, name: str) -> bool:
