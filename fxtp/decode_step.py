@@ -49,19 +49,22 @@ def cache_kwarg(model: nn.Module) -> str:
                           "nor `past_key_values`; it cannot decode with a KV cache")
 
 
-class DecodeStep(nn.Module):
+class DecodeStep:
     """`(input_ids [B, S], position_ids [B, S], attention_mask [B, max_len], start []) ->
-    logits [B, S, vocab]`, B in 1..max_batch.
+    logits [B, S, vocab]`, B in 1..max_batch: the model's forward over a static cache.
 
     `start` is the cache slot of the first of the S tokens; `attention_mask` covers every
-    cache slot (0 for left padding; slots not written yet are hidden by causality)."""
+    cache slot (0 for left padding; slots not written yet are hidden by causality).
+    `exporting()` makes this step the model's forward while torch.export traces the model
+    itself, so the graph's parameters keep the model's own names (what `fxtp.load`,
+    `fxtp.save` and `load_weights` match against checkpoints and training graphs)."""
 
     def __init__(self, model: nn.Module, hf_model: nn.Module, max_batch: int, max_len: int):
-        super().__init__()
         from transformers import StaticCache
         from transformers.cache_utils import StaticLayer
 
         self.lm = model
+        self.forward = model.forward            # bound, or a wrapper someone installed
         self.cache_kw = cache_kwarg(hf_model)
         cfg = hf_model.config
         cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -78,9 +81,9 @@ class DecodeStep(nn.Module):
         dev = model_device(model)
         ids = torch.zeros(max_batch, 1, dtype=torch.long, device=dev)
         mask = torch.ones(max_batch, max_len, dtype=torch.long, device=dev)
+        self.full: list = []
         with torch.no_grad():
-            self._run(ids, torch.zeros_like(ids), mask, torch.zeros((), dtype=torch.long, device=dev),
-                      first=True)
+            self(ids, torch.zeros_like(ids), mask, torch.zeros((), dtype=torch.long, device=dev))
         self.full = [(layer.keys, layer.values) for layer in self.cache.layers]
         if any(k is None or v is None for k, v in self.full):
             raise GenerationError(
@@ -91,21 +94,38 @@ class DecodeStep(nn.Module):
             k.zero_()
             v.zero_()
 
-    def _run(self, input_ids, position_ids, attention_mask, start, first=False):
+    def __call__(self, input_ids, position_ids, attention_mask, start):
         b = input_ids.shape[0]
         for i, layer in enumerate(self.cache.layers):
-            if not first:
+            if self.full:                # after the allocating step: views of the first b rows
                 k, v = self.full[i]
                 layer.keys, layer.values = k[:b], v[:b]
             # a fresh tensor per step (in the graph: clone(start)), not cache state: the graph
             # then holds no state besides the cache itself, and nothing on another device
             layer.cumulative_length = start.clone()
-        out = self.lm(input_ids=input_ids, position_ids=position_ids,
-                      attention_mask=attention_mask, use_cache=True, **{self.cache_kw: self.cache})
+        out = self.forward(input_ids=input_ids, position_ids=position_ids,
+                           attention_mask=attention_mask, use_cache=True,
+                           **{self.cache_kw: self.cache})
         return out.logits if hasattr(out, "logits") else out[0]
 
-    def forward(self, input_ids, position_ids, attention_mask, start):
-        return self._run(input_ids, position_ids, attention_mask, start)
+    @contextlib.contextmanager
+    def exporting(self) -> Iterator[nn.Module]:
+        """The model, with this step as its forward (an instance attribute) until exit."""
+        m = self.lm
+        had = "forward" in m.__dict__
+        saved = m.__dict__.get("forward")
+
+        def step(input_ids, position_ids, attention_mask, start):
+            return self(input_ids, position_ids, attention_mask, start)
+
+        m.forward = step
+        try:
+            yield m
+        finally:
+            if had:
+                m.forward = saved
+            else:
+                del m.forward
 
 
 def capture_step(model: nn.Module, hf_model: nn.Module, max_batch: int, max_len: int) -> Captured:
@@ -117,7 +137,7 @@ def capture_step(model: nn.Module, hf_model: nn.Module, max_batch: int, max_len:
     was_training = model.training
     model.eval()
     try:
-        step = DecodeStep(model, hf_model, max_batch, max_len).eval()
+        step = DecodeStep(model, hf_model, max_batch, max_len)
         dev = model_device(model)
         b, s = min(2, max_batch), min(2, max_len)
         ids = torch.zeros(b, s, dtype=torch.long, device=dev)
@@ -126,10 +146,10 @@ def capture_step(model: nn.Module, hf_model: nn.Module, max_batch: int, max_len:
         seq = Dim("seq", min=1, max=max_len)
         batch = {0: Dim("batch", min=1, max=max_batch)} if max_batch > 1 else {}
         dynamic = ({**batch, 1: seq}, {**batch, 1: seq}, batch or None, None)
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), step.exporting() as traced:
             warnings.simplefilter("ignore")
-            ep = torch.export.export(step, (ids, pos, mask, torch.zeros((), dtype=torch.long,
-                                                                         device=dev)),
+            ep = torch.export.export(traced, (ids, pos, mask, torch.zeros((), dtype=torch.long,
+                                                                           device=dev)),
                                      dynamic_shapes=dynamic, strict=False)
             gm = ep.module()
             drop_no_ops(gm)

@@ -187,9 +187,8 @@ class Generator:
             unfold_lora(self.tp)
         try:
             source = dict(tp.named_parameters(remove_duplicate=False))
-            # the step graph holds the model as DecodeStep.lm: its names are "lm." + the model's
-            mine = {n[len("lm."):] if n.startswith("lm.") else n: p
-                    for n, p in self.tp.named_parameters(remove_duplicate=False)}
+            # the step graph was exported from the model itself: the same parameter names
+            mine = dict(self.tp.named_parameters(remove_duplicate=False))
             missing = sorted(set(mine) - set(source))
             shapes = [f"{n}: {tuple(source[n].shape)} vs {tuple(p.shape)}" for n, p in mine.items()
                       if n in source and source[n].shape != p.shape]
