@@ -227,8 +227,8 @@ def replay_case(ws: int) -> dict[str, Any]:
 def meta_case(ws: int, ckpt: str) -> dict[str, Any]:
     """A generator of a Llama built under fxtp.init_empty(): the capture runs on meta (graph
     and cache meta, no CPU/CUDA device baked in), generate refuses until loaded; then
-    fxtp.load(gen, ckpt) (the lead's load of a Generator) fills it and it decodes what the
-    model that wrote the checkpoint decodes."""
+    fxtp.load(gen, ckpt) fills it and it decodes what the model that wrote the checkpoint
+    decodes."""
     with fxtp.init_empty():
         empty = model_for("llama")
     gen = fxtp.generator(empty, ws, max_len=MAX_LEN, max_batch=2)
@@ -243,7 +243,7 @@ def meta_case(ws: int, ckpt: str) -> dict[str, Any]:
     }
     try:
         fxtp.load(gen, ckpt)
-    except Exception as e:  # noqa: BLE001 - the test decides (the load of a Generator may not be there yet)
+    except Exception as e:  # noqa: BLE001 - reported, the test decides
         out["load_error"] = f"{type(e).__name__}: {e}"
         return out
     model = model_for("llama")

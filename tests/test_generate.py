@@ -131,10 +131,9 @@ def test_meta_built_generator_captures_on_meta():
 
 
 def test_meta_built_generator_loaded_decodes_hf_tokens():
-    """Needs fxtp.load to take a Generator (it loads gen.tp, zero-fills the meta cache)."""
+    """fxtp.load(gen, ckpt) fills the step graph (the model's own parameter names) and
+    zero-fills its meta KV cache."""
     for r in case("meta"):
-        if r.get("load_error", "").startswith("AttributeError: 'Generator' object has no attribute"):
-            pytest.xfail("fxtp.load does not take a Generator yet: " + r["load_error"])
         assert "load_error" not in r, r["load_error"]
         assert r["equal"], (r["out"], r["ref"])
         assert r["loaded_cache_devices"] == ["cpu"]
