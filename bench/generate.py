@@ -89,7 +89,8 @@ def tp_rank(rank: int, ws: int, args: dict) -> dict:
     ids = _prompt(model.config.vocab_size, args["batch"], args["prompt"])
     t0 = time.perf_counter()
     gen = fxtp.generator(model, ws, max_len=args["prompt"] + args["n2"],
-                         max_batch=args["max_batch"] or args["batch"], cuda_graph=args["cuda_graph"])
+                         max_batch=args["max_batch"] or args["batch"],
+                         cuda_graph=args["cuda_graph"])
     build_s = time.perf_counter() - t0
     kw = dict(do_sample=False, pad_token_id=0)
     rate = _decode_rate(lambda n: gen.generate(ids, max_new_tokens=n, **kw), args["batch"],
@@ -135,7 +136,8 @@ def main() -> None:
     import fxtp
 
     one = fxtp.generator(model, 1, max_len=args["prompt"] + args["n2"],
-                         max_batch=args["max_batch"] or args["batch"], cuda_graph=args["cuda_graph"])
+                         max_batch=args["max_batch"] or args["batch"],
+                         cuda_graph=args["cuda_graph"])
     one_rate = _decode_rate(lambda n: one.generate(ids, max_new_tokens=n, **kw), args["batch"],
                             args["n1"], args["n2"], args["repeats"])
     one_tokens, mode = one.generate(ids, max_new_tokens=args["n2"], **kw).tolist(), one.decode_mode

@@ -69,7 +69,8 @@ class DecodeStep:
         cfg = hf_model.config
         cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         self.cache = StaticCache(config=cfg, max_cache_len=max_len)
-        bad = [type(layer).__name__ for layer in self.cache.layers if type(layer) is not StaticLayer]
+        bad = [type(layer).__name__ for layer in self.cache.layers
+               if type(layer) is not StaticLayer]
         if bad:
             raise GenerationError(
                 f"fxtp.generator: {type(hf_model).__name__} needs cache layers of kind {bad[0]} "

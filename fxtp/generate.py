@@ -319,7 +319,8 @@ class Generator:
         mask = torch.ones(b, self.max_len, dtype=torch.long, device=dev)
         mask[:, :p] = am
         pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
-        last = self._call(input_ids, pos, mask, torch.zeros((), dtype=torch.long, device=dev))[:, -1]
+        start = torch.zeros((), dtype=torch.long, device=dev)
+        last = self._call(input_ids, pos, mask, start)[:, -1]
         bucket = None
         unfinished = torch.ones(b, dtype=torch.long, device=dev)
         while True:

@@ -160,9 +160,8 @@ def compile_case(ws: int) -> dict[str, Any]:
     replay_counts = []
     for b in (2, 1, 1, 2):
         ids, mask = _prompt(model.config.vocab_size, b, 5, [0, 1], 9)
-        ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        out = gen.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        equal.append(torch.equal(ref, out))
+        kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        equal.append(torch.equal(model.generate(ids, **kw), gen.generate(ids, **kw)))
         replay_counts.append(counter.frame_count)
     gen.cuda_graph = None
     return {"frame_counts": counts, "equal": equal, "replay_frame_counts": replay_counts}

@@ -119,7 +119,8 @@ def test_replayed_decode_steps_give_hf_tokens():
 def test_small_batch_runs_only_its_cache_rows():
     for r in case("replay"):
         # prefill and each decode step of a batch of one: one input row, one cache row
-        assert r["eager_rows"] and all(ids[0] == 1 and cache[0] == 1 for ids, cache in r["eager_rows"])
+        rows = r["eager_rows"]
+        assert rows and all(ids[0] == 1 and cache[0] == 1 for ids, cache in rows)
         assert all(shape[0] == 2 for shape in r["cache_after"])    # the whole cache afterwards
 
 
