@@ -193,6 +193,7 @@ def _bf16_case(ws: int, dirs: dict[str, str]) -> dict[str, Any]:
            "read_vs_loaded": (rep.bytes_read, rep.bytes_loaded),
            "tp_error": float((run(tp) - exact).abs().max()),
            "hf_bf16_error": float((run(hf16) - exact).abs().max())}
+    out["generate"] = _bf16_generate(ws, dirs, ids, mask, hf16)
     with fxtp.init_empty():   # a fresh config: from_config(dtype=) wrote bf16 into cfg
         empty32 = AutoModelForCausalLM.from_config(build("llama").config)
     tp32 = fxtp.transform(empty32, ws)
@@ -201,6 +202,32 @@ def _bf16_case(ws: int, dirs: dict[str, str]) -> dict[str, Any]:
     out["fp32_dtypes"] = sorted({str(p.dtype) for p in tp32.parameters()})
     out["fp32_from_bf16_error"] = float((run(tp32) - run(ref)).abs().max())
     return out
+
+
+def _bf16_generate(ws: int, dirs: dict[str, str], ids, mask, hf16) -> dict[str, Any]:
+    """A bf16 generator built on meta and loaded from the fp32 checkpoint (cast while reading).
+    Greedy decoding in bf16 is checked within its rounding: at every new position, the token
+    fxtp chose has Hugging Face's bf16 logit within bf16 rounding of the largest one (a
+    near-tie may go either way when the partial sums are added in another order)."""
+    from transformers import AutoModelForCausalLM
+
+    with fxtp.init_empty():
+        empty = AutoModelForCausalLM.from_config(build("llama").config, dtype=torch.bfloat16)
+    gen = fxtp.generator(empty, ws, max_len=24, max_batch=3)
+    fxtp.load(gen, dirs["llama"], dtype=torch.bfloat16)
+    new = 6
+    out = gen.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+    ref = hf16.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+    full_mask = torch.cat([mask, torch.ones(mask.shape[0], new, dtype=mask.dtype)], dim=1)
+    with torch.no_grad():
+        logits = hf16(input_ids=out, attention_mask=full_mask).logits.float()
+    p = ids.shape[1]
+    chosen = logits[:, p - 1:-1].gather(-1, out[:, p:, None]).squeeze(-1)
+    gap = (logits[:, p - 1:-1].max(-1).values - chosen).max()
+    return {"dtypes": sorted({str(t.dtype) for t in gen.tp.parameters()}),
+            "cache_dtypes": sorted({str(t.dtype) for t in gen.cache().values()}),
+            "shape": list(out.shape), "largest_gap": float(gap),
+            "equal_to_hf": bool(torch.equal(out, ref))}
 
 
 def _device_case(ws: int) -> dict[str, Any]:

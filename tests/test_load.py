@@ -102,6 +102,9 @@ def test_bf16_end_to_end_with_a_cast_while_loading(results):
         assert r["read_vs_loaded"][0] == 2 * r["read_vs_loaded"][1]     # fp32 read, bf16 held
         # bf16 rounding: about Hugging Face's own bf16 error against the fp32 model
         assert 0 < r["tp_error"] <= 2 * r["hf_bf16_error"] + 1e-2, (rank, r)
+        g = r["generate"]           # bf16 generation from a meta build, cast while loading
+        assert g["dtypes"] == g["cache_dtypes"] == ["torch.bfloat16"] and g["shape"] == [3, 17]
+        assert g["largest_gap"] <= 3e-2, (rank, g)     # greedy within bf16 rounding
         assert r["fp32_dtypes"] == ["torch.float32"]
         assert r["fp32_from_bf16_error"] <= TOL, (rank, r)
 
