@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import inspect
 import math
 import os
 import shutil
@@ -347,41 +346,20 @@ def first_difference(a: torch.Tensor, b: torch.Tensor, prompt_len: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# what this fxtp offers (other work may not have landed yet)
-
-def api_support() -> dict[str, bool]:
-    import fxtp
-    import fxtp.runtime
-
-    load = inspect.signature(fxtp.load).parameters
-    gen = inspect.signature(fxtp.generator).parameters
-    return {"load(device=, dtype=)": "device" in load and "dtype" in load,
-            "generator(cuda_graph=)": "cuda_graph" in gen,
-            "runtime.collective_device": hasattr(fxtp.runtime, "collective_device")}
-
+# fxtp calls shared by the sections
 
 def make_generator(model, ws: int, max_len: int, max_batch: int):
-    """fxtp.generator with its decode step as a CUDA graph where this fxtp offers it."""
+    """fxtp.generator; its decode step is replayed as a CUDA graph when the model is on CUDA."""
     import fxtp
 
-    kw: dict[str, Any] = {}
-    if "cuda_graph" in inspect.signature(fxtp.generator).parameters:
-        kw["cuda_graph"] = None          # None: a CUDA graph when the model is on CUDA
-    return fxtp.generator(model, ws, max_len=max_len, max_batch=max_batch, **kw)
+    return fxtp.generator(model, ws, max_len=max_len, max_batch=max_batch, cuda_graph=None)
 
 
 def load_into(target, path: str, device: torch.device, dtype: torch.dtype):
-    """fxtp.load(target, path, device=, dtype=); a clear error where this fxtp cannot. The
-    device is passed as a user writes it on one GPU: "cuda" (the current device)."""
+    """fxtp.load onto the device as a user writes it on one GPU ("cuda": the current one)."""
     import fxtp
 
-    params = inspect.signature(fxtp.load).parameters
-    if "device" in params and "dtype" in params:
-        return fxtp.load(target, path, device=device.type, dtype=dtype)
-    if device.type == "cpu":     # same meaning: this fxtp loads onto the CPU, checkpoint dtype
-        return fxtp.load(target, path)
-    raise RuntimeError(f"fxtp.load{inspect.signature(fxtp.load)} has no device=/dtype= in this "
-                       "checkout (it loads onto the CPU only): the GPU load path is not there yet")
+    return fxtp.load(target, path, device=device.type, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,8 +387,6 @@ def section_environment(b: Bench) -> None:
     figure("workloads", f"forward {s.batch} x {s.seq}; decode prompt {s.prompt} + "
            f"{s.new_tokens} new tokens at batch 1 and {decode_batch(s)}")
     figure("torch.compile backend", b.compile_backend)
-    for what, ok in api_support().items():
-        figure(f"fxtp API: {what}", "yes" if ok else "no (not in this checkout)")
 
 
 def section_forward(b: Bench) -> None:
@@ -931,8 +907,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.decode_repeats = args.decode_repeats or (3 if cuda else 1)
     bench = Bench(args=args, device=device, dtype=dtype, shape=shape, start=start,
                   compile_backend=args.compile_backend or ("inductor" if cuda else "eager"))
-    if cuda and not args.fxtp_compile_mode and not api_support()["generator(cuda_graph=)"]:
-        args.fxtp_compile_mode = "reduce-overhead"     # CUDA graphs from inductor instead
     print(f"fxtp GPU bench ({'quick' if args.quick else 'full'}, budget {args.budget:.0f} s)",
           flush=True)
     bench.bandwidth = bandwidth_of(device, args.bandwidth)

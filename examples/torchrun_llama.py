@@ -21,7 +21,6 @@ checkpoint (`save_pretrained` of a model with the same seed) into a temporary di
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import shutil
 import sys
@@ -110,12 +109,6 @@ def build(device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
     return model.to(device=device, dtype=dtype)
 
 
-def load_supports_device_dtype() -> bool:
-    """Whether this fxtp's `load` takes `device=` and `dtype=` (issue 14)."""
-    params = inspect.signature(fxtp.load).parameters
-    return "device" in params and "dtype" in params
-
-
 def build_from_checkpoint(rank: int, world_size: int, device: torch.device, dtype: torch.dtype,
                           seed: int, ckpt: Optional[str]) -> tuple[nn.Module, str, bool]:
     """Meta build -> transform -> fxtp.load: no rank ever holds the full weights (except rank 0
@@ -136,16 +129,7 @@ def build_from_checkpoint(rank: int, world_size: int, device: torch.device, dtyp
     with fxtp.init_empty():                  # parameters on meta, buffers (inv_freq) real
         meta_model = AutoModelForCausalLM.from_config(llama_config(), dtype=dtype).eval()
     tp = fxtp.transform(meta_model, world_size)
-    if load_supports_device_dtype():
-        fxtp.load(tp, path, device=str(device), dtype=dtype)     # e.g. "cuda:3"
-    elif device.type == "cpu":
-        # this fxtp loads onto the CPU in the checkpoint's dtype, which is `dtype` here
-        fxtp.load(tp, path)
-    else:
-        raise SystemExit(
-            "--meta on CUDA needs fxtp.load(tp, dir, device=..., dtype=...), which this fxtp "
-            f"does not have yet (its signature: load{inspect.signature(fxtp.load)}); it loads "
-            "onto the CPU only. Run --meta with --backend gloo, or without --meta on GPUs.")
+    fxtp.load(tp, path, device=str(device), dtype=dtype)     # e.g. "cuda:3", torch.bfloat16
     return tp, path, temporary
 
 
