@@ -131,12 +131,18 @@ def rank_main(rank: int, ws: int, root: str, hidden: int, layers: int, vocab: in
             "logits_finite": bool(torch.isfinite(logits).all())}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--hidden", type=int, default=2048)
+def model_arguments(doc: str, hidden: int) -> argparse.ArgumentParser:
+    """The Llama size and world size options of the memory benches."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--hidden", type=int, default=hidden)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--world-size", type=int, default=2)
+    return ap
+
+
+def main() -> None:
+    ap = model_arguments(__doc__, hidden=2048)
     ap.add_argument("--reader", default="direct", choices=["direct", "safetensors"])
     ap.add_argument("--dir", default=None, help="keep/reuse the checkpoint here")
     args = ap.parse_args()

@@ -14,7 +14,6 @@ working memory.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
@@ -25,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from load_memory import _reset_peak, _rss_kb, config  # noqa: E402  (bench/ is not a package)
+from load_memory import _reset_peak, _rss_kb, config, model_arguments  # noqa: E402  (bench/ is not a package)
 
 
 def rank_main(rank: int, ws: int, args) -> dict:
@@ -51,12 +50,7 @@ def rank_main(rank: int, ws: int, args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--world-size", type=int, default=2)
-    args = ap.parse_args()
+    args = model_arguments(__doc__, hidden=1024).parse_args()
     from fxtp.verify import run_ranks
 
     results = run_ranks(rank_main, args.world_size, args, timeout=1800)

@@ -18,21 +18,11 @@ from typing import Iterator
 import torch
 from torch import fx, nn
 
-from .capture import Captured
+from .capture import Captured, _first_line, _user_code, model_device
 from .errors import CaptureError, GenerationError
 from .passes.cleanup import drop_no_ops
 
 aten = torch.ops.aten
-
-
-def model_device(module: nn.Module) -> torch.device:
-    """The device of `module`'s first parameter (else buffer; CPU if it has neither). Read at
-    every call: `fxtp.load(..., device=)` and `.to()` move a graph after it is built."""
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 def cache_kwarg(model: nn.Module) -> str:
@@ -158,8 +148,6 @@ def capture_step(model: nn.Module, hf_model: nn.Module, max_batch: int, max_len:
     except GenerationError:
         raise
     except Exception as e:
-        from .capture import _first_line, _user_code
-
         raise CaptureError(
             f"fxtp could not capture a decoding step of {type(hf_model).__name__} with a static KV "
             f"cache: {type(e).__name__}: {_first_line(e)}{_user_code(e)}. The model must support "

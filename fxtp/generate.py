@@ -29,8 +29,11 @@ from torch import fx, nn
 
 from .capture import Captured, is_hf_model
 from .decode_replay import Replay
-from .decode_step import CacheRows, cache_attrs, capture_step, model_device
-from .errors import (CacheOverflowError, GenerationError, MetaTensorError, PromptMismatchError)
+from .capture import model_device
+from .decode_step import CacheRows, cache_attrs, capture_step
+from .errors import (CacheOverflowError, GenerationError, LoraStateError, MetaTensorError,
+                     PromptMismatchError)
+from .runtime import collective_device
 
 CudaGraph = Union[None, bool, str]
 # torch.compile modes that add inductor's own CUDA graphs, which skip this step (its cache is
@@ -172,8 +175,6 @@ class Generator:
         if META_KEY not in getattr(tp, "meta", {}):
             raise GenerationError("load_weights takes the graph of fxtp.transform(model, ws)")
         if is_folded(tp):
-            from .errors import LoraStateError
-
             raise LoraStateError("load_weights: the training graph's LoRA adapters are folded "
                                  "into its base shards; call fxtp.for_training(tp) (or "
                                  "fxtp.unfold_lora(tp)) first")
@@ -348,8 +349,6 @@ class Generator:
         collectives take (NCCL: the current CUDA device; gloo: the CPU)."""
         if self.world_size == 1:
             return
-        from .runtime import collective_device
-
         v = _fingerprint(input_ids, attention_mask, gc, collective_device(self.group))
         both = torch.cat([v, -v])
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)

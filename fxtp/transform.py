@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import fx, nn
 
 from .capture import Captured, capture
-from .errors import (DropoutError, DtypeError, InputError, MetaTensorError,
+from .errors import (DropoutError, DtypeError, InputError, LoraStateError, MetaTensorError,
                      NotDivisibleError, PlanOverrideError)
 from .passes import (cleanup, gather_vocab_outputs, insert_all_reduces, insert_grad_syncs,
                      insert_local_slices,
@@ -178,8 +178,6 @@ def _guard_training(gm: fx.GraphModule) -> None:
 
     def train(mode: bool = True):
         if mode and gm.meta[META_KEY].lora_fold is not None:
-            from .errors import LoraStateError
-
             raise LoraStateError("fxtp: the LoRA adapters are folded into the weights (for "
                                  "generation); call fxtp.for_training(tp) or "
                                  "fxtp.unfold_lora(tp) before training")
@@ -224,9 +222,7 @@ def _guard_moves(gm: fx.GraphModule) -> None:
         refuse(dtype)
         if device is not None:
             if gm.meta[META_KEY].lora_fold is not None:
-                from .errors import LoraStateError
-
-                raise LoraStateError("fxtp: unfold the LoRA adapters (fxtp.unfold_lora(tp) or "
+                    raise LoraStateError("fxtp: unfold the LoRA adapters (fxtp.unfold_lora(tp) or "
                                      "fxtp.for_training(tp)) before moving the graph to another "
                                      "device; fold them again there")
             device = torch.device(device)
