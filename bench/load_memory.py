@@ -2,10 +2,12 @@
 fxtp.init_empty(), transforms it on the meta device and loads its slices from a >= 1 GB
 safetensors checkpoint written here (random weights, float32). Prints, per rank, the baseline
 RSS (after the transform, before loading), the peak RSS during the load, the rank's shard bytes
-and (peak - baseline) / shard. The goal is <= 1.15.
+and (peak - baseline) / shard. The goal is <= 1.15. With `--dtype bfloat16` the model is built
+in bf16 and each tensor is cast while reading: a float32 host buffer of one local tensor is
+staged beside the bf16 shard.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/load_memory.py [--layers 8] [--hidden 2048]
-        [--world-size 2] [--reader direct|safetensors] [--dir DIR]
+        [--world-size 2] [--reader direct|safetensors] [--dir DIR] [--dtype bfloat16]
 
 The checkpoint is written one tensor at a time (never the whole model in memory) into a
 temporary directory that is removed at the end (unless --dir is given).
@@ -100,14 +102,15 @@ def _reset_peak() -> bool:
         return False
 
 
-def rank_main(rank: int, ws: int, root: str, hidden: int, layers: int, vocab: int, reader: str):
+def rank_main(rank: int, ws: int, root: str, hidden: int, layers: int, vocab: int, reader: str,
+              dtype: str = "float32"):
     import fxtp
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(root)
     t0 = time.perf_counter()
     with fxtp.init_empty():
-        model = AutoModelForCausalLM.from_config(cfg)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
     tp = fxtp.transform(model, ws)
     t_transform = time.perf_counter() - t0
     del model
@@ -116,7 +119,7 @@ def rank_main(rank: int, ws: int, root: str, hidden: int, layers: int, vocab: in
     hwm_before = _rss_kb("VmHWM") * 1024
     baseline = _rss_kb("VmRSS") * 1024
     t0 = time.perf_counter()
-    rep = fxtp.load(tp, root, reader=reader)
+    rep = fxtp.load(tp, root, reader=reader, dtype=getattr(torch, dtype))   # cast while reading
     t_load = time.perf_counter() - t0
     peak = _rss_kb("VmHWM") * 1024
     after = _rss_kb("VmRSS") * 1024
@@ -145,6 +148,8 @@ def main() -> None:
     ap = model_arguments(__doc__, hidden=2048)
     ap.add_argument("--reader", default="direct", choices=["direct", "safetensors"])
     ap.add_argument("--dir", default=None, help="keep/reuse the checkpoint here")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the model's dtype: bfloat16 casts the float32 checkpoint while reading")
     args = ap.parse_args()
     from fxtp.verify import run_ranks
 
@@ -156,10 +161,10 @@ def main() -> None:
             total = write_checkpoint(config(args), root)
             print(f"wrote {total / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s to {root}")
         results = run_ranks(rank_main, args.world_size, root, args.hidden, args.layers,
-                            args.vocab, args.reader, timeout=1800)
+                            args.vocab, args.reader, args.dtype, timeout=1800)
         mib = 2 ** 20
         print(f"reader={args.reader}, world size {args.world_size}, Llama hidden {args.hidden}, "
-              f"{args.layers} layers, vocab {args.vocab}, float32")
+              f"{args.layers} layers, vocab {args.vocab}, float32 checkpoint, {args.dtype} model")
         print("rank  baseline MiB  peak MiB  shard MiB  read MiB  full MiB  (peak-base)/shard"
               "  transform s  load s")
         for r in sorted(results, key=lambda r: r["rank"]):
