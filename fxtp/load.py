@@ -270,7 +270,7 @@ def load(tp: Any, path: str, *, device: Union[str, torch.device, None] = None,
 
     # every tensor of tp once, with all of its names (tied weights)
     named = tensor_attrs(gm)
-    buffers = dict(gm.named_buffers(remove_duplicate=False))
+    params = dict(gm.named_parameters(remove_duplicate=False))
     state = written_in_place(gm)
     groups: dict[int, list[str]] = {}
     tensors: dict[int, torch.Tensor] = {}
@@ -285,8 +285,10 @@ def load(tp: Any, path: str, *, device: Union[str, torch.device, None] = None,
         t = tensors[key]
         found = next((c for n in names for c in _candidates(n, adapter_name) if c in entries), None)
         if found is None:
-            if t.device.type != "meta" and (names[0] in buffers or names[0] in state):
-                report.kept.extend(names)        # a real buffer computed by the model
+            if t.device.type != "meta" and names[0] not in params:
+                # a real buffer computed by the model, or a constant the capture lifted from
+                # the forward (Falcon's index lists): it moves with the graph
+                report.kept.extend(names)
                 moved.append((names, t))
             elif names[0] in state:              # a KV cache: state the graph writes
                 report.zeroed.extend(names)

@@ -230,6 +230,11 @@ def _guard_moves(gm: fx.GraphModule) -> None:
                 device = torch.device("cuda", torch.cuda.current_device())
         nn.Module.to(gm, *args, **kwargs)
         if device is not None:
+            # constants lifted from the forward are plain attributes, which Module.to skips
+            held = {id(t) for t in [*gm.parameters(), *gm.buffers()]}
+            for name, t in tensor_attrs(gm).items():
+                if id(t) not in held and t.device != device:
+                    set_tensor_attr(gm, name, t.to(device))
             retarget_devices(gm, device)
         return gm
 

@@ -152,3 +152,16 @@ def test_to_moves_devices_baked_into_the_graph_and_refuses_another_dtype(llama, 
     tp.to("meta")
     assert graph_devices(tp) == {torch.device("meta")}
     assert {t.device.type for t in tensor_attrs(tp).values()} == {"meta"}
+
+
+def test_to_moves_constants_lifted_from_the_forward():
+    """Falcon's `qkv[..., [-2], :]` becomes a constant tensor attribute of the graph (neither
+    parameter nor buffer), which `nn.Module.to` would leave behind."""
+    from fxtp.families import family_model
+
+    tp = fxtp.transform(family_model("falcon_mqa"), 1)
+    held = {id(t) for t in [*tp.parameters(), *tp.buffers()]}
+    lifted = [n for n, t in tensor_attrs(tp).items() if id(t) not in held]
+    assert lifted
+    tp.to("meta")
+    assert {t.device.type for t in tensor_attrs(tp).values()} == {"meta"}
