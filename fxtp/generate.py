@@ -27,13 +27,13 @@ import torch
 import torch.distributed as dist
 from torch import fx, nn
 
-from .capture import Captured, is_hf_model
+from .capture import Captured, is_hf_model, model_device
 from .decode_replay import Replay
-from .capture import model_device
 from .decode_step import CacheRows, cache_attrs, capture_step
 from .errors import (CacheOverflowError, GenerationError, LoraStateError, MetaTensorError,
                      PromptMismatchError)
 from .runtime import collective_device
+from .transform import tensor_attrs
 
 CudaGraph = Union[None, bool, str]
 # torch.compile modes that add inductor's own CUDA graphs, which skip this step (its cache is
@@ -307,8 +307,7 @@ class Generator:
         do_sample = gc.do_sample
 
         if mode != "eager":     # graphs hold addresses: recapture if anything moved
-            state = dict(self.tp.named_parameters())
-            state.update(self.tp.named_buffers())
+            state = tensor_attrs(self.tp)     # constants lifted from the forward too
             if mode == "graph":
                 _check_one_device(state, dev)
             replay.check(list(state.values()) + self._rows.tensors())

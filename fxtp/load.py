@@ -36,9 +36,9 @@ from torch import fx, nn
 
 from .errors import CheckpointError, DtypeError, LoraStateError
 from .passes._util import get_tensor_attr, set_tensor_attr, written_in_place
-from .passes.devices import retarget_devices
+from .passes.devices import resolve_device, retarget_devices
 from .runtime import ALL_REDUCE, WAIT, collective_device
-from .transform import META_KEY, tensor_attrs
+from .transform import META_KEY, floating_param_dtypes, tensor_attrs
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -385,14 +385,12 @@ def _target_device(gm: fx.GraphModule, device: Union[str, torch.device, None]) -
         real = [t.device for t in tensor_attrs(gm).values() if t.device.type != "meta"]
         return real[0] if real else torch.device("cpu")
     try:
-        target = torch.device(device)
+        target = resolve_device(device)
     except (RuntimeError, TypeError) as e:
         raise CheckpointError(f"fxtp.load: device={device!r} is not a device: {e}") from e
     if target.type == "meta":
         raise CheckpointError("fxtp.load: device='meta' holds no values; name the device the "
                               "weights go to (e.g. f'cuda:{local_rank}' or 'cpu')")
-    if target.type == "cuda" and target.index is None and torch.cuda.is_available():
-        target = torch.device("cuda", torch.cuda.current_device())
     return target
 
 
@@ -404,7 +402,7 @@ def _check_dtype(gm: fx.GraphModule, dtype: Optional[torch.dtype]) -> None:
         return
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise DtypeError(f"fxtp.load: dtype must be a floating torch.dtype, got {dtype!r}")
-    built = sorted({str(p.dtype) for p in gm.parameters() if p.dtype.is_floating_point})
+    built = sorted(map(str, floating_param_dtypes(gm)))
     if built and built != [str(dtype)]:
         raise DtypeError(
             f"fxtp.load: dtype={dtype} but the model was built and captured in {', '.join(built)}. "

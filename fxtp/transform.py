@@ -23,7 +23,7 @@ from .plan import Plan, build_plan
 from .repeats import (expand_plan, find_repeats, probe as probe_layers, same_decisions,
                       same_layers)
 from .passes._util import get_tensor_attr, index_runs, set_tensor_attr
-from .passes.devices import retarget_devices
+from .passes.devices import resolve_device, retarget_devices
 from .runtime import GroupInfo, resolve_group
 
 META_KEY = "fxtp"
@@ -204,11 +204,8 @@ def _guard_moves(gm: fx.GraphModule) -> None:
     the graph by the capture at the new device. A floating dtype other than the captured one
     (`.to(torch.bfloat16)`, `.half()`, ...) raises `DtypeError` before anything moves: the
     graph's casts, masks and constants were recorded in the captured dtype."""
-    def captured_dtypes() -> set[torch.dtype]:
-        return {p.dtype for p in gm.parameters() if p.dtype.is_floating_point}
-
     def refuse(dtype: torch.dtype) -> None:
-        have = captured_dtypes()
+        have = floating_param_dtypes(gm)
         if dtype is not None and have and have != {dtype}:
             raise DtypeError(
                 f"fxtp: the tensor-parallel graph was captured in "
@@ -225,9 +222,7 @@ def _guard_moves(gm: fx.GraphModule) -> None:
                     raise LoraStateError("fxtp: unfold the LoRA adapters (fxtp.unfold_lora(tp) or "
                                      "fxtp.for_training(tp)) before moving the graph to another "
                                      "device; fold them again there")
-            device = torch.device(device)
-            if device.type == "cuda" and device.index is None:
-                device = torch.device("cuda", torch.cuda.current_device())
+            device = resolve_device(device)
         nn.Module.to(gm, *args, **kwargs)
         if device is not None:
             # constants lifted from the forward are plain attributes, which Module.to skips
@@ -295,6 +290,12 @@ def tensor_attrs(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
             if isinstance(t, torch.Tensor):
                 out[n.target] = t
     return out
+
+
+def floating_param_dtypes(gm: nn.Module) -> set[torch.dtype]:
+    """The floating dtypes of the parameters: the dtype the model was built and captured in
+    (buffers may differ on purpose: rotary `inv_freq` stays fp32 in a bf16 model)."""
+    return {p.dtype for p in gm.parameters() if p.dtype.is_floating_point}
 
 
 def _deepcopy(gm: fx.GraphModule, memo: dict) -> fx.GraphModule:

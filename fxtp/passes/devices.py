@@ -25,6 +25,15 @@ def _replace(a: Any, device: torch.device) -> Any:
     return a
 
 
+def resolve_device(device: "torch.device | str") -> torch.device:
+    """`device` as a torch.device, a bare "cuda" being the current CUDA device (what a graph's
+    device arguments must name for its tensors to match them)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def graph_devices(gm: fx.GraphModule) -> set[torch.device]:
     """The devices named by the graph's node arguments."""
     found: set[torch.device] = set()
