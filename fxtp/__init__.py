@@ -5,9 +5,9 @@
 """
 from .errors import (CacheOverflowError, CaptureError, CheckpointError, DropoutError, DtypeError,
                      FxtpError,
-                     GenerationError, InputError, LoraStateError, MetaTensorError, NoLoraError,
-                     NotDivisibleError,
-                     PlanOverrideError, ProcessGroupError, PromptMismatchError,
+                     GenerationError, InputError, InputMismatchError, LoraStateError,
+                     MetaTensorError, NoLoraError, NotDivisibleError, PlanOverrideError,
+                     ProcessGroupError, PromptMismatchError, RankLostError, WeightMismatchError,
                      WorldSizeMismatchError)
 from .plan import Plan, PlanEntry
 from .transform import META_KEY, TPInfo, plan_model as plan, transform
@@ -24,6 +24,6 @@ __all__ = [
     "FxtpError", "CaptureError", "DropoutError", "NoLoraError", "LoraStateError", "InputError", "NotDivisibleError", "PlanOverrideError",
     "ProcessGroupError", "WorldSizeMismatchError", "GenerationError", "CacheOverflowError",
     "PromptMismatchError", "load", "init_empty", "LoadReport", "CheckpointError",
-    "MetaTensorError", "DtypeError",
+    "MetaTensorError", "DtypeError", "WeightMismatchError", "InputMismatchError", "RankLostError",
 ]
 __version__ = "0.1.0"

@@ -21,6 +21,16 @@ class WorldSizeMismatchError(ProcessGroupError):
     """`world_size` differs from the size of the process group."""
 
 
+class RankLostError(ProcessGroupError):
+    """A rank did not take part in one of fxtp's own agreement steps (weight, input, prompt or
+    checkpoint checks) within the group's timeout: it died, hung, or called something else."""
+
+
+class WeightMismatchError(FxtpError):
+    """The ranks hold different weights (another seed, another checkpoint) for a parameter or
+    buffer that must be identical on every rank before it is sharded."""
+
+
 class NotDivisibleError(FxtpError):
     """A sharded dimension (heads, kv heads, features) is not divisible by the world size."""
 
@@ -31,6 +41,10 @@ class PlanOverrideError(FxtpError):
 
 class InputError(FxtpError):
     """The transformed module was called with inputs it was not captured for."""
+
+
+class InputMismatchError(InputError):
+    """`check_inputs=True`: the ranks called the tensor-parallel model with different inputs."""
 
 
 class DropoutError(FxtpError):
