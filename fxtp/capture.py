@@ -7,11 +7,13 @@ rewritten graph returns the same output type (`CausalLMOutputWithPast`, tuples, 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch.export import Dim
 
@@ -98,7 +100,7 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
     modules that are not Hugging Face models.
     """
     hf = is_hf_model(model)
-    args, kwargs = _split_inputs(model, example_inputs, hf)
+    args, kwargs = _own_inputs(*_split_inputs(model, example_inputs, hf))
     was_training = model.training
     model.eval()
     # a wrapper without a use_cache argument (PEFT) runs the model with its config's default:
@@ -109,8 +111,9 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
         cfg.use_cache = False
     dyn_args, dyn_kwargs = _dynamic_shapes(args, kwargs, hf)
     try:
-        ep = torch.export.export(model, args, kwargs, strict=False,
-                                 dynamic_shapes=_dyn_for(model, dyn_args, dyn_kwargs, args, kwargs))
+        with _named_forward(model, args, kwargs):
+            ep = torch.export.export(model, args, kwargs, strict=False,
+                                     dynamic_shapes=_dyn_for(model, dyn_args, dyn_kwargs, args, kwargs))
     except Exception as e:  # torch raises many types here; all mean "cannot capture"
         raise CaptureError(
             f"fxtp could not capture {type(model).__name__} with torch.export: "
@@ -128,6 +131,35 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
         if "use_cache" in kwargs:
             defaults["use_cache"] = False
     return Captured(gm=gm, arg_count=len(args), kwarg_names=tuple(kwargs), defaults=defaults, hf=hf)
+
+
+@contextlib.contextmanager
+def _named_forward(model: nn.Module, args: tuple, kwargs: dict) -> Iterator[None]:
+    """A pass-through `forward(*args, **kwargs)` (PEFT's `PeftModel` built without a
+    task_type) called with keyword inputs only is exported through a stand-in forward whose
+    signature names those inputs: torch.export cannot match dynamic shapes to an empty
+    `*args` ("Must provide a tree_name when there might be a mismatch"). The stand-in calls the
+    model's own forward, so the graph and its parameter names are the model's."""
+    params = inspect.signature(model.forward).parameters.values()
+    if args or not any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        yield
+        return
+    own = model.forward
+
+    def forward(**inputs: Any) -> Any:
+        return own(**inputs)
+
+    forward.__signature__ = inspect.Signature(   # type: ignore[attr-defined]
+        [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in kwargs])
+    had = "forward" in model.__dict__
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if had:
+            model.forward = own
+        else:
+            del model.forward
 
 
 def _dyn_for(model: nn.Module, dyn_args: tuple, dyn_kwargs: dict, args: tuple, kwargs: dict) -> Any:
@@ -150,6 +182,14 @@ def _dyn_for(model: nn.Module, dyn_args: tuple, dyn_kwargs: dict, args: tuple, k
     out = {name: d for name, d in zip(names, dyn_args)}
     out.update(dyn_kwargs)
     return out
+
+
+def _own_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Example inputs that are views (`ids[:, :8]`) are copied first: torch.export records a
+    guard on a view's base, and the exported module then fails on every later call with
+    tensors that are not views ("'NoneType' object has no attribute 'size'")."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.clone() if t._is_view() else t,
+                                (args, kwargs))
 
 
 def _split_inputs(model: nn.Module, example_inputs: Any, hf: bool) -> tuple[tuple, dict]:

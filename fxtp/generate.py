@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import fx, nn
 
+from .agreement import differing, guarded_gather, rank_groups, tensor_digest
 from .capture import Captured, is_hf_model, model_device
 from .decode_replay import Replay
 from .decode_step import CacheRows, cache_attrs, capture_step
@@ -341,21 +342,22 @@ class Generator:
             last = replay.step(bucket, b, nxt, self._call)
 
     def _check_same_inputs(self, input_ids, attention_mask, gc) -> None:
-        """One all-reduce (max of [v, -v]) of a fingerprint of the prompt and the decoding
-        options: ranks given different prompts raise PromptMismatchError together instead of
-        decoding different tokens (and hanging or desynchronising later collectives). The
-        fingerprint is computed where the prompt is and reduced on the device the group's
-        collectives take (NCCL: the current CUDA device; gloo: the CPU)."""
+        """One guarded gather (`agreement.guarded_gather`: a lost rank raises `RankLostError`,
+        never hangs) of a fingerprint of the prompt and the decoding options: ranks given
+        different prompts raise PromptMismatchError together instead of decoding different
+        tokens (and hanging or desynchronising later collectives). The fingerprint is computed
+        where the prompt is and gathered on the device the group's collectives take (NCCL:
+        the current CUDA device; gloo: the CPU)."""
         if self.world_size == 1:
             return
-        v = _fingerprint(input_ids, attention_mask, gc, collective_device(self.group))
-        both = torch.cat([v, -v])
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
-        n = v.numel()
-        if not torch.equal(both[:n], -both[n:]):
+        table = guarded_gather(_fingerprint(input_ids, attention_mask, gc,
+                                            collective_device(self.group)),
+                               self.group, "the prompt check of fxtp generate")
+        cols = differing(table)
+        if cols:
             what = ["batch size", "prompt length", "input_ids", "attention_mask", "max_length",
                     "do_sample", "temperature", "top_k", "top_p"]
-            diff = [w for w, hi, lo in zip(what, both[:n].tolist(), (-both[n:]).tolist()) if hi != lo]
+            diff = [f"{what[c]} ({rank_groups(table[:, c].tolist())})" for c in cols]
             raise PromptMismatchError(
                 f"fxtp generate: the ranks were given different inputs ({', '.join(diff)} differ; "
                 f"this is rank {self.rank}). Every rank must call generate with the same prompts "
@@ -381,13 +383,6 @@ def _takes(fn: Any, name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
 
-def _digest(t: torch.Tensor) -> torch.Tensor:
-    """A position-weighted sum of the values of `t`, on its device (no host loop or copy)."""
-    flat = t.reshape(-1).to(torch.int64)
-    w = torch.arange(flat.numel(), dtype=torch.int64, device=flat.device) * 2654435761 % 1000003 + 1
-    return ((flat + 1) * w).sum() % (2 ** 61 - 1)
-
-
 def _fingerprint(input_ids: torch.Tensor, attention_mask: torch.Tensor, gc,
                  device: torch.device) -> torch.Tensor:
     """`[batch, length, digest(ids), digest(mask), max_length, do_sample, temperature, top_k,
@@ -395,7 +390,7 @@ def _fingerprint(input_ids: torch.Tensor, attention_mask: torch.Tensor, gc,
     def num(x) -> int:
         return -1 if x is None else int(round(float(x) * 1e6))
 
-    digests = torch.stack([_digest(input_ids), _digest(attention_mask)]).to(device)
+    digests = torch.stack([tensor_digest(input_ids), tensor_digest(attention_mask)]).to(device)
     opts = torch.tensor([input_ids.shape[0], input_ids.shape[1], gc.max_length,
                          int(bool(gc.do_sample)), num(gc.temperature), num(gc.top_k),
                          num(gc.top_p)], dtype=torch.int64, device=device)

@@ -34,11 +34,12 @@ import torch
 import torch.distributed as dist
 from torch import fx, nn
 
-from .errors import CheckpointError, DtypeError, LoraStateError
+from .agreement import combine, differing, guarded_gather, tensor_digest
+from .errors import CheckpointError, DtypeError, LoraStateError, WeightMismatchError
 from .passes._util import get_tensor_attr, set_tensor_attr, written_in_place
 from .passes.devices import resolve_device, retarget_devices
-from .runtime import ALL_REDUCE, WAIT, collective_device
 from .transform import META_KEY, floating_param_dtypes, tensor_attrs
+from .weight_check import checkpoint_digest, mismatch_message
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -308,6 +309,7 @@ def load(tp: Any, path: str, *, device: Union[str, torch.device, None] = None,
                                         {f for _, f, _, _ in plan}, path))
     # read every local slice into new tensors on the target device
     new: list[tuple[list[str], torch.Tensor]] = []
+    whole: list[tuple[str, torch.Tensor]] = []     # read whole by every rank: compared
     staging = _Staging()
     handles: dict = {}
     opened: dict[str, object] = {}
@@ -334,6 +336,8 @@ def load(tp: Any, path: str, *, device: Union[str, torch.device, None] = None,
             for n in names:
                 report.tensors[n] = found
             new.append((names, out))
+            if rec is None:
+                whole.append((found, out))
         for names, t in moved:
             new.append((names, torch.zeros(t.shape, dtype=t.dtype, device=target)
                         if t.device.type == "meta" else t.to(target)))
@@ -347,7 +351,8 @@ def load(tp: Any, path: str, *, device: Union[str, torch.device, None] = None,
             f.close()
         handles.clear()
         staging.release()
-    if not _all_ranks_ok(ok, info):
+    layout = checkpoint_digest((f, e.shape, e.dtype) for _, f, e, _ in plan)
+    if not _all_ranks_agree(ok, info, layout, whole, path):
         raise CheckpointError(failure if not ok else
                               "fxtp.load: another rank failed to read its slices (see its "
                               "error); nothing was loaded")
@@ -416,13 +421,40 @@ def _castable(src: Optional[torch.dtype], dst: torch.dtype) -> bool:
     return src is not None and src.is_floating_point and dst.is_floating_point
 
 
-def _all_ranks_ok(ok: bool, info) -> bool:
-    """In a process group, every rank swaps its tensors in only if every rank read them."""
+def _all_ranks_agree(ok: bool, info, layout: torch.Tensor,
+                     whole: list[tuple[str, torch.Tensor]], path: str) -> bool:
+    """In a process group, every rank swaps its tensors in only if every rank read them (one
+    guarded gather: a lost rank raises `RankLostError`, never hangs). With the weight check on
+    (`transform(check_weights=True)`), the ranks must also have read the same checkpoint: the
+    same layout, and the same values of every tensor each of them read whole (norms, tensors
+    kept replicated); otherwise `WeightMismatchError` on every rank, and nothing is loaded."""
     if info.world_size == 1 or not dist.is_initialized():
         return ok
-    flag = torch.tensor([1 if ok else 0], device=collective_device(info.group_name))
-    flag = WAIT(ALL_REDUCE(flag, "min", info.group_name))
-    return bool(flag.item())
+    names = ["<checkpoint layout>"] + [n for n, _ in whole]
+    digests = None
+    if ok and info.check_weights:
+        dev = whole[0][1].device if whole else layout.device
+        digests = torch.stack([layout.to(dev)] + [tensor_digest(t) for _, t in whole])
+    check = digests if digests is not None else torch.zeros(0, dtype=torch.int64)
+    head = torch.stack([torch.tensor(int(ok)), torch.tensor(len(names)),
+                        combine(check.cpu() if check.numel() else check)])
+    first = guarded_gather(head, info.group_name, "the agreement step of fxtp.load")
+    if not all(first[:, 0].tolist()):
+        return False
+    if not info.check_weights or not differing(first[:, 1:]):
+        return True
+    if differing(first[:, 1:2]):
+        differ, table = ["<count>"], first[:, 1:2]
+    else:
+        table = guarded_gather(check, info.group_name, "the agreement step of fxtp.load")
+        differ = [names[i] for i in differing(table)]
+        if not differ:
+            return True
+    raise WeightMismatchError(mismatch_message(
+        "fxtp.load", differ, table, names, len(names),
+        f"The ranks read different checkpoints ({path} on this rank, rank {info.rank}): every "
+        "rank must load the same one (the same directory, or identical copies). Nothing was "
+        "loaded. check_weights=False at fxtp.transform skips this comparison."))
 
 
 def _problems(missing, shapes, dtypes, n_tensors, entries, used, path) -> str:

@@ -5,12 +5,13 @@ import copy
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import fx, nn
 
+from . import input_check
 from .capture import Captured, capture
 from .errors import (DropoutError, DtypeError, InputError, LoraStateError, MetaTensorError,
                      NotDivisibleError, PlanOverrideError)
@@ -25,6 +26,7 @@ from .repeats import (expand_plan, find_repeats, probe as probe_layers, same_dec
 from .passes._util import get_tensor_attr, index_runs, set_tensor_attr
 from .passes.devices import resolve_device, retarget_devices
 from .runtime import GroupInfo, resolve_group
+from .weight_check import WeightDigests
 
 META_KEY = "fxtp"
 
@@ -51,6 +53,9 @@ class TPInfo:
     lora_last_fold: Any = None         # the latest FoldState: its two graphs serve later folds
     # parameters/buffers still on the meta device (a model built on meta, before fxtp.load)
     unloaded: tuple[str, ...] = ()
+    check_weights: bool = False        # transform(check_weights=): fxtp.load checks too
+    check_inputs: bool = False         # transform(check_inputs=): every call compares inputs
+    weight_check: Any = None           # what the weight check at transform compared
 
 
 def _model_name(model: nn.Module) -> str:
@@ -110,12 +115,20 @@ def _inside_repeat(module: str, repeats: list) -> bool:
 
 def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
               group: Optional[dist.ProcessGroup] = None, example_inputs: Any = None,
-              vocab_parallel: bool = False) -> fx.GraphModule:
+              vocab_parallel: bool = False, check_weights: bool = True,
+              check_inputs: bool = False) -> fx.GraphModule:
     """Returns this rank's tensor-parallel GraphModule of `model`.
 
     Call it on every rank of an initialised process group (`group`, default WORLD) with the
     same model weights. The result takes the model's inputs and returns its outputs on every
     rank; its parameters keep their names and hold this rank's slices.
+
+    `check_weights` (default on): the ranks compare a checksum of every parameter and buffer,
+    taken while the rewrite reads it for slicing, in one small gather; ranks holding different
+    weights (another seed, another checkpoint) raise `WeightMismatchError` on every rank. A
+    model built on the meta device is checked by `fxtp.load` instead. `check_inputs` (default
+    off: it costs a gather and a host sync per call): every call compares a checksum of the
+    inputs across the ranks and raises `InputMismatchError` on every rank when they differ.
     """
     info = resolve_group(world_size, group)
     if plan is None:
@@ -132,7 +145,8 @@ def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
             f"{r.module or r.node}: {r.text} (node {r.node}). Choose a world_size that divides "
             f"the head count, or keep it replicated: fxtp.transform(model, {world_size}, "
             f"plan=fxtp.plan(model, {world_size}).override({{{(r.module or r.node)!r}: 'replicate'}}))")
-    gm = rewrite(plan, info)
+    gm = rewrite(plan, info, check_weights=check_weights)
+    gm.meta[META_KEY].check_inputs = check_inputs and info.world_size > 1
     _guard_meta(gm)
     _install_input_defaults(gm, gm.meta[META_KEY].plan.captured)   # shapes only
     _guard_training(gm)
@@ -247,20 +261,24 @@ def _guard_moves(gm: fx.GraphModule) -> None:
     gm.float, gm.double = cast(torch.float32), cast(torch.float64)
 
 
-def rewrite(plan: Plan, info: GroupInfo) -> fx.GraphModule:
-    """Applies the plan's actions to a copy of the captured graph for `info.rank`."""
+def rewrite(plan: Plan, info: GroupInfo, check_weights: bool = False) -> fx.GraphModule:
+    """Applies the plan's actions to a copy of the captured graph for `info.rank`; with
+    `check_weights`, compares the full tensors' checksums across the ranks (`check_weights`)."""
     captured, sol = plan.captured, plan.solution
     full = {id(t): t for t in tensor_attrs(captured.gm).values()}
     # the graph is copied, the weights are not: each rank slices the captured (= the user's)
     # tensors into new local ones, then copies what it keeps whole (`_own_tensors`)
     gm = _deepcopy(captured.gm, dict(full))
     tp = TPInfo(plan=shapes_only(plan), rank=info.rank, world_size=info.world_size,
-                group_name=info.group_name)
+                group_name=info.group_name, check_weights=check_weights)
+    digests = WeightDigests(full) if check_weights and info.world_size > 1 else None
+    on_read = digests.read if digests is not None else None
     if info.world_size > 1:
         slices: dict[str, tuple[int, torch.Tensor]] = {}
-        tp.sharded_params = shard_linear_params(gm, sol.actions, sol.linears, info.rank, slices)
+        tp.sharded_params = shard_linear_params(gm, sol.actions, sol.linears, info.rank, slices,
+                                                on_read)
         tp.rewritten_constants = rewrite_shape_constants(gm, sol.actions, info.rank)
-        tp.sliced_attrs = insert_local_slices(gm, sol.actions, info.rank, slices)
+        tp.sliced_attrs = insert_local_slices(gm, sol.actions, info.rank, slices, on_read)
         mask_vocab_embeddings(gm, sol.actions, info.rank)
         tp.all_reduce_nodes = insert_all_reduces(gm, sol.actions, info.group_name)
         tp.all_gather_nodes = gather_vocab_outputs(gm, sol.actions, info.world_size, info.group_name,
@@ -271,9 +289,11 @@ def rewrite(plan: Plan, info: GroupInfo) -> fx.GraphModule:
                                                [*tp.sharded_params, *tp.sliced_attrs])
         tp.param_slices = _with_aliases(gm, slices)
     cleanup(gm)
-    _own_tensors(gm, full)
+    _own_tensors(gm, full, on_read)
     from .load import meta_tensors
 
+    if digests is not None:
+        tp.weight_check = digests.check(tensor_attrs(captured.gm), info.group_name)
     tp.unloaded = meta_tensors(gm)
     gm.meta[META_KEY] = tp
     return gm
@@ -305,15 +325,18 @@ def _deepcopy(gm: fx.GraphModule, memo: dict) -> fx.GraphModule:
         return copy.deepcopy(gm, memo)
 
 
-def _own_tensors(gm: fx.GraphModule, full: dict[int, torch.Tensor]) -> None:
+def _own_tensors(gm: fx.GraphModule, full: dict[int, torch.Tensor],
+                 on_read: Optional[Callable[[torch.Tensor], None]] = None) -> None:
     """Gives the rewritten graph its own copy of every tensor it still shares with the capture
     (what it keeps whole: norms, replicated linears, buffers): training or folding LoRA into
     `tp` must not write into the user's model. Sliced tensors are new already. Peak memory:
-    the model (the user's) plus this rank's shard."""
+    the model (the user's) plus this rank's shard. `on_read` sees each tensor copied."""
     copies: dict[int, torch.Tensor] = {}
     for name, t in tensor_attrs(gm).items():
         if id(t) in full:
             if id(t) not in copies:
+                if on_read is not None:
+                    on_read(t)
                 with torch.no_grad():
                     copies[id(t)] = t.detach().clone()
             set_tensor_attr(gm, name, copies[id(t)])
@@ -373,11 +396,25 @@ def _with_aliases(gm: fx.GraphModule, slices: dict) -> dict:
 
 def _install_input_defaults(gm: fx.GraphModule, captured: Captured) -> None:
     """Lets the result be called like the model: fills inputs the capture fixed (use_cache=False,
-    an all-ones attention_mask) and names the accepted inputs when a caller passes others."""
+    an all-ones attention_mask) and names the accepted inputs when a caller passes others.
+    With `check_inputs` set (`TPInfo`), then compares the inputs across the ranks."""
     names = captured.kwarg_names
     defaults = dict(captured.defaults)
+    slots = input_check.slot_names(captured.arg_count, names)
 
     def hook(module, args, kwargs):
+        info = module.meta[META_KEY]
+        if not info.check_inputs:
+            return fill(args, kwargs)
+        try:
+            args, kwargs = fill(args, kwargs)
+        except InputError:
+            input_check.failed_input(slots, info.group_name, info.rank)   # the others raise too
+            raise
+        input_check.check_inputs(slots, args, kwargs, info.group_name, info.rank)
+        return args, kwargs
+
+    def fill(args, kwargs):
         if len(args) > captured.arg_count:
             raise InputError(f"fxtp: got {len(args)} positional inputs, captured with "
                              f"{captured.arg_count}; pass inputs as {names or 'positional'}")

@@ -9,6 +9,8 @@ sliced on the block and flattened back.
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 from torch import fx
 
@@ -47,9 +49,11 @@ def sliced_in_place(value: fx.Node, have: DimShard | None, want: DimShard) -> bo
 
 
 def insert_local_slices(gm: fx.GraphModule, actions: Actions, rank: int,
-                        record: dict | None = None) -> list[str]:
+                        record: dict | None = None,
+                        on_read: Optional[Callable[[torch.Tensor], None]] = None) -> list[str]:
     """Applies the solver's narrows; returns the names of parameters/buffers sliced in place
-    (and puts name -> (dim, global indices kept) into `record` if given)."""
+    (and puts name -> (dim, global indices kept) into `record` if given; `on_read` sees each
+    full tensor sliced in place as it is read)."""
     nodes = nodes_by_name(gm)
     g = gm.graph
     sliced_attrs: list[str] = []
@@ -59,6 +63,8 @@ def insert_local_slices(gm: fx.GraphModule, actions: Actions, rank: int,
         ranges = relative_ranges(have, want, rank)
         if sliced_in_place(value, have, want):
             full = get_tensor_attr(gm, value.target)
+            if on_read is not None:
+                on_read(full)
             index = runs_index(ranges)
             set_tensor_attr(gm, value.target, slice_tensor(full, dim, index))
             sliced_attrs.append(value.target)

@@ -2,6 +2,8 @@
 to this rank's shard, names unchanged; a tied parameter is sliced once."""
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 from torch import fx
 
@@ -12,9 +14,12 @@ from ._util import get_tensor_attr, set_tensor_attr
 
 
 def shard_linear_params(gm: fx.GraphModule, actions: Actions, linears: dict[str, LinearMatch],
-                        rank: int, record: dict | None = None) -> dict[str, tuple[tuple, tuple]]:
+                        rank: int, record: dict | None = None,
+                        on_read: Optional[Callable[[torch.Tensor], None]] = None
+                        ) -> dict[str, tuple[tuple, tuple]]:
     """Replaces each sharded weight with its local slice; returns name -> (full, local) shape.
-    `record`, if given, gets name -> (dim, global indices kept) for each sliced parameter."""
+    `record`, if given, gets name -> (dim, global indices kept) for each sliced parameter;
+    `on_read`, if given, sees each full tensor as it is read (the weight check's checksums)."""
     wanted: dict[int, tuple[str, int, object]] = {}   # tensor identity -> (name, dim, split)
     for table, dim_of in ((actions.columns, "out_dim"), (actions.rows, "in_dim")):
         for node_name, spec in table.items():
@@ -26,6 +31,8 @@ def shard_linear_params(gm: fx.GraphModule, actions: Actions, linears: dict[str,
     changed: dict[str, tuple[tuple, tuple]] = {}
     for name, dim, spec in wanted.values():
         full = get_tensor_attr(gm, name)
+        if on_read is not None:
+            on_read(full)
         local = slice_tensor(full, dim, spec.index(rank))
         if record is not None:
             record[name] = (dim, spec.index(rank))

@@ -13,6 +13,7 @@ from torch import fx
 
 from ..runtime import all_gather_dim0
 from ..solver import Actions
+from ..patterns.linear import module_path
 from ._util import nodes_by_name
 
 aten = torch.ops.aten
@@ -31,6 +32,7 @@ def mask_vocab_embeddings(gm: fx.GraphModule, actions: Actions, rank: int) -> No
         ids = emb.args[1]
         (start, length), = spec.local_ranges(rank)
         with g.inserting_before(emb):
+            _assert_in_vocab(g, ids, spec.size, module_path(emb) or emb.name)
             below = g.call_function(aten.lt.Scalar, (ids, start))
             above = g.call_function(aten.ge.Scalar, (ids, start + length))
             outside = g.call_function(aten.logical_or.default, (below, above))
@@ -42,6 +44,21 @@ def mask_vocab_embeddings(gm: fx.GraphModule, actions: Actions, rank: int) -> No
         lookup.meta["val"] = emb.meta.get("val")
         lookup.meta["nn_module_stack"] = emb.meta.get("nn_module_stack", {})
         emb.target, emb.args, emb.kwargs = aten.masked_fill.Scalar, (lookup, keep, 0.0), {}
+
+
+def _assert_in_vocab(g: fx.Graph, ids: fx.Node, vocab: int, where: str) -> None:
+    """ids outside [0, vocab) would be masked to zero rows on every rank, and the lookup
+    would silently return zeros where the model's embedding raises IndexError: assert on the
+    device instead (`_assert_async`: no host sync; on a GPU a device-side assert, as the
+    model's own out-of-range lookup gives)."""
+    low = g.call_function(aten.ge.Scalar, (ids, 0))
+    high = g.call_function(aten.lt.Scalar, (ids, vocab))
+    inside = g.call_function(aten.all.default, (g.call_function(aten.logical_and.default,
+                                                                (low, high)),))
+    g.call_function(aten._assert_async.msg, (inside, (
+        f"fxtp: token ids outside [0, {vocab}) reached the vocab-parallel embedding {where} "
+        f"(input {ids.name}); the model's own embedding raises IndexError for them. Pass ids "
+        "below the vocabulary size (check the tokenizer matches the model's config).")))
 
 
 def gather_vocab_outputs(gm: fx.GraphModule, actions: Actions, world_size: int,
