@@ -29,7 +29,8 @@ import torch.distributed as dist
 from .errors import RankLostError
 from .runtime import ALL_GATHER, WAIT, collective_device
 
-_BLOCK = 1 << 20               # elements digested per step: bounds the int64 working copy
+_ROW = 256                     # elements summed into one int64 before position weighting
+_BLOCK_ROWS = 4096             # rows summed per step: bounds the int64 working copy (8 MiB)
 _MODULUS = (1 << 61) - 1       # int64 products and sums wrap (mod 2**64, in any order): the
                                # result depends on the bits only; kept positive at the end
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -42,27 +43,41 @@ def tensor_digest(t: torch.Tensor) -> torch.Tensor:
     """A 0-d int64 checksum of the bits of `t`, computed where `t` is (no host copy, no sync).
 
     The values are read as integers of their own width (bitwise: -0.0 and 0.0 differ, NaNs
-    compare), weighted by position (so swapped rows differ) and summed modulo a prime, in
-    blocks of `_BLOCK` elements. A checksum, not a cryptographic hash: it tells apart weights
-    drawn with another seed or read from another checkpoint, not an adversary."""
+    compare), summed per row of `_ROW` elements into int64 (a block of rows at a time, so the
+    widened working copy stays small), and the row sums weighted by position (so swapped rows differ), all in wrapping int64
+    arithmetic. A checksum, not a cryptographic hash: it tells apart weights drawn with
+    another seed or read from another checkpoint, not an adversary."""
     flat = t.detach().reshape(-1)
     if flat.dtype.is_complex:
         flat = torch.view_as_real(flat).reshape(-1)
     bits = flat.contiguous().view(_INT_OF_SIZE[flat.element_size()])
     n = bits.numel()
-    total = torch.zeros((), dtype=torch.int64, device=bits.device)
-    if n == 0:
-        return total
-    weights = _position_weights(min(n, _BLOCK), bits.device)
-    for block_no, start in enumerate(range(0, n, _BLOCK)):
-        block = bits[start:start + _BLOCK].to(torch.int64)
-        total += (block * weights[:block.numel()]).sum() * (block_no + 1)
-    return (total + n * 0x9E3779B9).remainder_(_MODULUS)     # the size too: zeros of any size differ
+    rows = n // _ROW
+    whole = bits[:rows * _ROW].view(rows, _ROW)
+    # in blocks: the int64 sum makes an int64 copy of what it reads (2-8x the tensor at once)
+    sums = [whole[r:r + _BLOCK_ROWS].sum(dim=1, dtype=torch.int64)
+            for r in range(0, rows, _BLOCK_ROWS)]
+    if n > rows * _ROW:
+        sums.append(bits[rows * _ROW:].sum(dtype=torch.int64).reshape(1))
+    if not sums:
+        return torch.zeros((), dtype=torch.int64, device=bits.device)
+    row_sums = torch.cat(sums) if len(sums) > 1 else sums[0]
+    weighted = (row_sums * _position_weights(row_sums.numel(), bits.device)).sum()
+    return (weighted + n * 0x9E3779B9).remainder_(_MODULUS)    # the size too: zeros differ
+
+
+_WEIGHTS: dict[torch.device, torch.Tensor] = {}
 
 
 def _position_weights(n: int, device: torch.device) -> torch.Tensor:
-    """1 + (i * 2654435761 mod 1000003): distinct small multipliers for positions 0..n-1."""
-    return torch.arange(n, dtype=torch.int64, device=device) * 2654435761 % 1000003 + 1
+    """1 + (i * 2654435761 mod 1000003) for positions 0..n-1: distinct small multipliers
+    (kept per device and grown as needed: computing them cost as much as the checksum)."""
+    have = _WEIGHTS.get(device)
+    if have is None or have.numel() < n:
+        size = max(n, 2 * (have.numel() if have is not None else 0), 1024)
+        have = _WEIGHTS[device] = (torch.arange(size, dtype=torch.int64, device=device)
+                                   * 2654435761 % 1000003 + 1)
+    return have[:n]
 
 
 def combine(digests: torch.Tensor) -> torch.Tensor:
