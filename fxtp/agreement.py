@@ -43,9 +43,10 @@ def tensor_digest(t: torch.Tensor) -> torch.Tensor:
     """A 0-d int64 checksum of the bits of `t`, computed where `t` is (no host copy, no sync).
 
     The values are read as integers of their own width (bitwise: -0.0 and 0.0 differ, NaNs
-    compare), summed per row of `_ROW` elements into int64 (a block of rows at a time, so the
-    widened working copy stays small), and the row sums weighted by position (so swapped rows differ), all in wrapping int64
-    arithmetic. A checksum, not a cryptographic hash: it tells apart weights drawn with
+    compare), weighted by their position in rows of `_ROW` elements and summed per row, the
+    row sums weighted by the row's position (so any two swapped elements differ), all in
+    wrapping int64 arithmetic, a block of rows at a time (the widened working copy stays
+    small). A checksum, not a cryptographic hash: it tells apart weights drawn with
     another seed or read from another checkpoint, not an adversary."""
     flat = t.detach().reshape(-1)
     if flat.dtype.is_complex:
@@ -54,11 +55,16 @@ def tensor_digest(t: torch.Tensor) -> torch.Tensor:
     n = bits.numel()
     rows = n // _ROW
     whole = bits[:rows * _ROW].view(rows, _ROW)
-    # in blocks: the int64 sum makes an int64 copy of what it reads (2-8x the tensor at once)
-    sums = [whole[r:r + _BLOCK_ROWS].sum(dim=1, dtype=torch.int64)
+    # products in int32 (vectorised; int64 for 8-byte values), wrapping: odd multipliers make
+    # x -> x * w a bijection, so no change of a value is lost
+    work = torch.int64 if bits.element_size() == 8 else torch.int32
+    columns = (_position_weights(2 * _ROW, bits.device)[_ROW:] | 1).to(work)
+    # in blocks: the widened working copy stays small (a whole tensor would be 2-8x it)
+    sums = [(whole[r:r + _BLOCK_ROWS].to(work) * columns).sum(dim=1, dtype=torch.int64)
             for r in range(0, rows, _BLOCK_ROWS)]
     if n > rows * _ROW:
-        sums.append(bits[rows * _ROW:].sum(dtype=torch.int64).reshape(1))
+        tail = bits[rows * _ROW:].to(work)
+        sums.append((tail * columns[:tail.numel()]).sum(dtype=torch.int64).reshape(1))
     if not sums:
         return torch.zeros((), dtype=torch.int64, device=bits.device)
     row_sums = torch.cat(sums) if len(sums) > 1 else sums[0]
