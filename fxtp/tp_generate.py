@@ -44,7 +44,8 @@ from torch import fx, nn
 
 from .capture import model_device
 from .decode_step import cache_attrs, capture_step
-from .errors import CacheOverflowError, GenerationError, MetaTensorError, PromptMismatchError
+from .errors import (CacheOverflowError, FxtpError, GenerationError, MetaTensorError,
+                     PromptMismatchError)
 from .generate import CudaGraph, Generator, _check_cuda_graph, _generation_model, generation_lengths
 from .hybrid import fold_lora, is_folded, unfold_lora
 from .load import meta_tensors
@@ -278,6 +279,15 @@ class TPGenerate:
             plan = build_plan(captured, info.world_size, _model_name(skel), info.plan.overrides,
                               info.plan.vocab_parallel)
             step = transform(skel, info.world_size, plan=plan, group=group)
+        except FxtpError:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. planning reads values a meta tensor lacks
+            raise GenerationError(
+                f"tp.generate: the decode step of {info.plan.model_name} could not be built "
+                f"from its weightless skeleton ({type(e).__name__}: {e}); most likely its "
+                "capture or plan reads tensor values (Falcon's index lists), which a meta copy "
+                "does not have. fxtp.generator(model, ws) builds the step from the real "
+                "model.") from e
         finally:
             _building -= 1
         step.eval()
