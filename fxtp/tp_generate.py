@@ -431,6 +431,8 @@ def _slice_text(rec) -> str:
 
 
 def _group(info) -> Optional[dist.ProcessGroup]:
-    if info.world_size == 1:
+    """tp's process group (a group of one rank too: the step's transform must be given it, the
+    default group being larger), None without one."""
+    if not info.group_name:
         return None
     return dist.distributed_c10d._resolve_process_group(info.group_name)

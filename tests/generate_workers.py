@@ -325,13 +325,13 @@ def run_all(rank: int, ws: int, ckpt: str) -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - reported to the test process
             out[name] = {"exception": traceback.format_exc()}
         out[name]["seconds"] = time.perf_counter() - t0
-    out.update(run_tp_cases(ws, ckpt))
+    out.update(run_tp_cases(rank, ws, ckpt))
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # tp.generate: generation on the result of fxtp.transform (fxtp/tp_generate.py). Run in the
-# world-2 spawn (run_all) and in process at world 1 (run_tp_cases).
+# world-2 spawn (run_all), world 1 on one-rank groups inside it (run_tp_cases).
 
 def _tokens(model, ids, **kw) -> torch.Tensor:
     with torch.no_grad():
@@ -425,7 +425,7 @@ def tp_generate_case(ws: int) -> dict[str, Any]:
     return out
 
 
-def tp_generate_lora_case(ws: int) -> dict[str, Any]:
+def tp_generate_lora_case(ws: int, group=None) -> dict[str, Any]:
     """A PEFT LoRA model: tp.generate folds the adapters into tp's (shared) base shards for the
     call and unfolds them after it: tp's weights bit for bit as before, its forward the same,
     not folded, no saved copy kept. A tp the user folded is decoded as it is and stays folded.
@@ -433,10 +433,10 @@ def tp_generate_lora_case(ws: int) -> dict[str, Any]:
     the generator's hybrid round (lora_case, run before) are reused: no second capture."""
     from .train_workers import lora_model
 
-    model, tp = _LORA.pop(ws, (None, None))
+    model, tp = _LORA.pop(ws, (None, None)) if group is None else (None, None)
     if tp is None:
         model = lora_model("llama")
-        tp = fxtp.transform(model, ws)
+        tp = fxtp.transform(model, ws, group=group)
     if tp.meta["fxtp"].lora_fold is not None:      # the hybrid round leaves it folded
         fxtp.unfold_lora(tp)
     tp.eval()
@@ -479,7 +479,7 @@ def tp_generate_lora_case(ws: int) -> dict[str, Any]:
     return out
 
 
-def tp_generate_meta_case(ws: int, ckpt: str) -> dict[str, Any]:
+def tp_generate_meta_case(ws: int, ckpt: str, group=None) -> dict[str, Any]:
     """A Llama built under fxtp.init_empty(), transformed, then fxtp.load(tp, ckpt, device=):
     tp.generate refuses before the load, decodes the checkpoint's model after it, and follows
     a second load (new tensors) without building again."""
@@ -488,7 +488,7 @@ def tp_generate_meta_case(ws: int, ckpt: str) -> dict[str, Any]:
     model = model_for("llama")
     with fxtp.init_empty():
         empty = AutoModelForCausalLM.from_config(model.config)
-    tp = fxtp.transform(empty, ws)
+    tp = fxtp.transform(empty, ws, group=group)
     ids, mask = _prompt(model.config.vocab_size, 2, 5, [0, 2], 13)
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     out: dict[str, Any] = {"before_load": _error(lambda: tp.generate(ids, **kw))}
@@ -505,11 +505,20 @@ def tp_generate_meta_case(ws: int, ckpt: str) -> dict[str, Any]:
     return out
 
 
-def run_tp_cases(ws: int, ckpt: str, llama: bool = True) -> dict[str, Any]:
+def run_tp_cases(rank: int, ws: int, ckpt: str) -> dict[str, Any]:
+    """The world-`ws` cases, then world 1 on a group of one rank each, in parallel: rank 0 runs
+    the LoRA case, rank 1 the meta case (the no-group world 1 is test_device_dtype's)."""
+    import torch.distributed as dist
+
     out: dict[str, Any] = {}
-    cases = {"tp_generate": lambda: tp_generate_case(ws)} if llama else {}
-    cases.update({"tp_generate_lora": lambda: tp_generate_lora_case(ws),
-             "tp_generate_meta": lambda: tp_generate_meta_case(ws, ckpt)})
+    cases = {"tp_generate": lambda: tp_generate_case(ws),
+             "tp_generate_lora": lambda: tp_generate_lora_case(ws),
+             "tp_generate_meta": lambda: tp_generate_meta_case(ws, ckpt)}
+    one, _ = dist.new_subgroups(group_size=1)
+    if rank == 0:
+        cases["tp_generate_lora_1"] = lambda: tp_generate_lora_case(1, one)
+    if rank == 1:
+        cases["tp_generate_meta_1"] = lambda: tp_generate_meta_case(1, ckpt, one)
     for name, fn in cases.items():
         t0 = time.perf_counter()
         try:

@@ -141,23 +141,14 @@ def test_meta_built_generator_loaded_decodes_hf_tokens():
 
 
 # ---------------------------------------------------------------------------------------------
-# tp.generate (fxtp/tp_generate.py): world 2 in the spawn above, world 1 in process
-
-_tp_cache: list = []
-
+# tp.generate (fxtp/tp_generate.py): world 2 in the spawn above; world 1 there too, on a group
+# of one rank each (rank 0: LoRA, rank 1: meta); world 1 without a group in test_device_dtype
 
 def tp_case(name: str, ws: int) -> list[dict]:
-    if ws != 1:
+    if ws == WS:
         return case(name, ws)
-    if not _tp_cache:
-        import tempfile
-
-        from .generate_workers import run_tp_cases
-
-        with tempfile.TemporaryDirectory() as root:
-            # world 1's plain Llama is tests/test_device_dtype.py's weak-reference test
-            _tp_cache.append(run_tp_cases(1, write_checkpoint(root), llama=False))
-    r = _tp_cache[0][name]
+    rank = {"tp_generate_lora": 0, "tp_generate_meta": 1}[name]
+    r = results(WS)[rank][f"{name}_1"]
     assert "exception" not in r, r["exception"]
     return [r]
 
