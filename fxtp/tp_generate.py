@@ -178,7 +178,9 @@ class TPGenerate:
         """Like `model.generate(input_ids, attention_mask=..., **kwargs)` (greedy or sampling,
         Hugging Face's arguments and generation config): prompt + new tokens, `[batch,
         length]`, on `tp`'s device, the same on every rank. Call it on every rank with the same
-        prompts and options (checked: `PromptMismatchError`); world size 1 too.
+        prompts and options (checked: `PromptMismatchError`); world size 1 too. The defaults
+        are the model's generation config as it was at transform time
+        (`tp.generate.skeleton.generation_config`).
 
         The decode step (a static KV cache of `max_len` slots x `max_batch` rows, this rank's
         kv heads) is built at the first call (a capture: seconds) and reused by every later
@@ -225,6 +227,13 @@ class TPGenerate:
         b, p = input_ids.shape
         gc = generation_lengths(hf, input_ids, generation_config, kwargs)
         need = max(gc.max_length - 1, p)
+        gen = self.generator
+        fits = (gen is not None and gen.max_len >= max(need, max_len or 0)
+                and gen.max_batch >= max(b, max_batch or 0))
+        group = _group(info)
+        if info.world_size > 1:     # first: a request refused below is refused on every rank
+            self._agree(group, info.rank, [b, p, need, max_len or 0, max_batch or 0, int(fits),
+                                           gen.max_len if gen else 0, gen.max_batch if gen else 0])
         if max_len is not None and need > max_len:
             raise CacheOverflowError(
                 f"tp.generate: a prompt of {p} tokens plus {gc.max_length - p} new tokens needs "
@@ -233,13 +242,6 @@ class TPGenerate:
         if max_batch is not None and b > max_batch:
             raise GenerationError(f"tp.generate: {b} prompts but max_batch={max_batch}; pass a "
                                   "larger max_batch, or none to size the cache from the request")
-        gen = self.generator
-        fits = (gen is not None and gen.max_len >= max(need, max_len or 0)
-                and gen.max_batch >= max(b, max_batch or 0))
-        group = _group(info)
-        if info.world_size > 1:
-            self._agree(group, info.rank, [b, p, need, max_len or 0, max_batch or 0, int(fits),
-                                           gen.max_len if gen else 0, gen.max_batch if gen else 0])
         if not fits:
             new_len = max_len or max(_round_len(need), gen.max_len if gen else 0)
             new_batch = max_batch or max(_round_batch(b), gen.max_batch if gen else 0)

@@ -356,20 +356,26 @@ def _step_facts(tp) -> dict[str, Any]:
             "cache_devices": sorted({str(t.device) for t in tp.generate.generator.cache().values()})}
 
 
-def tp_generate_case(ws: int) -> dict[str, Any]:
-    """tp = fxtp.transform(llama, ws); tp.generate(...) == model.generate(...): the step built at
-    the first call and sized from it, reused by a smaller call, rebuilt larger for a larger
-    one, explicit sizes, the cuda_graph option switched between calls, the step's tensors
-    being tp's, an optimizer step on tp decoded at once, and a step whose plan slices a
-    tensor differently refused (world size > 1: at 1 nothing is sliced). World 1's Llama is
-    tests/test_device_dtype.py's (the skeleton holds no weights)."""
+def tp_generate_case(ws: int, ckpt: str, group=None) -> dict[str, Any]:
+    """A Llama built under fxtp.init_empty(), tp = fxtp.transform(it, ws), then
+    fxtp.load(tp, ckpt, device=): tp.generate refuses before the load; after it, its tokens are
+    model.generate's (the model that wrote the checkpoint). The step: built at the first call
+    and sized from it, following a second load (new tensors) without building again, reused
+    by smaller calls and another cuda_graph mode, rebuilt larger for a larger call, explicit
+    sizes; its tensors are tp's; an optimizer step on tp is decoded at once; a step whose
+    plan slices a tensor differently is refused (world size > 1: at 1 nothing is sliced).
+    (A model with weights goes through the LoRA case and tests/test_device_dtype.py.)"""
+    from transformers import AutoModelForCausalLM
+
+    from fxtp.tp_generate import TPGenerate
+
     model = model_for("llama")
     vocab = model.config.vocab_size
-    out: dict[str, Any] = {"equal": [], "sizes": []}
-    t0 = time.perf_counter()
-    tp = fxtp.transform(model, ws)
-    out["transform_s"] = time.perf_counter() - t0
-    out["before"] = (tp.generate.generator is None, tp.generate.builds)
+    with fxtp.init_empty():
+        empty = AutoModelForCausalLM.from_config(model.config)
+    tp = fxtp.transform(empty, ws, group=group)
+    out: dict[str, Any] = {"equal": [], "sizes": [], "before": (tp.generate.generator is None,
+                                                                tp.generate.builds)}
 
     def check(b, p, new, seed, **extra):
         ids, mask = _prompt(vocab, b, p, [0, 2, 1], seed)
@@ -381,9 +387,16 @@ def tp_generate_case(ws: int) -> dict[str, Any]:
         out["sizes"].append((tp.generate.max_len, tp.generate.max_batch, tp.generate.builds))
         return ids, kw, got
 
+    out["before_load"] = _error(lambda: tp.generate(torch.ones(1, 3, dtype=torch.long),
+                                                    max_new_tokens=2))
+    fxtp.load(tp, ckpt, device="cpu")
     ids, kw, first = check(2, 5, 6, 1)                 # built: (64, 2)
-    check(1, 3, 4, 2)                                  # fits: reused
     out["facts"] = _step_facts(tp)
+    old = dict(tp.named_parameters())
+    fxtp.load(tp, ckpt, device="cpu")                  # new tensors: the step follows them
+    out["replaced"] = all(p is not old[n] for n, p in tp.named_parameters())
+    check(1, 3, 4, 2)                                  # fits: reused, rebound
+    out["facts_after_reload"] = _step_facts(tp)
     check(2, 4, 5, 3, cuda_graph="emulate")            # the same step, replayed
     out["emulate_captures"] = tp.generate.generator._replay.captures
     check(1, 4, 3, 4)                                  # back to eager
@@ -410,8 +423,6 @@ def tp_generate_case(ws: int) -> dict[str, Any]:
     out["still_training"] = tp.training
     # a decode step whose plan slices a tensor differently from tp: refused, nothing copied
     # (the check a build makes, run on the built step against a tampered record of tp's)
-    from fxtp.tp_generate import TPGenerate
-
     info = tp.meta["fxtp"]
     name = next(iter(info.param_slices), None)
     if name is not None:
@@ -479,46 +490,19 @@ def tp_generate_lora_case(ws: int, group=None) -> dict[str, Any]:
     return out
 
 
-def tp_generate_meta_case(ws: int, ckpt: str, group=None) -> dict[str, Any]:
-    """A Llama built under fxtp.init_empty(), transformed, then fxtp.load(tp, ckpt, device=):
-    tp.generate refuses before the load, decodes the checkpoint's model after it, and follows
-    a second load (new tensors) without building again."""
-    from transformers import AutoModelForCausalLM
-
-    model = model_for("llama")
-    with fxtp.init_empty():
-        empty = AutoModelForCausalLM.from_config(model.config)
-    tp = fxtp.transform(empty, ws, group=group)
-    ids, mask = _prompt(model.config.vocab_size, 2, 5, [0, 2], 13)
-    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    out: dict[str, Any] = {"before_load": _error(lambda: tp.generate(ids, **kw))}
-    fxtp.load(tp, ckpt, device="cpu")
-    ref = _tokens(model, ids, **kw)
-    out["equal"] = torch.equal(tp.generate(ids, **kw), ref)
-    out["facts"] = _step_facts(tp)
-    old = {n: p for n, p in tp.named_parameters()}
-    fxtp.load(tp, ckpt, device="cpu")                  # new tensors: the step follows them
-    out["replaced"] = all(p is not old[n] for n, p in tp.named_parameters())
-    out["equal_after_reload"] = torch.equal(tp.generate(ids, **kw), ref)
-    out["facts_after_reload"] = _step_facts(tp)
-    out["builds"] = tp.generate.builds
-    return out
-
-
 def run_tp_cases(rank: int, ws: int, ckpt: str) -> dict[str, Any]:
     """The world-`ws` cases, then world 1 on a group of one rank each, in parallel: rank 0 runs
-    the LoRA case, rank 1 the meta case (the no-group world 1 is test_device_dtype's)."""
+    the LoRA case, rank 1 the Llama case (world 1 without a group: test_device_dtype)."""
     import torch.distributed as dist
 
     out: dict[str, Any] = {}
-    cases = {"tp_generate": lambda: tp_generate_case(ws),
-             "tp_generate_lora": lambda: tp_generate_lora_case(ws),
-             "tp_generate_meta": lambda: tp_generate_meta_case(ws, ckpt)}
+    cases = {"tp_generate": lambda: tp_generate_case(ws, ckpt),
+             "tp_generate_lora": lambda: tp_generate_lora_case(ws)}
     one, _ = dist.new_subgroups(group_size=1)
     if rank == 0:
         cases["tp_generate_lora_1"] = lambda: tp_generate_lora_case(1, one)
     if rank == 1:
-        cases["tp_generate_meta_1"] = lambda: tp_generate_meta_case(1, ckpt, one)
+        cases["tp_generate_1"] = lambda: tp_generate_case(1, ckpt, one)
     for name, fn in cases.items():
         t0 = time.perf_counter()
         try:

@@ -142,12 +142,12 @@ def test_meta_built_generator_loaded_decodes_hf_tokens():
 
 # ---------------------------------------------------------------------------------------------
 # tp.generate (fxtp/tp_generate.py): world 2 in the spawn above; world 1 there too, on a group
-# of one rank each (rank 0: LoRA, rank 1: meta); world 1 without a group in test_device_dtype
+# of one rank each (rank 0: LoRA, rank 1: Llama); world 1 without a group in test_device_dtype
 
 def tp_case(name: str, ws: int) -> list[dict]:
     if ws == WS:
         return case(name, ws)
-    rank = {"tp_generate_lora": 0, "tp_generate_meta": 1}[name]
+    rank = {"tp_generate_lora": 0, "tp_generate": 1}[name]
     r = results(WS)[rank][f"{name}_1"]
     assert "exception" not in r, r["exception"]
     return [r]
@@ -159,8 +159,9 @@ def _shares(facts: dict) -> None:
     assert facts["cache_devices"] == ["cpu"]
 
 
-def test_tp_generate_equals_hf_generate_and_sizes_its_step_from_the_request():
-    for r in case("tp_generate"):
+@pytest.mark.parametrize("ws", [1, WS])
+def test_tp_generate_equals_hf_generate_and_sizes_its_step_from_the_request(ws):
+    for r in tp_case("tp_generate", ws):
         assert all(r["equal"]), r
         assert r["before"] == (True, 0)               # nothing built at transform time
         # (max_len, max_batch, builds): 5 + 6 tokens of 2 prompts -> (64, 2); smaller calls,
@@ -173,14 +174,25 @@ def test_tp_generate_equals_hf_generate_and_sizes_its_step_from_the_request():
         assert r["bad_size"].startswith("GenerationError") and "max_len" in r["bad_size"]
 
 
-def test_tp_generate_step_shares_tps_tensors():
-    for r in case("tp_generate"):
-        _shares(r["facts"])
-        _shares(r["facts_after_rebuild"])
+@pytest.mark.parametrize("ws", [1, WS])
+def test_tp_generate_on_a_meta_build_follows_fxtp_load(ws):
+    """The case's tp is built under fxtp.init_empty(): refused before fxtp.load, the loaded
+    model's tokens after it; a second load (new tensors) is followed without a rebuild."""
+    for r in tp_case("tp_generate", ws):
+        assert r["before_load"].startswith("MetaTensorError") and "fxtp.load" in r["before_load"]
+        assert r["replaced"] and r["equal"][1] and r["sizes"][1][2] == 1, r
 
 
-def test_tp_generate_decodes_what_tp_was_trained_to():
-    for r in case("tp_generate"):
+@pytest.mark.parametrize("ws", [1, WS])
+def test_tp_generate_step_shares_tps_tensors(ws):
+    for r in tp_case("tp_generate", ws):
+        for facts in ("facts", "facts_after_reload", "facts_after_rebuild"):
+            _shares(r[facts])
+
+
+@pytest.mark.parametrize("ws", [1, WS])
+def test_tp_generate_decodes_what_tp_was_trained_to(ws):
+    for r in tp_case("tp_generate", ws):
         assert r["trained_equal"] and r["trained_changed"] and r["still_training"], r
 
 
@@ -200,16 +212,6 @@ def test_tp_generate_lora_folds_for_the_call_and_restores_tp_bit_for_bit(ws):
         _shares(r["facts"])
         assert r["user_folded_equal"] and r["user_folded_kept"] and r["bitwise_after_user_fold"]
         assert r["trained_equal"] and r["trained_changed"] and r["builds"] == 1, r
-
-
-@pytest.mark.parametrize("ws", [1, WS])
-def test_tp_generate_on_a_meta_build_follows_fxtp_load(ws):
-    for r in tp_case("tp_generate_meta", ws):
-        assert r["before_load"].startswith("MetaTensorError") and "fxtp.load" in r["before_load"]
-        assert r["equal"] and r["equal_after_reload"] and r["replaced"], r
-        _shares(r["facts"])
-        _shares(r["facts_after_reload"])
-        assert r["builds"] == 1                       # a load rebinds, it does not rebuild
 
 
 def test_tp_generate_of_the_generators_step_graph_is_refused():
