@@ -112,16 +112,6 @@ def _round_batch(b: int) -> int:
     return 1 << (b - 1).bit_length()
 
 
-class _Refused:
-    """`tp.generate` of a graph that cannot generate."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
-
-    def __call__(self, *args, **kwargs):
-        raise GenerationError(f"tp.generate: {self.reason}")
-
-
 class TPGenerate:
     """`tp.generate(input_ids, attention_mask=None, *, max_len=None, max_batch=None,
     cuda_graph=None, compile=False, **generation_kwargs)`: see `__call__`.
@@ -216,7 +206,8 @@ class TPGenerate:
                 f"tp.generate: the tensor-parallel model holds {len(unloaded)} tensor(s) on the "
                 f"meta device ({', '.join(unloaded[:SHOWN])}): it was built without weights. "
                 "Fill them with fxtp.load(tp, checkpoint_dir, device=...) on every rank first.")
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2
+                or input_ids.shape[1] < 1):
             raise GenerationError("tp.generate: input_ids must be a [batch, length] tensor with "
                                   f"length >= 1, got {getattr(input_ids, 'shape', input_ids)!r}")
         for what, v in (("max_len", max_len), ("max_batch", max_batch)):

@@ -338,6 +338,10 @@ def _tokens(model, ids, **kw) -> torch.Tensor:
         return model.generate(input_ids=ids, **kw)
 
 
+def caches_of(tp) -> list[torch.Tensor]:
+    return list(tp.generate.generator.cache().values())
+
+
 def _step_facts(tp) -> dict[str, Any]:
     """How the decode step holds its tensors: every parameter is tp's own object (same data
     pointer), and no weight storage of the step is outside tp's (the KV cache aside)."""
@@ -345,15 +349,16 @@ def _step_facts(tp) -> dict[str, Any]:
     mine = dict(tp.named_parameters(remove_duplicate=False))
     steps = dict(step.named_parameters(remove_duplicate=False))
     storages = {t.untyped_storage().data_ptr() for t in [*tp.parameters(), *tp.buffers()]}
-    caches = {id(t) for t in tp.generate.generator.cache().values()}
+    caches = {id(t) for t in caches_of(tp)}
     from fxtp.transform import tensor_attrs
 
     extra = sum(t.nbytes for t in {id(t): t for t in tensor_attrs(step).values()}.values()
                 if id(t) not in caches and t.untyped_storage().data_ptr() not in storages)
-    return {"same_objects": sorted(steps) == sorted(mine) and all(p is mine[n] for n, p in steps.items()),
+    same = sorted(steps) == sorted(mine) and all(p is mine[n] for n, p in steps.items())
+    return {"same_objects": same,
             "same_ptrs": all(p.data_ptr() == mine[n].data_ptr() for n, p in steps.items()),
             "extra_bytes": extra,
-            "cache_devices": sorted({str(t.device) for t in tp.generate.generator.cache().values()})}
+            "cache_devices": sorted({str(t.device) for t in caches_of(tp)})}
 
 
 def tp_generate_case(ws: int, ckpt: str, group=None) -> dict[str, Any]:
@@ -472,10 +477,12 @@ def tp_generate_lora_case(ws: int, group=None) -> dict[str, Any]:
     out["user_folded_equal"] = torch.equal(tp.generate(ids, **kw), ref)
     out["user_folded_kept"] = info.lora_fold is not None
     fxtp.unfold_lora(tp)
-    out["bitwise_after_user_fold"] = all(torch.equal(weights[n], p) for n, p in tp.named_parameters())
+    out["bitwise_after_user_fold"] = all(torch.equal(weights[n], p)
+                                         for n, p in tp.named_parameters())
     # training the adapters (RLHF): the next call decodes the stepped adapters
     fxtp.for_training(tp)
-    batch = torch.randint(1, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(5))
+    batch = torch.randint(1, model.config.vocab_size, (2, 7),
+                          generator=torch.Generator().manual_seed(5))
     for m in (model, tp):
         opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=3.0)
         logits = m(input_ids=batch).logits

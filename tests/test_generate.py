@@ -170,7 +170,8 @@ def test_tp_generate_equals_hf_generate_and_sizes_its_step_from_the_request(ws):
         assert r["sizes"] == [(64, 2, 1)] * 4 + [(128, 4, 2)] * 2, r["sizes"]
         assert r["emulate_captures"] == 1 and r["mode_after"] == "eager"
         assert r["overflow"].startswith("CacheOverflowError") and "max_len=16" in r["overflow"]
-        assert r["explicit_batch"].startswith("GenerationError") and "max_batch=1" in r["explicit_batch"]
+        batch = r["explicit_batch"]
+        assert batch.startswith("GenerationError") and "max_batch=1" in batch
         assert r["bad_size"].startswith("GenerationError") and "max_len" in r["bad_size"]
 
 
