@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import fx, nn
 
+from .agreement import differing, guarded_gather, rank_groups
 from .capture import model_device
 from .decode_step import cache_attrs, capture_step
 from .errors import (CacheOverflowError, FxtpError, GenerationError, MetaTensorError,
@@ -271,7 +272,8 @@ class TPGenerate:
             split_biases(captured.gm)
             plan = build_plan(captured, info.world_size, _model_name(skel), info.plan.overrides,
                               info.plan.vocab_parallel)
-            step = transform(skel, info.world_size, plan=plan, group=group)
+            # the step's weights are tp's (checked by tp's transform or load): no weight check
+            step = transform(skel, info.world_size, plan=plan, group=group, check_weights=False)
         except FxtpError:
             raise
         except Exception as e:  # noqa: BLE001 - e.g. planning reads values a meta tensor lacks
@@ -398,17 +400,17 @@ class TPGenerate:
 
     @staticmethod
     def _agree(group: Optional[dist.ProcessGroup], rank: int, values: list[int]) -> None:
-        """One all-reduce: every rank asks for the same sizes and holds the same step, so all
-        build (a collective) or none does."""
-        v = torch.tensor(values, dtype=torch.int64, device=collective_device(group))
-        both = torch.cat([v, -v])
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-        n = v.numel()
-        if not torch.equal(both[:n], -both[n:]):
+        """One guarded gather (`agreement.guarded_gather`: a lost rank raises `RankLostError`,
+        never hangs): every rank asks for the same sizes and holds the same step, so all build
+        (a collective) or none does."""
+        table = guarded_gather(torch.tensor(values, dtype=torch.int64,
+                                            device=collective_device(group)),
+                               group, "the size check of tp.generate")
+        cols = differing(table)
+        if cols:
             what = ["batch size", "prompt length", "cache length needed", "max_len", "max_batch",
                     "whether the step fits", "built max_len", "built max_batch"]
-            diff = [w for w, hi, lo in zip(what, both[:n].tolist(), (-both[n:]).tolist())
-                    if hi != lo]
+            diff = [f"{what[c]} ({rank_groups(table[:, c].tolist())})" for c in cols]
             raise PromptMismatchError(
                 f"tp.generate: the ranks were given different requests or hold different steps "
                 f"({', '.join(diff)} differ; this is rank {rank}). Every rank must call "

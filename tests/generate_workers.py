@@ -409,6 +409,11 @@ def tp_generate_case(ws: int, ckpt: str, group=None) -> dict[str, Any]:
     out["overflow"] = _error(lambda: tp.generate(ids, max_new_tokens=20, max_len=16))
     out["explicit_batch"] = _error(lambda: tp.generate(ids, max_new_tokens=2, max_batch=1))
     out["bad_size"] = _error(lambda: tp.generate(ids, max_new_tokens=2, max_len=0))
+    if ws > 1:      # rank 1 asks for a longer prompt: both ranks refuse, none builds or hangs
+        import torch.distributed as dist
+
+        longer = _prompt(vocab, 1, 4 if dist.get_rank() == 1 else 3, [0], 7)[0]
+        out["mismatch"] = _error(lambda: tp.generate(longer, max_new_tokens=2))
     check(3, 60, 6, 5)                                 # needs 65 x 3: rebuilt as (128, 4)
     check(2, 6, 8, 6, max_len=64, max_batch=2)         # explicit and smaller: reused
     out["facts_after_rebuild"] = _step_facts(tp)

@@ -173,6 +173,9 @@ def test_tp_generate_equals_hf_generate_and_sizes_its_step_from_the_request(ws):
         batch = r["explicit_batch"]
         assert batch.startswith("GenerationError") and "max_batch=1" in batch
         assert r["bad_size"].startswith("GenerationError") and "max_len" in r["bad_size"]
+        if ws > 1:       # different requests on the ranks: refused on every rank, no hang
+            assert r["mismatch"].startswith("PromptMismatchError"), r["mismatch"]
+            assert "prompt length (rank 0 | rank 1)" in r["mismatch"], r["mismatch"]
 
 
 @pytest.mark.parametrize("ws", [1, WS])
