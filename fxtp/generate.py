@@ -258,19 +258,7 @@ class Generator:
             raise GenerationError("fxtp generate: empty prompt (input_ids has length 0)")
         input_ids = input_ids.to(dev)
         attention_mask = attention_mask.to(dev) if attention_mask is not None else None
-        default_max = (kwargs.get("max_length") is None and (generation_config is None or
-                       generation_config.max_length is None) and m.generation_config.max_length is None)
-        default_min = (kwargs.get("min_length") is None and (generation_config is None or
-                       generation_config.min_length is None) and m.generation_config.min_length is None)
-        gc, unused = m._prepare_generation_config(copy.deepcopy(generation_config), **kwargs)
-        unused = {k: v for k, v in unused.items() if v is not None and k != "use_cache"}
-        if unused:
-            raise GenerationError(f"fxtp generate: unsupported arguments {sorted(unused)}; it "
-                                  "takes input_ids, attention_mask and generation options")
-        if gc.num_beams != 1 or gc.num_return_sequences != 1:
-            raise GenerationError("fxtp generate: only greedy decoding and sampling are supported "
-                                  f"(num_beams={gc.num_beams}, num_return_sequences="
-                                  f"{gc.num_return_sequences}); set them to 1")
+        gc = generation_lengths(m, input_ids, generation_config, kwargs)
         # batch_size (transformers >= 5.1x) only decides whether padding warnings are shown
         extra = {"batch_size": b} if _takes(m._prepare_special_tokens, "batch_size") else {}
         m._prepare_special_tokens(gc, attention_mask is not None, device=dev, **extra)
@@ -279,10 +267,6 @@ class Generator:
         elif tuple(attention_mask.shape) != (b, p):
             raise GenerationError(f"fxtp generate: attention_mask shape {tuple(attention_mask.shape)}"
                                   f" differs from input_ids {(b, p)}")
-        gc = m._prepare_generated_length(generation_config=gc, has_default_max_length=default_max,
-                                         has_default_min_length=default_min,
-                                         model_input_name="input_ids", inputs_tensor=input_ids,
-                                         input_ids_length=p)
         if gc.max_length - 1 > self.max_len:
             raise CacheOverflowError(
                 f"fxtp generate: a prompt of {p} tokens plus {gc.max_length - p} new tokens needs "
@@ -363,6 +347,30 @@ class Generator:
                 f"this is rank {self.rank}). Every rank must call generate with the same prompts "
                 "and options (broadcast them from rank 0 first); for sampling also seed every "
                 "rank's generator the same (torch.manual_seed).")
+
+
+def generation_lengths(m: nn.Module, input_ids: torch.Tensor, generation_config: Any,
+                       kwargs: dict) -> Any:
+    """The generation config of a call, prepared by the model's own helpers as
+    `model.generate` prepares it (`max_length` = prompt + new tokens, `min_length`), with
+    unsupported arguments and beam search refused. `tp.generate` sizes its cache from it."""
+    default_max = (kwargs.get("max_length") is None and (generation_config is None or
+                   generation_config.max_length is None) and m.generation_config.max_length is None)
+    default_min = (kwargs.get("min_length") is None and (generation_config is None or
+                   generation_config.min_length is None) and m.generation_config.min_length is None)
+    gc, unused = m._prepare_generation_config(copy.deepcopy(generation_config), **kwargs)
+    unused = {k: v for k, v in unused.items() if v is not None and k != "use_cache"}
+    if unused:
+        raise GenerationError(f"fxtp generate: unsupported arguments {sorted(unused)}; it "
+                              "takes input_ids, attention_mask and generation options")
+    if gc.num_beams != 1 or gc.num_return_sequences != 1:
+        raise GenerationError("fxtp generate: only greedy decoding and sampling are supported "
+                              f"(num_beams={gc.num_beams}, num_return_sequences="
+                              f"{gc.num_return_sequences}); set them to 1")
+    return m._prepare_generated_length(generation_config=gc, has_default_max_length=default_max,
+                                       has_default_min_length=default_min,
+                                       model_input_name="input_ids", inputs_tensor=input_ids,
+                                       input_ids_length=input_ids.shape[1])
 
 
 def _check_one_device(state: dict[str, torch.Tensor], dev: torch.device) -> None:

@@ -151,6 +151,10 @@ def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
     _install_input_defaults(gm, gm.meta[META_KEY].plan.captured)   # shapes only
     _guard_training(gm)
     _guard_moves(gm)
+    # function-level import: tp_generate builds its decode step with transform()
+    from .tp_generate import attach
+
+    attach(gm, model)       # tp.generate: a weightless skeleton of the model, the step built lazily
     return gm
 
 

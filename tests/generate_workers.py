@@ -131,6 +131,7 @@ def error_case(rank: int, ws: int) -> dict[str, Any]:
     if rank == 1:
         other[0, 0] += 1
     out["mismatch"] = _error(lambda: gen.generate(other, max_new_tokens=2))
+    out["step_tp_generate"] = _error(lambda: gen.tp.generate(ids, max_new_tokens=2))
     # the ranks are still in step afterwards
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     out["after"] = torch.equal(ref, gen.generate(ids, attention_mask=mask, max_new_tokens=4,
@@ -271,6 +272,9 @@ def lora_case(ws: int) -> dict[str, Any]:
     return result
 
 
+_LORA: dict[int, Any] = {}
+
+
 def _hybrid_round(model, gen, ws: int, ids, mask) -> dict[str, Any]:
     """The RLHF loop: an optimizer step on the adapters of the training graph, the same step on
     the PEFT model, then gen.load_weights(tp): the generator decodes what the stepped model
@@ -291,6 +295,7 @@ def _hybrid_round(model, gen, ws: int, ids, mask) -> dict[str, Any]:
         ref = model.generate(input_ids=ids, **kw)
     fresh = gen.load_weights(tp).generate(ids, **kw)
     folded_error = _error(lambda: gen.load_weights(fxtp.for_generation(tp)))
+    _LORA[ws] = (model, tp)         # tp.generate's LoRA case continues with both
     return {"hybrid_equal": torch.equal(ref, fresh), "hybrid_changed": not torch.equal(stale, fresh),
             "hybrid_ref": ref.tolist(), "hybrid_out": fresh.tolist(),
             "hybrid_folded_error": folded_error}
@@ -313,6 +318,206 @@ def run_all(rank: int, ws: int, ckpt: str) -> dict[str, Any]:
     cases.update(sampling=lambda: sampling_case(ws), errors=lambda: error_case(rank, ws),
                  replay=lambda: replay_case(ws), compile=lambda: compile_case(ws),
                  meta=lambda: meta_case(ws, ckpt), lora=lambda: lora_case(ws))
+    for name, fn in cases.items():
+        t0 = time.perf_counter()
+        try:
+            out[name] = fn()
+        except Exception:  # noqa: BLE001 - reported to the test process
+            out[name] = {"exception": traceback.format_exc()}
+        out[name]["seconds"] = time.perf_counter() - t0
+    out.update(run_tp_cases(rank, ws, ckpt))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# tp.generate: generation on the result of fxtp.transform (fxtp/tp_generate.py). Run in the
+# world-2 spawn (run_all), world 1 on one-rank groups inside it (run_tp_cases).
+
+def _tokens(model, ids, **kw) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(input_ids=ids, **kw)
+
+
+def caches_of(tp) -> list[torch.Tensor]:
+    return list(tp.generate.generator.cache().values())
+
+
+def _step_facts(tp) -> dict[str, Any]:
+    """How the decode step holds its tensors: every parameter is tp's own object (same data
+    pointer), and no weight storage of the step is outside tp's (the KV cache aside)."""
+    step = tp.generate.generator.tp
+    mine = dict(tp.named_parameters(remove_duplicate=False))
+    steps = dict(step.named_parameters(remove_duplicate=False))
+    storages = {t.untyped_storage().data_ptr() for t in [*tp.parameters(), *tp.buffers()]}
+    caches = {id(t) for t in caches_of(tp)}
+    from fxtp.transform import tensor_attrs
+
+    extra = sum(t.nbytes for t in {id(t): t for t in tensor_attrs(step).values()}.values()
+                if id(t) not in caches and t.untyped_storage().data_ptr() not in storages)
+    same = sorted(steps) == sorted(mine) and all(p is mine[n] for n, p in steps.items())
+    return {"same_objects": same,
+            "same_ptrs": all(p.data_ptr() == mine[n].data_ptr() for n, p in steps.items()),
+            "extra_bytes": extra,
+            "cache_devices": sorted({str(t.device) for t in caches_of(tp)})}
+
+
+def tp_generate_case(ws: int, ckpt: str, group=None, rebuild: bool = True) -> dict[str, Any]:
+    """A Llama built under fxtp.init_empty(), tp = fxtp.transform(it, ws), then
+    fxtp.load(tp, ckpt, device=): tp.generate refuses before the load; after it, its tokens are
+    model.generate's (the model that wrote the checkpoint). The step: built at the first call
+    and sized from it, following a second load (new tensors) without building again, reused
+    by smaller calls and another cuda_graph mode, rebuilt larger for a larger call, explicit
+    sizes; its tensors are tp's; an optimizer step on tp is decoded at once; a step whose
+    plan slices a tensor differently is refused (world size > 1: at 1 nothing is sliced).
+    (A model with weights goes through the LoRA case and tests/test_device_dtype.py.)
+    `rebuild=False` skips the larger call that builds a second step (rank-independent logic:
+    world 1 leaves it to world 2, a capture less)."""
+    from transformers import AutoModelForCausalLM
+
+    from fxtp.tp_generate import TPGenerate
+
+    model = model_for("llama")
+    vocab = model.config.vocab_size
+    with fxtp.init_empty():
+        empty = AutoModelForCausalLM.from_config(model.config)
+    tp = fxtp.transform(empty, ws, group=group)
+    out: dict[str, Any] = {"equal": [], "sizes": [], "before": (tp.generate.generator is None,
+                                                                tp.generate.builds)}
+
+    def check(b, p, new, seed, **extra):
+        ids, mask = _prompt(vocab, b, p, [0, 2, 1], seed)
+        kw = dict(attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+        t = time.perf_counter()
+        got = tp.generate(ids, **kw, **extra)
+        out.setdefault("call_s", []).append(round(time.perf_counter() - t, 3))
+        out["equal"].append(torch.equal(got, _tokens(model, ids, **kw)))
+        out["sizes"].append((tp.generate.max_len, tp.generate.max_batch, tp.generate.builds))
+        return ids, kw, got
+
+    out["before_load"] = _error(lambda: tp.generate(torch.ones(1, 3, dtype=torch.long),
+                                                    max_new_tokens=2))
+    fxtp.load(tp, ckpt, device="cpu")
+    ids, kw, first = check(2, 5, 6, 1)                 # built: (64, 2)
+    out["facts"] = _step_facts(tp)
+    old = dict(tp.named_parameters())
+    fxtp.load(tp, ckpt, device="cpu")                  # new tensors: the step follows them
+    out["replaced"] = all(p is not old[n] for n, p in tp.named_parameters())
+    check(1, 3, 4, 2)                                  # fits: reused, rebound
+    out["facts_after_reload"] = _step_facts(tp)
+    check(2, 4, 5, 3, cuda_graph="emulate")            # the same step, replayed
+    out["emulate_captures"] = tp.generate.generator._replay.captures
+    check(1, 4, 3, 4)                                  # back to eager
+    out["mode_after"] = tp.generate.generator.decode_mode
+    out["overflow"] = _error(lambda: tp.generate(ids, max_new_tokens=20, max_len=16))
+    out["explicit_batch"] = _error(lambda: tp.generate(ids, max_new_tokens=2, max_batch=1))
+    out["bad_size"] = _error(lambda: tp.generate(ids, max_new_tokens=2, max_len=0))
+    if ws > 1:      # rank 1 asks for a longer prompt: both ranks refuse, none builds or hangs
+        import torch.distributed as dist
+
+        longer = _prompt(vocab, 1, 4 if dist.get_rank() == 1 else 3, [0], 7)[0]
+        out["mismatch"] = _error(lambda: tp.generate(longer, max_new_tokens=2))
+    if rebuild:
+        check(3, 60, 6, 5)                             # needs 65 x 3: rebuilt as (128, 4)
+    check(2, 6, 8, 6, max_len=64, max_batch=2)         # explicit, not larger: reused
+    out["facts_after_rebuild"] = _step_facts(tp)
+    # training: an optimizer step on tp (and the same on the model) is decoded at once
+    fxtp.for_training(tp)
+    batch = torch.randint(1, vocab, (2, 7), generator=torch.Generator().manual_seed(5))
+    for m in (model, tp):
+        opt = torch.optim.SGD(m.parameters(), lr=1.0)
+        logits = m(input_ids=batch).logits
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    got = tp.generate(ids, **kw)
+    out["trained_equal"] = torch.equal(got, _tokens(model, ids, **kw))
+    out["trained_changed"] = not torch.equal(got, first)
+    out["still_training"] = tp.training
+    # a decode step whose plan slices a tensor differently from tp: refused, nothing copied
+    # (the check a build makes, run on the built step against a tampered record of tp's)
+    info = tp.meta["fxtp"]
+    name = next(iter(info.param_slices), None)
+    if name is not None:
+        saved = info.param_slices[name]
+        info.param_slices[name] = (saved[0], ((0, 1),))
+        try:
+            probe = TPGenerate(tp, None, None)
+            out["sliced_differently"] = _error(lambda: probe._match(tp, tp.generate.generator.tp))
+        finally:
+            info.param_slices[name] = saved
+    return out
+
+
+def tp_generate_lora_case(ws: int, group=None) -> dict[str, Any]:
+    """A PEFT LoRA model: tp.generate folds the adapters into tp's (shared) base shards for the
+    call and unfolds them after it: tp's weights bit for bit as before, its forward the same,
+    not folded, no saved copy kept. A tp the user folded is decoded as it is and stays folded.
+    An optimizer step on the adapters is decoded at once. At world 2 the model and graph of
+    the generator's hybrid round (lora_case, run before) are reused: no second capture."""
+    from .train_workers import lora_model
+
+    model, tp = _LORA.pop(ws, (None, None)) if group is None else (None, None)
+    if tp is None:
+        model = lora_model("llama")
+        tp = fxtp.transform(model, ws, group=group)
+    if tp.meta["fxtp"].lora_fold is not None:      # the hybrid round leaves it folded
+        fxtp.unfold_lora(tp)
+    tp.eval()
+    ids, mask = _prompt(model.config.vocab_size, 2, 5, [0, 2], 11)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    weights = {n: p.detach().clone() for n, p in tp.named_parameters()}
+    with torch.no_grad():
+        forward = tp(input_ids=ids, attention_mask=mask).logits
+    ref = _tokens(model, ids, **kw)
+    got = tp.generate(ids, **kw)
+    info = tp.meta["fxtp"]
+    out: dict[str, Any] = {
+        "equal": torch.equal(got, ref), "ref": ref.tolist(), "out": got.tolist(),
+        "bitwise": all(torch.equal(weights[n], p) for n, p in tp.named_parameters()),
+        "folded_after": info.lora_fold is not None,
+        "saved_copies": len(info.lora_last_fold.originals) if info.lora_last_fold else 0,
+        "facts": _step_facts(tp),
+    }
+    with torch.no_grad():
+        out["forward_same"] = torch.equal(tp(input_ids=ids, attention_mask=mask).logits, forward)
+    fxtp.fold_lora(tp)
+    out["user_folded_equal"] = torch.equal(tp.generate(ids, **kw), ref)
+    out["user_folded_kept"] = info.lora_fold is not None
+    fxtp.unfold_lora(tp)
+    out["bitwise_after_user_fold"] = all(torch.equal(weights[n], p)
+                                         for n, p in tp.named_parameters())
+    # training the adapters (RLHF): the next call decodes the stepped adapters
+    fxtp.for_training(tp)
+    batch = torch.randint(1, model.config.vocab_size, (2, 7),
+                          generator=torch.Generator().manual_seed(5))
+    for m in (model, tp):
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=3.0)
+        logits = m(input_ids=batch).logits
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    got = tp.generate(ids, **kw)
+    out["trained_equal"] = torch.equal(got, _tokens(model, ids, **kw))
+    out["trained_changed"] = not torch.equal(got, ref)
+    out["builds"] = tp.generate.builds
+    return out
+
+
+def run_tp_cases(rank: int, ws: int, ckpt: str) -> dict[str, Any]:
+    """The world-`ws` cases, then world 1 on a group of one rank each, in parallel: rank 0 runs
+    the LoRA case, rank 1 the Llama case (world 1 without a group: test_device_dtype)."""
+    import torch.distributed as dist
+
+    out: dict[str, Any] = {}
+    cases = {"tp_generate": lambda: tp_generate_case(ws, ckpt),
+             "tp_generate_lora": lambda: tp_generate_lora_case(ws)}
+    one, _ = dist.new_subgroups(group_size=1)
+    if rank == 0:
+        cases["tp_generate_lora_1"] = lambda: tp_generate_lora_case(1, one)
+    if rank == 1:
+        cases["tp_generate_1"] = lambda: tp_generate_case(1, ckpt, one, rebuild=False)
     for name, fn in cases.items():
         t0 = time.perf_counter()
         try:

@@ -80,8 +80,13 @@ def test_the_users_model_is_left_untouched_and_shares_no_storage(llama, plan):
 
 
 def test_the_result_keeps_no_reference_to_the_full_weights():
+    """Neither the plan kept in tp.meta nor tp.generate's skeleton of the model (what it builds
+    its decode step from) holds the full weights; tp.generate decodes model.generate's tokens
+    after the model is gone, with a step whose parameters are tp's own."""
     model = tiny_model("llama")
     ref = logits(model)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    ref_tokens = model.generate(IDS[:, :4], **kw)
     tp = fxtp.transform(model, 1)
     weights = [weakref.ref(p) for p in model.parameters()]
     del model
@@ -90,7 +95,14 @@ def test_the_result_keeps_no_reference_to_the_full_weights():
     # what fxtp keeps beside the graph (the plan with its captured graph) holds shapes only
     kept = tensors_in(tp.meta["fxtp"])
     assert kept and all(t.device.type == "meta" for t in kept)
+    # the skeleton: parameters and the buffers tp holds (inv_freq) are meta, config kept
+    skeleton = tp.generate.skeleton
+    assert {t.device.type for t in [*skeleton.parameters(), *skeleton.buffers()]} == {"meta"}
+    assert skeleton.config.vocab_size == 128 and skeleton.generation_config is not None
     assert torch.equal(logits(tp), ref)
+    assert torch.equal(tp.generate(IDS[:, :4], **kw), ref_tokens)
+    mine = dict(tp.named_parameters())
+    assert all(p is mine[n] for n, p in tp.generate.generator.tp.named_parameters())
 
 
 def test_meta_built_model_is_loaded_onto_a_device_with_the_models_dtype(tmp_path):

@@ -138,3 +138,88 @@ def test_meta_built_generator_loaded_decodes_hf_tokens():
         assert "load_error" not in r, r["load_error"]
         assert r["equal"], (r["out"], r["ref"])
         assert r["loaded_cache_devices"] == ["cpu"]
+
+
+# ---------------------------------------------------------------------------------------------
+# tp.generate (fxtp/tp_generate.py): world 2 in the spawn above; world 1 there too, on a group
+# of one rank each (rank 0: LoRA, rank 1: Llama); world 1 without a group in test_device_dtype
+
+def tp_case(name: str, ws: int) -> list[dict]:
+    if ws == WS:
+        return case(name, ws)
+    rank = {"tp_generate_lora": 0, "tp_generate": 1}[name]
+    r = results(WS)[rank][f"{name}_1"]
+    assert "exception" not in r, r["exception"]
+    return [r]
+
+
+def _shares(facts: dict) -> None:
+    assert facts["same_objects"] and facts["same_ptrs"], facts   # tp's tensors, not copies
+    assert facts["extra_bytes"] == 0, facts                      # no weight storage of its own
+    assert facts["cache_devices"] == ["cpu"]
+
+
+@pytest.mark.parametrize("ws", [1, WS])
+def test_tp_generate_equals_hf_generate_and_sizes_its_step_from_the_request(ws):
+    for r in tp_case("tp_generate", ws):
+        assert all(r["equal"]), r
+        assert r["before"] == (True, 0)               # nothing built at transform time
+        # (max_len, max_batch, builds): 5 + 6 tokens of 2 prompts -> (64, 2); smaller calls,
+        # the emulated CUDA-graph mode and back reuse it; 60 + 6 tokens of 3 prompts rebuild
+        # (128, 4) (world 2 only); explicit sizes not larger than the step reuse it
+        grown = [(128, 4, 2)] * 2 if ws > 1 else [(64, 2, 1)]
+        assert r["sizes"] == [(64, 2, 1)] * 4 + grown, r["sizes"]
+        assert r["emulate_captures"] == 1 and r["mode_after"] == "eager"
+        assert r["overflow"].startswith("CacheOverflowError") and "max_len=16" in r["overflow"]
+        batch = r["explicit_batch"]
+        assert batch.startswith("GenerationError") and "max_batch=1" in batch
+        assert r["bad_size"].startswith("GenerationError") and "max_len" in r["bad_size"]
+        if ws > 1:       # different requests on the ranks: refused on every rank, no hang
+            assert r["mismatch"].startswith("PromptMismatchError"), r["mismatch"]
+            assert "prompt length (rank 0 | rank 1)" in r["mismatch"], r["mismatch"]
+
+
+@pytest.mark.parametrize("ws", [1, WS])
+def test_tp_generate_on_a_meta_build_follows_fxtp_load(ws):
+    """The case's tp is built under fxtp.init_empty(): refused before fxtp.load, the loaded
+    model's tokens after it; a second load (new tensors) is followed without a rebuild."""
+    for r in tp_case("tp_generate", ws):
+        assert r["before_load"].startswith("MetaTensorError") and "fxtp.load" in r["before_load"]
+        assert r["replaced"] and r["equal"][1] and r["sizes"][1][2] == 1, r
+
+
+@pytest.mark.parametrize("ws", [1, WS])
+def test_tp_generate_step_shares_tps_tensors(ws):
+    for r in tp_case("tp_generate", ws):
+        for facts in ("facts", "facts_after_reload", "facts_after_rebuild"):
+            _shares(r[facts])
+
+
+@pytest.mark.parametrize("ws", [1, WS])
+def test_tp_generate_decodes_what_tp_was_trained_to(ws):
+    for r in tp_case("tp_generate", ws):
+        assert r["trained_equal"] and r["trained_changed"] and r["still_training"], r
+
+
+def test_tp_generate_refuses_a_step_sliced_otherwise():
+    for r in case("tp_generate"):
+        msg = r["sliced_differently"]
+        assert msg.startswith("GenerationError") and "sliced differently" in msg, msg
+        assert "fxtp.generator" in msg
+
+
+@pytest.mark.parametrize("ws", [1, WS])
+def test_tp_generate_lora_folds_for_the_call_and_restores_tp_bit_for_bit(ws):
+    for r in tp_case("tp_generate_lora", ws):
+        assert r["equal"], (r["out"], r["ref"])
+        assert r["bitwise"] and r["forward_same"] and not r["folded_after"], r
+        assert r["saved_copies"] == 0                 # the base shards' copies freed
+        _shares(r["facts"])
+        assert r["user_folded_equal"] and r["user_folded_kept"] and r["bitwise_after_user_fold"]
+        assert r["trained_equal"] and r["trained_changed"] and r["builds"] == 1, r
+
+
+def test_tp_generate_of_the_generators_step_graph_is_refused():
+    for r in case("errors"):
+        assert r["step_tp_generate"].startswith("GenerationError"), r["step_tp_generate"]
+        assert "gen" in r["step_tp_generate"] and "decode step" in r["step_tp_generate"]

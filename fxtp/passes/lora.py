@@ -212,3 +212,13 @@ def unfold(gm: fx.GraphModule, state: FoldState) -> None:
         for name, original in state.originals.items():
             get_tensor_attr(gm, name).copy_(original)
     state.unfolded.install(gm)
+
+
+def without_branches(gm: fx.GraphModule, linears: dict[str, LinearMatch], label: str) -> GraphCode:
+    """Installs on `gm` its graph without LoRA branches and leaves its weights alone: for a graph
+    whose base weights are folded by another graph sharing the same tensors (`tp.generate`'s
+    decode step runs on `tp`'s tensors while `fold_lora(tp)` folds them). Returns the graph with
+    the branches, which `GraphCode.install` puts back."""
+    state = _fold_graph(gm, linears, label)
+    state.folded.install(gm)
+    return state.unfolded
