@@ -224,22 +224,27 @@ def rank_groups(column: Sequence[int]) -> str:
 
 
 def agree_on_digests(names: Sequence[str], digests: Optional[torch.Tensor],
-                     group: "dist.ProcessGroup | str | None", what: str
-                     ) -> tuple[list[str], torch.Tensor]:
+                     group: "dist.ProcessGroup | str | None", what: str, ok: bool = True
+                     ) -> tuple[bool, list[str], torch.Tensor]:
     """Compares named checksums across the ranks in one small gather when they agree:
-    `[count, combined checksum]` first, the per-name checksums only when those differ (every
-    rank sees the same first table, so all take the same path). Returns the names that differ
-    (in order) and the per-name table (`[world, n]`, empty when all agree); a different count
-    of names (the ranks built different models) is reported as the name '<count>'."""
-    dev = digests.device if digests is not None else torch.device("cpu")
-    if digests is None:
-        digests = torch.zeros(0, dtype=torch.int64)
-    head = torch.stack([torch.tensor(len(names), dtype=torch.int64, device=dev),
-                        combine(digests)])
+    `[ok, count, combined checksum]` first, the per-name checksums only when those differ
+    (every rank sees the same first table, so all take the same path). `ok=False`: this rank
+    failed before it could compare (its checksums are ignored).
+
+    Returns whether every rank was ok, the names that differ (in order; the name '<count>'
+    when the ranks have different numbers of names: they built different models), and the
+    table they differ in (`[world, n]`, empty when nothing differs)."""
+    none = torch.zeros(0, 0, dtype=torch.int64, device="cpu")
+    if digests is None or not ok:
+        digests = torch.zeros(len(names), dtype=torch.int64, device="cpu")
+    head = torch.tensor([int(ok), len(names), int(combine(digests))], dtype=torch.int64,
+                        device="cpu")
     first = guarded_gather(head, group, what)
-    if not differing(first):
-        return [], torch.zeros(0, 0, dtype=torch.int64)
-    if differing(first[:, :1]):
-        return ["<count>"], first[:, :1]
+    if not all(first[:, 0].tolist()):
+        return False, [], none
+    if not differing(first[:, 1:]):
+        return True, [], none
+    if differing(first[:, 1:2]):
+        return True, ["<count>"], first[:, 1:2]
     table = guarded_gather(digests, group, what)
-    return [names[i] for i in differing(table)], table
+    return True, [names[i] for i in differing(table)], table

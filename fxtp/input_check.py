@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 
 from .agreement import differing, guarded_gather, rank_groups, tensor_digest
 from .errors import InputMismatchError
+from .runtime import collective_device
 
 WHAT = "the input check of the tensor-parallel model (check_inputs=True)"
 
@@ -65,8 +66,6 @@ def check_inputs(slots: Sequence[str], args: tuple, kwargs: dict, group: str, ra
                  failed: bool = False) -> None:
     """Gathers every rank's input fingerprint; raises `InputMismatchError` on every rank if
     any rank's inputs differ from the others' or could not be taken (`failed`)."""
-    from .runtime import collective_device
-
     table = guarded_gather(input_fingerprint(slots, args, kwargs, failed,
                                              collective_device(group)), group, WHAT)
     flags = table[:, 0].tolist()

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import fx, nn
 
-from .agreement import combine, differing, guarded_gather, tensor_digest
+from .agreement import agree_on_digests, tensor_digest
 from .errors import CheckpointError, DtypeError, LoraStateError, WeightMismatchError
 from .passes._util import get_tensor_attr, set_tensor_attr, written_in_place
 from .passes.devices import resolve_device, retarget_devices
@@ -430,31 +430,21 @@ def _all_ranks_agree(ok: bool, info, layout: torch.Tensor,
     kept replicated); otherwise `WeightMismatchError` on every rank, and nothing is loaded."""
     if info.world_size == 1 or not dist.is_initialized():
         return ok
-    names = ["<checkpoint layout>"] + [n for n, _ in whole]
-    digests = None
-    if ok and info.check_weights:
-        dev = whole[0][1].device if whole else layout.device
-        digests = torch.stack([layout.to(dev)] + [tensor_digest(t) for _, t in whole])
-    check = digests if digests is not None else torch.zeros(0, dtype=torch.int64)
-    head = torch.stack([torch.tensor(int(ok)), torch.tensor(len(names)),
-                        combine(check.cpu() if check.numel() else check)])
-    first = guarded_gather(head, info.group_name, "the agreement step of fxtp.load")
-    if not all(first[:, 0].tolist()):
-        return False
-    if not info.check_weights or not differing(first[:, 1:]):
-        return True
-    if differing(first[:, 1:2]):
-        differ, table = ["<count>"], first[:, 1:2]
-    else:
-        table = guarded_gather(check, info.group_name, "the agreement step of fxtp.load")
-        differ = [names[i] for i in differing(table)]
-        if not differ:
-            return True
-    raise WeightMismatchError(mismatch_message(
-        "fxtp.load", differ, table, names, len(names),
-        f"The ranks read different checkpoints ({path} on this rank, rank {info.rank}): every "
-        "rank must load the same one (the same directory, or identical copies). Nothing was "
-        "loaded. check_weights=False at fxtp.transform skips this comparison."))
+    names, digests = [], None
+    if info.check_weights:
+        names = ["<checkpoint layout>"] + [n for n, _ in whole]
+        if ok:
+            dev = whole[0][1].device if whole else layout.device
+            digests = torch.stack([layout.to(dev)] + [tensor_digest(t) for _, t in whole])
+    all_ok, differ, table = agree_on_digests(names, digests, info.group_name,
+                                             "the agreement step of fxtp.load", ok)
+    if all_ok and differ:
+        raise WeightMismatchError(mismatch_message(
+            "fxtp.load", differ, table, names, len(names),
+            f"The ranks read different checkpoints ({path} on this rank, rank {info.rank}): "
+            "every rank must load the same one (the same directory, or identical copies). "
+            "Nothing was loaded. check_weights=False at fxtp.transform skips this comparison."))
+    return all_ok
 
 
 def _problems(missing, shapes, dtypes, n_tensors, entries, used, path) -> str:

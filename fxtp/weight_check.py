@@ -63,8 +63,8 @@ class WeightDigests:
             names.append((name, id(t)))
         values = (torch.stack([self.digests[i].to(_common_device(self.digests.values()))
                                for _, i in names]) if names else None)
-        differ, table = agree_on_digests([n for n, _ in names], values, group,
-                                         "the weight check of fxtp.transform")
+        _, differ, table = agree_on_digests([n for n, _ in names], values, group,
+                                            "the weight check of fxtp.transform")
         if differ:
             raise WeightMismatchError(mismatch_message(
                 "fxtp.transform", differ, table, [n for n, _ in names], len(names),
@@ -103,4 +103,4 @@ def _counts(table: torch.Tensor) -> str:
 def checkpoint_digest(entries: Iterable[tuple[str, tuple, str]]) -> torch.Tensor:
     """A checksum of a checkpoint's layout: the (name, shape, dtype) of the tensors read."""
     text = "\n".join(f"{n}:{list(s)}:{d}" for n, s, d in sorted(entries))
-    return torch.tensor(zlib.crc32(text.encode()), dtype=torch.int64)
+    return torch.tensor(zlib.crc32(text.encode()), dtype=torch.int64, device="cpu")
