@@ -20,6 +20,7 @@ from .passes import (cleanup, gather_vocab_outputs, insert_all_reduces, insert_g
                      keep_constant_adds_on_rank0, mask_vocab_embeddings, rewrite_shape_constants,
                      shard_linear_params)
 from .patterns.linear import split_biases
+from .inputs import check as check_inputs, input_specs
 from .plan import Plan, build_plan, check_overrides
 from .repeats import (expand_plan, find_repeats, probe as probe_layers, same_decisions,
                       same_layers)
@@ -459,20 +460,21 @@ def _install_input_defaults(gm: fx.GraphModule, captured: Captured) -> None:
     names = captured.kwarg_names
     defaults = dict(captured.defaults)
     slots = input_check.slot_names(captured.arg_count, names)
+    specs = input_specs(captured)
 
     def hook(module, args, kwargs):
         info = module.meta[META_KEY]
         if not info.check_inputs:
-            return fill(args, kwargs)
+            return fill(module, args, kwargs)
         try:
-            args, kwargs = fill(args, kwargs)
+            args, kwargs = fill(module, args, kwargs)
         except InputError:
             input_check.failed_input(slots, info.group_name, info.rank)   # the others raise too
             raise
         input_check.check_inputs(slots, args, kwargs, info.group_name, info.rank)
         return args, kwargs
 
-    def fill(args, kwargs):
+    def fill(module, args, kwargs):
         if len(args) > captured.arg_count:
             raise InputError(f"fxtp: got {len(args)} positional inputs, captured with "
                              f"{captured.arg_count}; pass inputs as {names or 'positional'}")
@@ -481,6 +483,9 @@ def _install_input_defaults(gm: fx.GraphModule, captured: Captured) -> None:
             raise InputError(f"fxtp: inputs {unknown} were not part of the capture; the "
                              f"transformed model takes {list(names)}. Pass example_inputs with "
                              "them to fxtp.plan/transform to capture them.")
+        first = next(module.parameters(), None)
+        check_inputs(specs, args, kwargs, first.device if first is not None else None,
+                     captured.hf)
         missing = [k for k in names if k not in kwargs]
         if missing:
             kwargs = dict(kwargs)
