@@ -475,6 +475,9 @@ def _install_input_defaults(gm: fx.GraphModule, captured: Captured) -> None:
         return args, kwargs
 
     def fill(module, args, kwargs):
+        if captured.hf and "attention_mask" in kwargs and kwargs["attention_mask"] is None:
+            # Hugging Face's forward reads a None mask as all ones: filled in below
+            kwargs = {k: v for k, v in kwargs.items() if k != "attention_mask"}
         if len(args) > captured.arg_count:
             raise InputError(f"fxtp: got {len(args)} positional inputs, captured with "
                              f"{captured.arg_count}; pass inputs as {names or 'positional'}")
