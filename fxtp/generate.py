@@ -250,7 +250,7 @@ class Generator:
                                   "meta device (built under fxtp.init_empty()); fill them first: "
                                   "fxtp.load(gen, checkpoint_dir, device=...)")
         for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask)):
-            if t is not None and not isinstance(t, torch.Tensor):
+            if not isinstance(t, torch.Tensor) and (t is not None or name == "input_ids"):
                 raise GenerationError(f"fxtp generate: {name} must be a tensor [batch, length], "
                                       f"got {type(t).__name__}")
         if input_ids.dtype not in (torch.int64, torch.int32):

@@ -486,9 +486,10 @@ def _install_input_defaults(gm: fx.GraphModule, captured: Captured) -> None:
             raise InputError(f"fxtp: inputs {unknown} were not part of the capture; the "
                              f"transformed model takes {list(names)}. Pass example_inputs with "
                              "them to fxtp.plan/transform to capture them.")
-        first = next(module.parameters(), None)
-        check_inputs(specs, args, kwargs, first.device if first is not None else None,
-                     captured.hf)
+        if not torch.compiler.is_compiling():    # a compiled graph guards its inputs itself
+            first = next(module.parameters(), None)
+            check_inputs(specs, args, kwargs, first.device if first is not None else None,
+                         captured.hf)
         missing = [k for k in names if k not in kwargs]
         if missing:
             kwargs = dict(kwargs)

@@ -15,11 +15,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fxtp
-from fxtp.models import tiny_model
 from fxtp.plan import check_overrides
 
 from .fuzz_cases import (Snapshot, attempt, bad_calls, bad_world_sizes, fuzz_settings, junk,
-                         names, overrides_for)
+                         names, overrides_for, small_llama)
 from .modules import PlainMLP
 
 CASES: dict[str, int] = {}
@@ -36,7 +35,7 @@ def assert_refused(outcome, *expected) -> None:
 
 @pytest.fixture(scope="module")
 def llama():
-    return tiny_model("llama")
+    return small_llama()
 
 
 @pytest.fixture(scope="module")
