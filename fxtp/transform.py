@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import fx, nn
 
-from . import input_check
+from . import captured_inputs, input_check
 from .capture import Captured, capture
 from .errors import (DropoutError, DtypeError, InputError, LoraStateError, MetaTensorError,
                      NotDivisibleError, PlanOverrideError)
@@ -20,7 +20,6 @@ from .passes import (cleanup, gather_vocab_outputs, insert_all_reduces, insert_g
                      keep_constant_adds_on_rank0, mask_vocab_embeddings, rewrite_shape_constants,
                      shard_linear_params)
 from .patterns.linear import split_biases
-from .inputs import check as check_inputs, input_specs
 from .plan import Plan, build_plan, check_overrides
 from .repeats import (expand_plan, find_repeats, probe as probe_layers, same_decisions,
                       same_layers)
@@ -460,7 +459,7 @@ def _install_input_defaults(gm: fx.GraphModule, captured: Captured) -> None:
     names = captured.kwarg_names
     defaults = dict(captured.defaults)
     slots = input_check.slot_names(captured.arg_count, names)
-    specs = input_specs(captured)
+    specs = captured_inputs.specs(captured)
 
     def hook(module, args, kwargs):
         info = module.meta[META_KEY]
@@ -488,8 +487,8 @@ def _install_input_defaults(gm: fx.GraphModule, captured: Captured) -> None:
                              "them to fxtp.plan/transform to capture them.")
         if not torch.compiler.is_compiling():    # a compiled graph guards its inputs itself
             first = next(module.parameters(), None)
-            check_inputs(specs, args, kwargs, first.device if first is not None else None,
-                         captured.hf)
+            captured_inputs.check(specs, args, kwargs,
+                                  first.device if first is not None else None, captured.hf)
         missing = [k for k in names if k not in kwargs]
         if missing:
             kwargs = dict(kwargs)

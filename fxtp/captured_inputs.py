@@ -4,10 +4,11 @@
 non-tensor values, and ties dims that had one size (a mask's sequence to the ids'). A call that
 breaks one of these failed deep inside the graph with a bare `IndexError`, `RuntimeError` or a
 guard's `AssertionError`; `check` raises `InputError` naming the input and what to pass instead,
-before anything runs (so nothing changes and no rank reaches a collective).
+before anything runs (so nothing changes and no rank reaches a collective). (Whether the ranks
+were given the same inputs is `input_check.py`'s question, with `check_inputs=True`.)
 
-    specs = input_specs(captured)          # once, at transform: from the captured placeholders
-    check(specs, args, kwargs, device)     # every call, in the input hook: a few attribute reads
+    s = specs(captured)                    # once, at transform: from the captured placeholders
+    check(s, args, kwargs, device)         # every call, in the input hook: a few attribute reads
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class InputSpec:
         return f"input {self.key}" if isinstance(self.key, int) else str(self.key)
 
 
-def input_specs(captured: Captured) -> list[InputSpec]:
+def specs(captured: Captured) -> list[InputSpec]:
     """The leaf inputs of the captured graph (inputs that are containers are not checked)."""
     gm = captured.gm
     spec = getattr(gm, "_in_spec", None)
