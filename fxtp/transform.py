@@ -303,6 +303,10 @@ def _guard_moves(gm: fx.GraphModule) -> None:
                 if id(t) not in held and t.device != device:
                     set_tensor_attr(gm, name, t.to(device))
             retarget_devices(gm, device)
+            if device.type == "meta":   # the values are gone: calls refuse until fxtp.load
+                from .load import meta_tensors   # load imports transform
+
+                gm.meta[META_KEY].unloaded = meta_tensors(gm)
         return gm
 
     def cast(dtype: torch.dtype):

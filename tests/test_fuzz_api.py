@@ -240,6 +240,13 @@ def test_load_arguments(llama, tp, checkpoint):
     assert rep.bytes_read == rep.full_bytes
 
 
+def test_a_graph_moved_to_meta_refuses_calls(llama, plan):
+    """tp.to("meta") drops the values: a call says to load them (it returned meta logits)."""
+    tp = fxtp.transform(llama, 1, plan=plan).to("meta")
+    with pytest.raises(fxtp.MetaTensorError, match=r"fxtp\.load"):
+        tp(input_ids=torch.zeros(1, 3, dtype=torch.long))
+
+
 def test_zz_cases_tried():
     total = sum(CASES.values())
     print("\nfuzz cases tried in process (world size 1):")
