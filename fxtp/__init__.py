@@ -6,7 +6,7 @@
 from .errors import (CacheOverflowError, CaptureError, CheckpointError, DropoutError, DtypeError,
                      FxtpError,
                      GenerationError, InputError, InputMismatchError, LoraStateError,
-                     MetaTensorError, NoLoraError, NotDivisibleError, PlanOverrideError,
+                     MetaTensorError, NoLoraError, NotDivisibleError, NotTransformedError, PlanOverrideError,
                      ProcessGroupError, PromptMismatchError, RankLostError, WeightMismatchError,
                      WorldSizeMismatchError)
 from .plan import Plan, PlanEntry
@@ -24,6 +24,6 @@ __all__ = [
     "FxtpError", "CaptureError", "DropoutError", "NoLoraError", "LoraStateError", "InputError", "NotDivisibleError", "PlanOverrideError",
     "ProcessGroupError", "WorldSizeMismatchError", "GenerationError", "CacheOverflowError",
     "PromptMismatchError", "load", "init_empty", "LoadReport", "CheckpointError",
-    "MetaTensorError", "DtypeError", "WeightMismatchError", "InputMismatchError", "RankLostError",
+    "MetaTensorError", "DtypeError", "NotTransformedError", "WeightMismatchError", "InputMismatchError", "RankLostError",
 ]
 __version__ = "0.1.0"

@@ -9,6 +9,11 @@ class FxtpError(Exception):
     """Base class of every error fxtp raises deliberately."""
 
 
+class NotTransformedError(FxtpError):
+    """A function that takes the result of fxtp.transform (fold_lora, unfold_lora, for_training,
+    for_generation, explain, diff) was given something else (the model itself, a Generator)."""
+
+
 class CaptureError(FxtpError):
     """The model could not be captured as an FX graph."""
 

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from torch import fx
 
-from .errors import FxtpError
+from .errors import FxtpError, NotTransformedError
 from .passes.collectives import COLLECTIVE_META
 from .passes.local_slices import NARROW_META
 from .patterns.linear import module_path
@@ -79,8 +79,9 @@ class Explanation:
 def _info(tp: fx.GraphModule):
     info = getattr(tp, "meta", {}).get(META_KEY)
     if info is None:
-        raise FxtpError(f"{type(tp).__name__} is not a graph made by fxtp.transform (no "
-                        f"tp.meta[{META_KEY!r}]); pass the result of fxtp.transform(model, ws)")
+        raise NotTransformedError(
+            f"{type(tp).__name__} is not a graph made by fxtp.transform (no "
+            f"tp.meta[{META_KEY!r}]); pass the result of fxtp.transform(model, ws)")
     return info
 
 

@@ -88,6 +88,9 @@ def generator(model: nn.Module, world_size: int, *, max_len: int = 256, max_batc
     from .transform import _model_name, transform
 
     hf = _generation_model(model)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (max_len, max_batch)):
+        raise GenerationError(f"fxtp.generator: max_len and max_batch must be ints, got "
+                              f"max_len={max_len!r}, max_batch={max_batch!r}")
     if max_len < 1 or max_batch < 1:
         raise GenerationError(f"fxtp.generator: max_len and max_batch must be >= 1, got "
                               f"max_len={max_len}, max_batch={max_batch}")
@@ -246,6 +249,13 @@ class Generator:
             raise MetaTensorError("fxtp generate: the generator's weights and KV cache are on the "
                                   "meta device (built under fxtp.init_empty()); fill them first: "
                                   "fxtp.load(gen, checkpoint_dir, device=...)")
+        for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+            if not isinstance(t, torch.Tensor) and (t is not None or name == "input_ids"):
+                raise GenerationError(f"fxtp generate: {name} must be a tensor [batch, length], "
+                                      f"got {type(t).__name__}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise GenerationError(f"fxtp generate: input_ids is {input_ids.dtype}; pass token "
+                                  "ids as torch.long (or torch.int32)")
         if input_ids.dim() != 2:
             raise GenerationError(f"fxtp generate: input_ids must be [batch, length], got shape "
                                   f"{tuple(input_ids.shape)}")
@@ -279,14 +289,18 @@ class Generator:
             replay.mode = mode
             replay.reset()
         self._check_same_inputs(input_ids, attention_mask, gc)
-        processors = m._get_logits_processor(
-            generation_config=gc, input_ids_seq_length=p, encoder_input_ids=input_ids,
-            prefix_allowed_tokens_fn=None,
-            logits_processor=logits_processor if logits_processor is not None else LogitsProcessorList(),
-            device=dev, model_kwargs={"attention_mask": attention_mask})
-        stopping = m._get_stopping_criteria(
-            generation_config=gc,
-            stopping_criteria=stopping_criteria if stopping_criteria is not None else StoppingCriteriaList())
+        try:
+            processors = m._get_logits_processor(
+                generation_config=gc, input_ids_seq_length=p, encoder_input_ids=input_ids,
+                prefix_allowed_tokens_fn=None,
+                logits_processor=logits_processor if logits_processor is not None else LogitsProcessorList(),
+                device=dev, model_kwargs={"attention_mask": attention_mask})
+            stopping = m._get_stopping_criteria(
+                generation_config=gc,
+                stopping_criteria=stopping_criteria if stopping_criteria is not None else StoppingCriteriaList())
+        except (TypeError, ValueError) as e:     # e.g. temperature <= 0, top_p outside (0, 1]
+            raise GenerationError(f"fxtp generate: {_first(e)}; fix that generation argument "
+                                  "(it means what it means to model.generate)") from e
         pad = gc._pad_token_tensor
         has_eos = any(hasattr(c, "eos_token_id") for c in stopping)
         do_sample = gc.do_sample
@@ -358,7 +372,11 @@ def generation_lengths(m: nn.Module, input_ids: torch.Tensor, generation_config:
                    generation_config.max_length is None) and m.generation_config.max_length is None)
     default_min = (kwargs.get("min_length") is None and (generation_config is None or
                    generation_config.min_length is None) and m.generation_config.min_length is None)
-    gc, unused = m._prepare_generation_config(copy.deepcopy(generation_config), **kwargs)
+    try:
+        gc, unused = m._prepare_generation_config(copy.deepcopy(generation_config), **kwargs)
+    except (TypeError, ValueError) as e:     # Hugging Face's own argument checks
+        raise GenerationError(f"fxtp generate: {_first(e)}; fix that generation argument "
+                              "(it means what it means to model.generate)") from e
     unused = {k: v for k, v in unused.items() if v is not None and k != "use_cache"}
     if unused:
         raise GenerationError(f"fxtp generate: unsupported arguments {sorted(unused)}; it "
@@ -367,10 +385,14 @@ def generation_lengths(m: nn.Module, input_ids: torch.Tensor, generation_config:
         raise GenerationError("fxtp generate: only greedy decoding and sampling are supported "
                               f"(num_beams={gc.num_beams}, num_return_sequences="
                               f"{gc.num_return_sequences}); set them to 1")
-    return m._prepare_generated_length(generation_config=gc, has_default_max_length=default_max,
-                                       has_default_min_length=default_min,
-                                       model_input_name="input_ids", inputs_tensor=input_ids,
-                                       input_ids_length=input_ids.shape[1])
+    try:
+        return m._prepare_generated_length(
+            generation_config=gc, has_default_max_length=default_max,
+            has_default_min_length=default_min, model_input_name="input_ids",
+            inputs_tensor=input_ids, input_ids_length=input_ids.shape[1])
+    except (TypeError, ValueError) as e:     # e.g. max_new_tokens <= 0
+        raise GenerationError(f"fxtp generate: {_first(e)}; fix that generation argument "
+                              "(it means what it means to model.generate)") from e
 
 
 def _check_one_device(state: dict[str, torch.Tensor], dev: torch.device) -> None:
@@ -383,6 +405,11 @@ def _check_one_device(state: dict[str, torch.Tensor], dev: torch.device) -> None
             f"reads are not: {', '.join(away[:5])}; a CUDA graph cannot copy them in. Move the "
             f"whole step (gen.tp.to({str(dev)!r}), or fxtp.load(gen, path, device=...)) or "
             "pass cuda_graph=False")
+
+
+def _first(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def _takes(fn: Any, name: str) -> bool:

@@ -115,11 +115,23 @@ def _read_header(path: str) -> dict[str, _Entry]:
                               "not a safetensors file; write it again.") from e
     out: dict[str, _Entry] = {}
     base = 8 + n
-    for name, rec in meta.items():
-        if name == "__metadata__":
-            continue
-        a, b = rec["data_offsets"]
-        out[name] = _Entry(path, rec["dtype"], tuple(rec["shape"]), base + a, base + b)
+    try:
+        for name, rec in meta.items():
+            if name == "__metadata__":
+                continue
+            a, b = (int(x) for x in rec["data_offsets"])
+            shape = tuple(int(x) for x in rec["shape"])
+            item = DTYPES[rec["dtype"]].itemsize if rec["dtype"] in DTYPES else None
+            if not 0 <= a <= b or min(shape, default=0) < 0 or (
+                    item is not None and b - a != math.prod(shape) * item):
+                raise ValueError(f"{name}: {b - a} bytes at {a}..{b} for a {rec['dtype']} "
+                                 f"tensor of shape {list(shape)}")
+            out[name] = _Entry(path, str(rec["dtype"]), shape, base + a, base + b)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"fxtp.load: {path} is not a safetensors file fxtp can read: its "
+                              f"header does not describe tensors ({type(e).__name__}: {e}). "
+                              "Write it with safetensors (model.save_pretrained(dir, "
+                              "safe_serialization=True)); nothing was loaded.") from e
     end = max((e.end for e in out.values()), default=base)
     if end > size:
         raise CheckpointError(
@@ -131,6 +143,10 @@ def _read_header(path: str) -> dict[str, _Entry]:
 
 def _files(path: str, index_name: str, single: str) -> list[str]:
     """The safetensors files of a checkpoint directory (or one file)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"fxtp.load: the checkpoint path must be a str or os.PathLike "
+                              f"(a directory of *.safetensors, or one file), got "
+                              f"{type(path).__name__}")
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
@@ -140,9 +156,11 @@ def _files(path: str, index_name: str, single: str) -> list[str]:
         try:
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"fxtp.load: cannot read the index {index}: {e}") from e
-        files = sorted({os.path.join(path, v) for v in weight_map.values()})
+            files = sorted({os.path.join(path, v) for v in weight_map.values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"fxtp.load: cannot read the index {index} ({type(e).__name__}: "
+                                  f"{e}); it must map tensor names to files under "
+                                  "'weight_map': write the checkpoint again") from e
         missing = [f for f in files if not os.path.exists(f)]
         if missing:
             raise CheckpointError(f"fxtp.load: the index {index} names files that are not "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
@@ -16,6 +17,7 @@ from torch import fx
 from .capture import Captured
 from .errors import PlanOverrideError
 from .patterns.linear import module_path
+from .runtime import check_world_size
 from .rules import _SDPA, _SOFTMAX
 from .solver import Reason, Solution, solve
 
@@ -111,14 +113,7 @@ class Plan:
         if self.captured is None:
             raise PlanOverrideError("this plan was loaded without its captured graph; rebuild it "
                                     "with fxtp.plan(model, world_size) to override it")
-        merged = dict(self.overrides)
-        for module, choice in decisions.items():
-            if choice not in OVERRIDE_CHOICES:
-                raise PlanOverrideError(
-                    f"override for {module!r} is {choice!r}; supported: {', '.join(OVERRIDE_CHOICES)}"
-                    " (fxtp decides column/row placement itself: 'replicate' keeps a module "
-                    "whole, 'shard' demands that it be sharded and fails if that is unsafe)")
-            merged[module] = choice
+        merged = {**self.overrides, **check_overrides(decisions)}
         if self.probe:
             from .transform import plan_from_probe
 
@@ -134,9 +129,8 @@ class Plan:
         if self.captured is None:
             raise PlanOverrideError("this plan was loaded without its captured graph; rebuild it "
                                     "with fxtp.plan(model, world_size)")
-        ws = self.world_size if world_size is None else world_size
-        if ws < 1:
-            raise PlanOverrideError(f"world_size must be >= 1, got {ws}")
+        ws = check_world_size(self.world_size if world_size is None else world_size,
+                              PlanOverrideError, "Plan.replan")
         vp = self.vocab_parallel if vocab_parallel is None else vocab_parallel
         if self.probe:
             from .transform import plan_from_probe
@@ -182,7 +176,7 @@ class Plan:
                        vocab_parallel=bool(data.get("vocab_parallel", False)),
                        full_param_bytes=int(data.get("full_param_bytes", 0)),
                        local_param_bytes=tuple(data.get("local_param_bytes", ())))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PlanOverrideError(f"not an fxtp plan ({type(e).__name__}: {e}); save one with "
                                     "plan.to_json()") from e
 
@@ -190,8 +184,11 @@ class Plan:
     def from_json(cls, text: str) -> "Plan":
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PlanOverrideError(f"the plan is not valid JSON: {e}") from e
+        except TypeError as e:
+            raise PlanOverrideError(f"Plan.from_json takes the text of plan.to_json(), got "
+                                    f"{type(text).__name__}") from e
         return cls.from_dict(data)
 
     def mismatches(self, other: "Plan") -> list[str]:
@@ -281,6 +278,29 @@ class _Null:
         pass
 
 
+def check_overrides(decisions: Any) -> dict[str, str]:
+    """`decisions` as a dict of module path -> 'replicate' | 'shard', else PlanOverrideError
+    naming the entry (a plan's overrides, fxtp.plan(overrides=), fxtp.generator(overrides=), a
+    saved plan's 'overrides')."""
+    if decisions is None:
+        return {}
+    if not isinstance(decisions, Mapping):
+        raise PlanOverrideError(
+            f"overrides must be a dict of module path -> 'replicate' or 'shard', got "
+            f"{type(decisions).__name__}: e.g. {{'model.layers.0.mlp': 'replicate'}}")
+    for module, choice in decisions.items():
+        if not isinstance(module, str):
+            raise PlanOverrideError(
+                f"override key {module!r} ({type(module).__name__}) is not a module path; name "
+                "modules as model.named_modules() does, e.g. 'model.layers.0.mlp'")
+        if not isinstance(choice, str) or choice not in OVERRIDE_CHOICES:
+            raise PlanOverrideError(
+                f"override for {module!r} is {choice!r}; supported: {', '.join(OVERRIDE_CHOICES)}"
+                " (fxtp decides column/row placement itself: 'replicate' keeps a module "
+                "whole, 'shard' demands that it be sharded and fails if that is unsafe)")
+    return dict(decisions)
+
+
 def _override_reasons(captured: Captured, linears, overrides: dict[str, str]) -> dict[str, Reason]:
     known = _module_paths(captured.gm)
     out: dict[str, Reason] = {}
@@ -333,7 +353,7 @@ def build_plan(captured: Captured, world_size: int, model_name: str,
     """Solves the sharding of a captured (bias-split) graph and describes it."""
     from .patterns.linear import find_linears
 
-    overrides = dict(overrides or {})
+    overrides = check_overrides(overrides)
     linears = find_linears(captured.gm)
     sol = solve(captured.gm, world_size, linears, _override_reasons(captured, linears, overrides),
                 vocab_parallel=vocab_parallel,

@@ -6,6 +6,7 @@ resolved by name at run time rather than captured as a Python object.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,10 +27,26 @@ class GroupInfo:
     group_name: str
 
 
+def check_world_size(world_size: object, error: type = ProcessGroupError,
+                     where: str = "fxtp.transform") -> int:
+    """`world_size` as an int >= 1, else `error` naming the value: a float, a string, a bool or
+    None would otherwise fail deep inside the solver with a bare TypeError."""
+    if isinstance(world_size, bool) or not hasattr(world_size, "__index__"):
+        raise error(f"{where}: world_size must be an int >= 1 (the number of ranks), got "
+                    f"{world_size!r} ({type(world_size).__name__}); pass e.g. "
+                    "torch.distributed.get_world_size()")
+    world_size = operator.index(world_size)
+    if world_size < 1:
+        raise error(f"world_size must be >= 1, got {world_size}")
+    return world_size
+
+
 def resolve_group(world_size: int, group: Optional[dist.ProcessGroup] = None) -> GroupInfo:
     """This process's rank and the group's name; checks the group matches `world_size`."""
-    if world_size < 1:
-        raise ProcessGroupError(f"world_size must be >= 1, got {world_size}")
+    world_size = check_world_size(world_size)
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise ProcessGroupError(f"group must be a torch.distributed.ProcessGroup (e.g. from "
+                                f"dist.new_group), got {type(group).__name__}")
     if not dist.is_available() or not dist.is_initialized():
         if world_size == 1 and group is None:
             return GroupInfo(rank=0, world_size=1, group_name="")

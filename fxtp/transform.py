@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import fx, nn
 
-from . import input_check
+from . import captured_inputs, input_check
 from .capture import Captured, capture
 from .errors import (DropoutError, DtypeError, InputError, LoraStateError, MetaTensorError,
                      NotDivisibleError, PlanOverrideError)
@@ -20,12 +20,12 @@ from .passes import (cleanup, gather_vocab_outputs, insert_all_reduces, insert_g
                      keep_constant_adds_on_rank0, mask_vocab_embeddings, rewrite_shape_constants,
                      shard_linear_params)
 from .patterns.linear import split_biases
-from .plan import Plan, build_plan
+from .plan import Plan, build_plan, check_overrides
 from .repeats import (expand_plan, find_repeats, probe as probe_layers, same_decisions,
                       same_layers)
 from .passes._util import get_tensor_attr, index_runs, set_tensor_attr
 from .passes.devices import resolve_device, retarget_devices
-from .runtime import GroupInfo, resolve_group
+from .runtime import GroupInfo, check_world_size, resolve_group
 from .weight_check import WeightDigests
 
 META_KEY = "fxtp"
@@ -74,8 +74,8 @@ def plan_model(model: nn.Module, world_size: int, *, example_inputs: Any = None,
     weights stay tied (both uses slice the same rows). A deep model is planned from a capture
     of a few of its repeated layers (`fxtp.repeats`; `probe=False` captures every layer).
     """
-    if world_size < 1:
-        raise PlanOverrideError(f"world_size must be >= 1, got {world_size}")
+    world_size = check_world_size(world_size, PlanOverrideError, "fxtp.plan")
+    overrides = check_overrides(overrides)
     repeats = find_repeats(model) if probe else []
     if any(_inside_repeat(module, repeats) for module in overrides or {}):
         repeats = []             # a decision for one repeated layer: capture them all
@@ -131,6 +131,11 @@ def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
     inputs across the ranks and raises `InputMismatchError` on every rank when they differ.
     """
     info = resolve_group(world_size, group)
+    if plan is not None and not isinstance(plan, Plan):
+        raise PlanOverrideError(
+            f"plan= takes a Plan (fxtp.plan(model, ws), or Plan.from_json(text) of a saved one), "
+            f"got {type(plan).__name__}" + (": load a dict with fxtp.Plan.from_dict(d)"
+                                            if isinstance(plan, dict) else ""))
     if plan is None:
         plan = plan_model(model, world_size, example_inputs=example_inputs,
                           vocab_parallel=vocab_parallel, probe=False)
@@ -139,6 +144,8 @@ def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
                                 f"{world_size}: rebuild it with fxtp.plan(model, {world_size})")
     if plan.captured is None or plan.probe:   # loaded from JSON, or planned from a probe
         plan = _rederive(model, plan, example_inputs)
+    else:
+        plan = _bind(model, plan)
     if plan.not_divisible:
         r = plan.not_divisible[0]
         raise NotDivisibleError(
@@ -173,6 +180,53 @@ def _rederive(model: nn.Module, saved: Plan, example_inputs: Any) -> Plan:
             "A saved plan is re-derived from the model with its 'overrides'; change decisions "
             "there (module -> 'replicate'/'shard'), or save a new plan from fxtp.plan(model, ws).")
     return fresh
+
+
+def _bind(model: nn.Module, plan: Plan) -> Plan:
+    """A plan the user passed carries the graph captured from the model it was made of: it must
+    be this model's (the same parameter names, shapes, dtypes, devices and ties), and the
+    rewrite must slice this model's tensors, not those of the model the plan was captured from
+    (another instance with other weights would otherwise give a graph of the wrong weights)."""
+    gm = plan.captured.gm
+    have = {**dict(gm.named_parameters(remove_duplicate=False)),
+            **dict(gm.named_buffers(remove_duplicate=False))}
+    mine = {**dict(model.named_parameters(remove_duplicate=False)),
+            **dict(model.named_buffers(remove_duplicate=False))}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    planned = dict(gm.named_parameters(remove_duplicate=False))
+    problems = [f"{n} is not in the model" for n in planned if n not in params]
+    problems += [f"{n} is not in the plan" for n in params if n not in planned]
+    for n, t in have.items():
+        m = mine.get(n)
+        if m is not None and (m.shape, m.dtype, m.device) != (t.shape, t.dtype, t.device):
+            problems.append(f"{n}: {list(t.shape)} {t.dtype} on {t.device} in the plan, "
+                            f"{list(m.shape)} {m.dtype} on {m.device} in the model")
+    shared = [n for n in have if n in mine]
+    if not problems:     # tied weights (one tensor under several names) tied alike
+        a, b = _ties(have, shared), _ties(mine, shared)
+        problems += [f"{n} is tied to {sorted(a[n] - {n}) or 'nothing'} in the plan, to "
+                     f"{sorted(b[n] - {n}) or 'nothing'} in the model"
+                     for n in shared if a[n] != b[n]]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more"
+                                           if len(problems) > 5 else "")
+        raise PlanOverrideError(
+            f"the plan was made for {plan.model_name}, and {_model_name(model)} differs from "
+            f"it: {shown}. Plan this model itself: fxtp.transform(model, ws, "
+            f"plan=fxtp.plan(model, ws)) (a plan saved as JSON is re-derived from the model).")
+    if all(have[n] is mine[n] for n in shared):
+        return plan
+    memo = {id(have[n]): mine[n] for n in shared}     # the graph copied, the tensors rebound
+    bound = _deepcopy(gm, memo)
+    return dataclasses.replace(plan, captured=dataclasses.replace(plan.captured, gm=bound))
+
+
+def _ties(tensors: dict[str, torch.Tensor], names: list[str]) -> dict[str, frozenset]:
+    """name -> every name (of `names`) of the same tensor."""
+    groups: dict[int, list[str]] = {}
+    for n in names:
+        groups.setdefault(id(tensors[n]), []).append(n)
+    return {n: frozenset(groups[id(tensors[n])]) for n in names}
 
 
 def dropout_nodes(gm: fx.GraphModule) -> list[fx.Node]:
@@ -249,6 +303,10 @@ def _guard_moves(gm: fx.GraphModule) -> None:
                 if id(t) not in held and t.device != device:
                     set_tensor_attr(gm, name, t.to(device))
             retarget_devices(gm, device)
+            if device.type == "meta":   # the values are gone: calls refuse until fxtp.load
+                from .load import meta_tensors   # load imports transform
+
+                gm.meta[META_KEY].unloaded = meta_tensors(gm)
         return gm
 
     def cast(dtype: torch.dtype):
@@ -405,20 +463,24 @@ def _install_input_defaults(gm: fx.GraphModule, captured: Captured) -> None:
     names = captured.kwarg_names
     defaults = dict(captured.defaults)
     slots = input_check.slot_names(captured.arg_count, names)
+    specs = captured_inputs.specs(captured)
 
     def hook(module, args, kwargs):
         info = module.meta[META_KEY]
         if not info.check_inputs:
-            return fill(args, kwargs)
+            return fill(module, args, kwargs)
         try:
-            args, kwargs = fill(args, kwargs)
+            args, kwargs = fill(module, args, kwargs)
         except InputError:
             input_check.failed_input(slots, info.group_name, info.rank)   # the others raise too
             raise
         input_check.check_inputs(slots, args, kwargs, info.group_name, info.rank)
         return args, kwargs
 
-    def fill(args, kwargs):
+    def fill(module, args, kwargs):
+        if captured.hf and "attention_mask" in kwargs and kwargs["attention_mask"] is None:
+            # Hugging Face's forward reads a None mask as all ones: filled in below
+            kwargs = {k: v for k, v in kwargs.items() if k != "attention_mask"}
         if len(args) > captured.arg_count:
             raise InputError(f"fxtp: got {len(args)} positional inputs, captured with "
                              f"{captured.arg_count}; pass inputs as {names or 'positional'}")
@@ -427,6 +489,10 @@ def _install_input_defaults(gm: fx.GraphModule, captured: Captured) -> None:
             raise InputError(f"fxtp: inputs {unknown} were not part of the capture; the "
                              f"transformed model takes {list(names)}. Pass example_inputs with "
                              "them to fxtp.plan/transform to capture them.")
+        if not torch.compiler.is_compiling():    # a compiled graph guards its inputs itself
+            first = next(module.parameters(), None)
+            captured_inputs.check(specs, args, kwargs,
+                                  first.device if first is not None else None, captured.hf)
         missing = [k for k in names if k not in kwargs]
         if missing:
             kwargs = dict(kwargs)
