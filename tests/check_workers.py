@@ -47,15 +47,29 @@ def _same(before: dict, module) -> bool:
 
 
 def _llama(seed: int = 0):
+    """The tiny Llama with one layer (a capture costs half of two layers')."""
     from fxtp.models import tiny_model
 
-    return tiny_model("llama", seed=seed)
+    return tiny_model("llama", seed=seed, num_hidden_layers=1)
+
+
+class Plans:
+    """The captures the cases share, made on first use: the Llama's, and the meta Llama's (a
+    plan applied to another instance of the same model slices that instance's tensors)."""
+
+    def __init__(self, ws: int):
+        self.ws, self._plans = ws, {}
+
+    def of(self, model, key: str):
+        if key not in self._plans:
+            self._plans[key] = fxtp.plan(model, self.ws)
+        return self._plans[key]
 
 
 # ---------------------------------------------------------------------------------------------
 # weights
 
-def weights_case(rank: int, ws: int) -> dict[str, Any]:
+def weights_case(rank: int, ws: int, plans: Plans) -> dict[str, Any]:
     """Same weights: the check passes having read each tensor once, and the result is right.
     Another seed on rank 1: WeightMismatchError on every rank, the model untouched;
     check_weights=False skips the check. One drawn element of one drawn tensor changed on
@@ -64,7 +78,7 @@ def weights_case(rank: int, ws: int) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     model = _llama()
-    plan = fxtp.plan(model, ws)
+    plan = plans.of(model, "llama")
     tp = fxtp.transform(model, ws, plan=plan)
     check = tp.meta[fxtp.META_KEY].weight_check
     out["checked"], out["read_late"] = check.tensors, check.read_late
@@ -73,11 +87,9 @@ def weights_case(rank: int, ws: int) -> dict[str, Any]:
 
     other = _llama(seed=rank)
     before = _weights(other)
-    other_plan = fxtp.plan(other, ws)
-    out["other_seed"] = _error(lambda: fxtp.transform(other, ws, plan=other_plan))
+    out["other_seed"] = _error(lambda: fxtp.transform(other, ws, plan=plan))
     out["other_seed_untouched"] = _same(before, other)
-    out["unchecked"] = _error(lambda: fxtp.transform(other, ws, plan=other_plan,
-                                                     check_weights=False))
+    out["unchecked"] = _error(lambda: fxtp.transform(other, ws, plan=plan, check_weights=False))
 
     names = sorted(n for n, _ in model.named_parameters())
     drawn = []
@@ -100,13 +112,13 @@ def weights_case(rank: int, ws: int) -> dict[str, Any]:
     return out
 
 
-def load_case(rank: int, ws: int, ckpts: dict) -> dict[str, Any]:
+def load_case(rank: int, ws: int, ckpts: dict, plans: Plans) -> dict[str, Any]:
     """A meta-built model is checked at fxtp.load: rank 1 reading another checkpoint raises
     WeightMismatchError on every rank and nothing is loaded; the same checkpoint loads."""
     out: dict[str, Any] = {}
     with fxtp.init_empty():
         model = _llama()
-    tp = fxtp.transform(model, ws)
+    tp = fxtp.transform(model, ws, plan=plans.of(model, "meta llama"))
     out["deferred"] = tp.meta[fxtp.META_KEY].weight_check.meta
     out["other_ckpt"] = _error(lambda: fxtp.load(tp, ckpts["seed0" if rank == 0 else "seed1"]))
     out["still_unloaded"] = len(tp.meta[fxtp.META_KEY].unloaded)
@@ -119,7 +131,7 @@ def load_case(rank: int, ws: int, ckpts: dict) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # inputs
 
-def inputs_case(rank: int, ws: int) -> dict[str, Any]:
+def inputs_case(rank: int, ws: int, plans: Plans) -> dict[str, Any]:
     """check_inputs=True: drawn inputs, and each disagreement made on rank 1 in turn (other
     values, another length, another dtype, an unknown input). Agreeing ranks get the model's outputs;
     disagreeing ones raise on every rank, and the next call is right again (no rank left
@@ -127,7 +139,7 @@ def inputs_case(rank: int, ws: int) -> dict[str, Any]:
     from hypothesis import given
 
     model = _llama()
-    tp = fxtp.transform(model, ws, check_inputs=True)
+    tp = fxtp.transform(model, ws, plan=plans.of(model, "llama"), check_inputs=True)
     seen: list[dict] = []
 
     kinds = ["none", "values", "length", "dtype", "unknown"]
@@ -193,6 +205,7 @@ def peft_case(rank: int, ws: int) -> dict[str, Any]:
     from fxtp.models import TINY
 
     cfg_args = {k: v for k, v in TINY["llama"].items() if k != "model_type"}
+    cfg_args["num_hidden_layers"] = 1
     out: dict[str, Any] = {}
     for task, cls in ((None, LlamaForCausalLM), ("CAUSAL_LM", LlamaForCausalLM),
                       ("SEQ_CLS", LlamaForSequenceClassification),
@@ -231,18 +244,18 @@ def view_inputs_case(rank: int, ws: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # a lost rank
 
-def lost_rank_case(rank: int, ws: int, ckpts: dict) -> dict[str, Any]:
+def lost_rank_case(rank: int, ws: int, ckpts: dict, plans: Plans) -> dict[str, Any]:
     """Both ranks build, on a group with a short timeout, what calls fxtp's own agreement steps
     (a check_inputs graph, a generator, a meta graph to load); then rank 1 leaves. Each step
     on rank 0 raises RankLostError naming rank 1 within the group's timeout."""
     group = dist.new_group(list(range(ws)))
     model = _llama()
-    plan = fxtp.plan(model, ws)
+    plan = plans.of(model, "llama")
     tp = fxtp.transform(model, ws, plan=plan, group=group, check_inputs=True)
     gen = fxtp.generator(model, ws, max_len=16, group=group)
     with fxtp.init_empty():
         empty = _llama()
-    meta_tp = fxtp.transform(empty, ws, group=group)
+    meta_tp = fxtp.transform(empty, ws, plan=plans.of(empty, "meta llama"), group=group)
     # short only now: the ranks' captures above may finish seconds apart on a busy machine
     dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=LOST_TIMEOUT_S), group)
     dist.barrier(group)
@@ -275,13 +288,14 @@ def write_checkpoints(root: str) -> dict[str, str]:
 
 
 def run_all(rank: int, ws: int, ckpts: dict) -> dict[str, Any]:
-    cases = {"weights": lambda: weights_case(rank, ws),
-             "load": lambda: load_case(rank, ws, ckpts),
-             "inputs": lambda: inputs_case(rank, ws),
+    plans = Plans(ws)
+    cases = {"weights": lambda: weights_case(rank, ws, plans),
+             "load": lambda: load_case(rank, ws, ckpts, plans),
+             "inputs": lambda: inputs_case(rank, ws, plans),
              "vocab": lambda: vocab_case(rank, ws),
              "peft": lambda: peft_case(rank, ws),
              "view_inputs": lambda: view_inputs_case(rank, ws),
-             "lost_rank": lambda: lost_rank_case(rank, ws, ckpts)}     # last: rank 1 leaves
+             "lost_rank": lambda: lost_rank_case(rank, ws, ckpts, plans)}   # last: 1 leaves
     out: dict[str, Any] = {}
     for name, fn in cases.items():
         t = time.monotonic()
