@@ -42,7 +42,7 @@ def rank_main(rank: int, ws: int, args) -> dict:
 
     import fxtp
     from fxtp.agreement import tensor_digest
-    from fxtp.transform import tensor_attrs
+    from fxtp.graph_tensors import tensor_attrs
 
     import fxtp.weight_check as weight_check
 

@@ -34,7 +34,7 @@ from .decode_step import CacheRows, cache_attrs, capture_step
 from .errors import (CacheOverflowError, GenerationError, LoraStateError, MetaTensorError,
                      PromptMismatchError)
 from .runtime import collective_device
-from .transform import tensor_attrs
+from .graph_tensors import tensor_attrs
 
 CudaGraph = Union[None, bool, str]
 # torch.compile modes that add inductor's own CUDA graphs, which skip this step (its cache is

@@ -38,7 +38,8 @@ from .agreement import agree_on_digests, tensor_digest
 from .errors import CheckpointError, DtypeError, LoraStateError, WeightMismatchError
 from .passes._util import get_tensor_attr, set_tensor_attr, written_in_place
 from .passes.devices import resolve_device, retarget_devices
-from .transform import META_KEY, floating_param_dtypes, tensor_attrs
+from .graph_tensors import floating_param_dtypes, tensor_attrs
+from .transform import META_KEY
 from .weight_check import checkpoint_digest, mismatch_message
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

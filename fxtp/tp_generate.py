@@ -56,7 +56,8 @@ from .passes.devices import retarget_devices
 from .patterns.linear import split_biases
 from .plan import build_plan
 from .runtime import collective_device
-from .transform import META_KEY, _model_name, tensor_attrs, transform
+from .graph_tensors import tensor_attrs
+from .transform import META_KEY, _model_name, transform
 
 MIN_LEN = 64            # the smallest cache length built from a request
 SHOWN = 5

@@ -1,9 +1,7 @@
 """fxtp.plan and fxtp.transform: capture, solve, rewrite for this rank."""
 from __future__ import annotations
 
-import copy
 import dataclasses
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -15,6 +13,8 @@ from . import captured_inputs, input_check
 from .capture import Captured, capture
 from .errors import (DropoutError, DtypeError, InputError, LoraStateError, MetaTensorError,
                      NotDivisibleError, PlanOverrideError)
+from .graph_tensors import (deepcopy_graph, floating_param_dtypes, own_tensors, shapes_only,
+                            tensor_attrs)
 from .passes import (cleanup, gather_vocab_outputs, insert_all_reduces, insert_grad_syncs,
                      insert_local_slices,
                      keep_constant_adds_on_rank0, mask_vocab_embeddings, rewrite_shape_constants,
@@ -217,7 +217,7 @@ def _bind(model: nn.Module, plan: Plan) -> Plan:
     if all(have[n] is mine[n] for n in shared):
         return plan
     memo = {id(have[n]): mine[n] for n in shared}     # the graph copied, the tensors rebound
-    bound = _deepcopy(gm, memo)
+    bound = deepcopy_graph(gm, memo)
     return dataclasses.replace(plan, captured=dataclasses.replace(plan.captured, gm=bound))
 
 
@@ -330,7 +330,7 @@ def rewrite(plan: Plan, info: GroupInfo, check_weights: bool = False) -> fx.Grap
     full = {id(t): t for t in tensor_attrs(captured.gm).values()}
     # the graph is copied, the weights are not: each rank slices the captured (= the user's)
     # tensors into new local ones, then copies what it keeps whole (`_own_tensors`)
-    gm = _deepcopy(captured.gm, dict(full))
+    gm = deepcopy_graph(captured.gm, dict(full))
     tp = TPInfo(plan=shapes_only(plan), rank=info.rank, world_size=info.world_size,
                 group_name=info.group_name, check_weights=check_weights)
     digests = WeightDigests(full) if check_weights and info.world_size > 1 else None
@@ -351,7 +351,7 @@ def rewrite(plan: Plan, info: GroupInfo, check_weights: bool = False) -> fx.Grap
                                                [*tp.sharded_params, *tp.sliced_attrs])
         tp.param_slices = _with_aliases(gm, slices)
     cleanup(gm)
-    _own_tensors(gm, full, on_read)
+    own_tensors(gm, full, on_read)
     from .load import meta_tensors
 
     if digests is not None:
@@ -359,66 +359,6 @@ def rewrite(plan: Plan, info: GroupInfo, check_weights: bool = False) -> fx.Grap
     tp.unloaded = meta_tensors(gm)
     gm.meta[META_KEY] = tp
     return gm
-
-
-def tensor_attrs(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-    """Every tensor the module holds, by every name: parameters, buffers and plain tensor
-    attributes that the graph reads (`get_attr`), tied ones under each of their names."""
-    out = {**dict(gm.named_parameters(remove_duplicate=False)),
-           **dict(gm.named_buffers(remove_duplicate=False))}
-    for n in gm.graph.nodes:
-        if n.op == "get_attr" and n.target not in out:
-            t = get_tensor_attr(gm, n.target)
-            if isinstance(t, torch.Tensor):
-                out[n.target] = t
-    return out
-
-
-def floating_param_dtypes(gm: nn.Module) -> set[torch.dtype]:
-    """The floating dtypes of the parameters: the dtype the model was built and captured in
-    (buffers may differ on purpose: rotary `inv_freq` stays fp32 in a bf16 model)."""
-    return {p.dtype for p in gm.parameters() if p.dtype.is_floating_point}
-
-
-def _deepcopy(gm: fx.GraphModule, memo: dict) -> fx.GraphModule:
-    with warnings.catch_warnings():
-        # torch's own pytree spec pickling warns about its deprecated LeafSpec; not ours to fix
-        warnings.simplefilter("ignore", FutureWarning)
-        return copy.deepcopy(gm, memo)
-
-
-def _own_tensors(gm: fx.GraphModule, full: dict[int, torch.Tensor],
-                 on_read: Optional[Callable[[torch.Tensor], None]] = None) -> None:
-    """Gives the rewritten graph its own copy of every tensor it still shares with the capture
-    (what it keeps whole: norms, replicated linears, buffers): training or folding LoRA into
-    `tp` must not write into the user's model. Sliced tensors are new already. Peak memory:
-    the model (the user's) plus this rank's shard. `on_read` sees each tensor copied."""
-    copies: dict[int, torch.Tensor] = {}
-    for name, t in tensor_attrs(gm).items():
-        if id(t) in full:
-            if id(t) not in copies:
-                if on_read is not None:
-                    on_read(t)
-                with torch.no_grad():
-                    copies[id(t)] = t.detach().clone()
-            set_tensor_attr(gm, name, copies[id(t)])
-
-
-def shapes_only(plan: Plan) -> Plan:
-    """The plan as kept in `tp.meta`: its captured graph holds meta tensors of the full shapes,
-    so the tensor-parallel result keeps no reference to the full weights (the captured graph
-    aliases the user's parameters). Planning again (`override`, `replan`) and checking a
-    checkpoint's shapes need only the shapes."""
-    if plan.captured is None:
-        return plan
-    memo: dict = {}
-    for t in tensor_attrs(plan.captured.gm).values():
-        if id(t) not in memo:
-            meta = t.detach().to("meta")
-            memo[id(t)] = (nn.Parameter(meta, requires_grad=t.requires_grad)
-                           if isinstance(t, nn.Parameter) else meta)
-    gm = _deepcopy(plan.captured.gm, memo)
-    return dataclasses.replace(plan, captured=dataclasses.replace(plan.captured, gm=gm))
 
 
 def _guard_meta(gm: fx.GraphModule) -> None:

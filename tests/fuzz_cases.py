@@ -85,7 +85,7 @@ class Snapshot:
 
     def __init__(self, tp: Any = None, model: Any = None, plan: Any = None,
                  extra: Optional[dict] = None):
-        from fxtp.transform import tensor_attrs
+        from fxtp.graph_tensors import tensor_attrs
 
         self.objs = (tp, model, plan)
         self.tensors: dict[str, tuple[int, torch.Tensor]] = {}
@@ -105,7 +105,7 @@ class Snapshot:
         self.extra_src = extra or {}
 
     def differences(self) -> list[str]:
-        from fxtp.transform import tensor_attrs
+        from fxtp.graph_tensors import tensor_attrs
 
         tp, model, plan = self.objs
         now: dict[str, torch.Tensor] = {}

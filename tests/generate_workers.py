@@ -333,6 +333,21 @@ def run_all(rank: int, ws: int, ckpt: str) -> dict[str, Any]:
 # tp.generate: generation on the result of fxtp.transform (fxtp/tp_generate.py). Run in the
 # world-2 spawn (run_all), world 1 on one-rank groups inside it (run_tp_cases).
 
+def _train_both(model, tp, lr: float) -> None:
+    """One SGD step on the same batch, on the model and on tp (in training mode): what the
+    next tp.generate decodes with. Only parameters that train (LoRA: the adapters)."""
+    fxtp.for_training(tp)
+    batch = torch.randint(1, model.config.vocab_size, (2, 7),
+                          generator=torch.Generator().manual_seed(5))
+    for m in (model, tp):
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=lr)
+        logits = m(input_ids=batch).logits
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
 def _tokens(model, ids, **kw) -> torch.Tensor:
     with torch.no_grad():
         return model.generate(input_ids=ids, **kw)
@@ -350,7 +365,7 @@ def _step_facts(tp) -> dict[str, Any]:
     steps = dict(step.named_parameters(remove_duplicate=False))
     storages = {t.untyped_storage().data_ptr() for t in [*tp.parameters(), *tp.buffers()]}
     caches = {id(t) for t in caches_of(tp)}
-    from fxtp.transform import tensor_attrs
+    from fxtp.graph_tensors import tensor_attrs
 
     extra = sum(t.nbytes for t in {id(t): t for t in tensor_attrs(step).values()}.values()
                 if id(t) not in caches and t.untyped_storage().data_ptr() not in storages)
@@ -421,15 +436,7 @@ def tp_generate_case(ws: int, ckpt: str, group=None, rebuild: bool = True) -> di
     check(2, 6, 8, 6, max_len=64, max_batch=2)         # explicit, not larger: reused
     out["facts_after_rebuild"] = _step_facts(tp)
     # training: an optimizer step on tp (and the same on the model) is decoded at once
-    fxtp.for_training(tp)
-    batch = torch.randint(1, vocab, (2, 7), generator=torch.Generator().manual_seed(5))
-    for m in (model, tp):
-        opt = torch.optim.SGD(m.parameters(), lr=1.0)
-        logits = m(input_ids=batch).logits
-        torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.flatten()).backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
+    _train_both(model, tp, lr=1.0)
     got = tp.generate(ids, **kw)
     out["trained_equal"] = torch.equal(got, _tokens(model, ids, **kw))
     out["trained_changed"] = not torch.equal(got, first)
@@ -488,16 +495,7 @@ def tp_generate_lora_case(ws: int, group=None) -> dict[str, Any]:
     out["bitwise_after_user_fold"] = all(torch.equal(weights[n], p)
                                          for n, p in tp.named_parameters())
     # training the adapters (RLHF): the next call decodes the stepped adapters
-    fxtp.for_training(tp)
-    batch = torch.randint(1, model.config.vocab_size, (2, 7),
-                          generator=torch.Generator().manual_seed(5))
-    for m in (model, tp):
-        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=3.0)
-        logits = m(input_ids=batch).logits
-        torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.flatten()).backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
+    _train_both(model, tp, lr=3.0)
     got = tp.generate(ids, **kw)
     out["trained_equal"] = torch.equal(got, _tokens(model, ids, **kw))
     out["trained_changed"] = not torch.equal(got, ref)

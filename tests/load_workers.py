@@ -238,7 +238,7 @@ def _device_case(ws: int) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from fxtp.passes.devices import graph_devices
-    from fxtp.transform import tensor_attrs
+    from fxtp.graph_tensors import tensor_attrs
 
     from .test_device_dtype import tensors_in
 

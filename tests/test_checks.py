@@ -7,28 +7,13 @@ from __future__ import annotations
 
 import pytest
 
-from fxtp.verify import run_ranks
-
 from .check_workers import LOST_TIMEOUT_S, run_all, write_checkpoints
+from .spawned import per_rank, spawn_fixture
 
 WS = 2
 TOL = 1e-4
-_cache: dict = {}
-
-
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    if "r" not in _cache:
-        ckpts = write_checkpoints(str(tmp_path_factory.mktemp("ckpt")))
-        _cache["r"] = run_ranks(run_all, WS, ckpts, timeout=600)
-    return _cache["r"]
-
-
-def case(results, name):
-    per_rank = [r[name] for r in results]
-    for r in per_rank:
-        assert "exception" not in r, r.get("exception")
-    return per_rank
+results = spawn_fixture(run_all, WS, write_checkpoints)
+case = per_rank
 
 
 def test_same_weights_pass_the_check_reading_each_tensor_once(results):

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 import fxtp
 from fxtp.models import tiny_model
 from fxtp.passes.devices import graph_devices
-from fxtp.transform import tensor_attrs
+from fxtp.graph_tensors import tensor_attrs
 
 IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
 

@@ -9,29 +9,14 @@ from __future__ import annotations
 
 import pytest
 
-from fxtp.verify import run_ranks
-
 from .fuzz_workers import run_all, write_checkpoints
+from .spawned import per_rank, spawn_fixture
 
 WS = 2
 TOL = 1e-4
 SECTIONS = ("transform", "calls", "load", "lora", "generator", "saved_plans")
-_cache: dict = {}
-
-
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    if "r" not in _cache:
-        dirs = write_checkpoints(str(tmp_path_factory.mktemp("fuzz")))
-        _cache["r"] = run_ranks(run_all, WS, dirs, timeout=600)
-    return _cache["r"]
-
-
-def section(results, name):
-    per_rank = [r[name] for r in results]
-    for r in per_rank:
-        assert "exception" not in r, r.get("exception")
-    return per_rank
+results = spawn_fixture(run_all, WS, write_checkpoints)
+section = per_rank
 
 
 @pytest.mark.parametrize("name", SECTIONS)
