@@ -5,10 +5,8 @@ into a dict/JSON, and can be overridden per module before `fxtp.transform(..., p
 """
 from __future__ import annotations
 
-import difflib
 import json
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
@@ -16,13 +14,13 @@ from torch import fx
 
 from .capture import Captured
 from .errors import PlanOverrideError
+from .overrides import check_overrides, check_shard_overrides, override_reasons
 from .patterns.linear import module_path
 from .runtime import check_world_size
 from .rules import _SDPA, _SOFTMAX
 from .solver import Reason, Solution, solve
 
 _LAYER = re.compile(r"^(.*?\.\d+)(\.|$)")
-OVERRIDE_CHOICES = ("replicate", "shard")
 OUTSIDE_LAYERS = "(outside the layers)"   # e.g. a vocab-parallel embedding's all-reduce
 
 
@@ -278,76 +276,6 @@ class _Null:
         pass
 
 
-def check_overrides(decisions: Any) -> dict[str, str]:
-    """`decisions` as a dict of module path -> 'replicate' | 'shard', else PlanOverrideError
-    naming the entry (a plan's overrides, fxtp.plan(overrides=), fxtp.generator(overrides=), a
-    saved plan's 'overrides')."""
-    if decisions is None:
-        return {}
-    if not isinstance(decisions, Mapping):
-        raise PlanOverrideError(
-            f"overrides must be a dict of module path -> 'replicate' or 'shard', got "
-            f"{type(decisions).__name__}: e.g. {{'model.layers.0.mlp': 'replicate'}}")
-    for module, choice in decisions.items():
-        if not isinstance(module, str):
-            raise PlanOverrideError(
-                f"override key {module!r} ({type(module).__name__}) is not a module path; name "
-                "modules as model.named_modules() does, e.g. 'model.layers.0.mlp'")
-        if not isinstance(choice, str) or choice not in OVERRIDE_CHOICES:
-            raise PlanOverrideError(
-                f"override for {module!r} is {choice!r}; supported: {', '.join(OVERRIDE_CHOICES)}"
-                " (fxtp decides column/row placement itself: 'replicate' keeps a module "
-                "whole, 'shard' demands that it be sharded and fails if that is unsafe)")
-    return dict(decisions)
-
-
-def _override_reasons(captured: Captured, linears, overrides: dict[str, str]) -> dict[str, Reason]:
-    known = _module_paths(captured.gm)
-    out: dict[str, Reason] = {}
-    for module, choice in overrides.items():
-        if module not in known:
-            close = difflib.get_close_matches(module, sorted(known), n=3)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise PlanOverrideError(f"override names module {module!r}, which is not in the model."
-                                    f"{hint}")
-        if choice != "replicate":
-            continue
-        for name, m in linears.items():
-            if m.module == module or m.module.startswith(module + "."):
-                out[name] = Reason(f"user override: {module} -> {choice}", name, m.module, "override")
-    return out
-
-
-def _check_shard_overrides(linears, sol: Solution, overrides: dict[str, str]) -> None:
-    """A module the user wants sharded must be: fxtp never shards what it found unsafe."""
-    for module, choice in overrides.items():
-        if choice != "shard":
-            continue
-        inside = [n for n, m in linears.items() if m.module == module or m.module.startswith(module + ".")]
-        if not inside:
-            raise PlanOverrideError(f"override asks to shard {module!r}, which has no linear layer")
-        for name in inside:
-            if name not in sol.actions.columns and name not in sol.actions.rows:
-                reason = sol.replicated.get(name)
-                raise PlanOverrideError(
-                    f"override asks to shard {module!r}, but {linears[name].module} cannot be "
-                    f"sharded safely: {reason or 'it is not between a replicated input and a row-parallel linear'}."
-                    " Remove the override or make it 'replicate'.")
-
-
-def _module_paths(gm: fx.GraphModule) -> set[str]:
-    paths: set[str] = set()
-    for n in gm.graph.nodes:
-        if n.op == "get_attr":
-            parts = n.target.split(".")
-            paths.update(".".join(parts[:i]) for i in range(1, len(parts)))
-        mp = module_path(n)
-        if mp:
-            parts = mp.split(".")
-            paths.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    return paths
-
-
 def build_plan(captured: Captured, world_size: int, model_name: str,
                overrides: Optional[dict[str, str]] = None, vocab_parallel: bool = False) -> Plan:
     """Solves the sharding of a captured (bias-split) graph and describes it."""
@@ -355,10 +283,10 @@ def build_plan(captured: Captured, world_size: int, model_name: str,
 
     overrides = check_overrides(overrides)
     linears = find_linears(captured.gm)
-    sol = solve(captured.gm, world_size, linears, _override_reasons(captured, linears, overrides),
+    sol = solve(captured.gm, world_size, linears, override_reasons(captured, linears, overrides),
                 vocab_parallel=vocab_parallel,
                 replicate_modules=frozenset(m for m, c in overrides.items() if c == "replicate"))
-    _check_shard_overrides(linears, sol, overrides)
+    check_shard_overrides(linears, sol, overrides)
     plan = describe(captured, sol, model_name, overrides)
     plan.vocab_parallel = vocab_parallel
     return plan

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fxtp
-from fxtp.plan import check_overrides
+from fxtp.overrides import check_overrides
 
 from .fuzz_cases import (Snapshot, attempt, bad_calls, bad_world_sizes, fuzz_settings, junk,
                          names, overrides_for, small_llama)
