@@ -61,7 +61,7 @@ def rank_main(rank: int, ws: int, args) -> dict:
     weight_check.WeightDigests.check = timing(weight_check.WeightDigests.check, "check")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config(args)).eval()
-    plan = fxtp.plan(model, ws)
+    plan = fxtp.plan(model, ws, probe=False)    # the whole capture, shared by every transform
     on, off, reads, checks = [], [], [], []
     for i in range(2 * args.repeats):        # alternated, each first in turn
         check = (i % 2 == 0) == (i // 2 % 2 == 0)

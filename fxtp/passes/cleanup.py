@@ -7,6 +7,7 @@ import torch
 from torch import fx
 
 from ..patterns.linear import BIAS_META
+from .devices import graph_modules
 
 aten = torch.ops.aten
 
@@ -41,21 +42,23 @@ def drop_no_ops(gm: fx.GraphModule) -> None:
     whole dimension. Each is a few microseconds of dispatch per call and a model has several
     per layer. A no-op cast returns its input itself and a whole slice views all of it, so the
     input stands in for either, in-place writes included. Nodes that fxtp's own passes
-    annotated are left alone. Recompiles the module if anything was removed."""
-    removed = 0
-    for n in list(gm.graph.nodes):
-        if n.op != "call_function" or any(k.startswith("fxtp") for k in n.meta):
-            continue
-        if n.target == aten._assert_tensor_metadata.default:
-            gm.graph.erase_node(n)
-            removed += 1
-            continue
-        if _is_no_op(n):
-            n.replace_all_uses_with(n.args[0])
-            gm.graph.erase_node(n)
-            removed += 1
-    if removed:
-        gm.recompile()
+    annotated are left alone. Graphs nested in higher-order ops (`wrap_with_set_grad_enabled`)
+    too: their checks name the capture's device. Recompiles each module it changed."""
+    for g in graph_modules(gm):
+        removed = 0
+        for n in list(g.graph.nodes):
+            if n.op != "call_function" or any(k.startswith("fxtp") for k in n.meta):
+                continue
+            if n.target == aten._assert_tensor_metadata.default:
+                g.graph.erase_node(n)
+                removed += 1
+                continue
+            if _is_no_op(n):
+                n.replace_all_uses_with(n.args[0])
+                g.graph.erase_node(n)
+                removed += 1
+        if removed:
+            g.recompile()
 
 
 def _is_no_op(n: fx.Node) -> bool:

@@ -48,20 +48,32 @@ def graph_devices(gm: fx.GraphModule) -> set[torch.device]:
             for x in a.values():
                 visit(x)
 
-    for n in gm.graph.nodes:
-        visit(n.args)
-        visit(n.kwargs)
+    for g in graph_modules(gm):
+        for n in g.graph.nodes:
+            visit(n.args)
+            visit(n.kwargs)
     return found
 
 
+def graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    """`gm` and the graphs nested in it: the bodies of higher-order ops (transformers 5.15's
+    rotary embedding runs under `wrap_with_set_grad_enabled(False, submod, ...)`), which hold
+    device arguments of their own."""
+    return [m for m in gm.modules() if isinstance(m, fx.GraphModule)]
+
+
 def retarget_devices(gm: fx.GraphModule, device: torch.device) -> bool:
-    """Every device argument of the graph becomes `device` (a tensor-parallel graph computes on
-    one device); recompiles when anything changed and says so."""
+    """Every device argument of the graph, nested graphs included, becomes `device` (a
+    tensor-parallel graph computes on one device); recompiles what changed and says whether
+    anything did."""
     changed = False
-    for n in gm.graph.nodes:
-        args, kwargs = _replace(n.args, device), _replace(n.kwargs, device)
-        if args != n.args or kwargs != n.kwargs:
-            n.args, n.kwargs, changed = args, kwargs, True
-    if changed:
-        gm.recompile()
+    for g in graph_modules(gm):
+        here = False
+        for n in g.graph.nodes:
+            args, kwargs = _replace(n.args, device), _replace(n.kwargs, device)
+            if args != n.args or kwargs != n.kwargs:
+                n.args, n.kwargs, here = args, kwargs, True
+        if here:
+            g.recompile()
+            changed = True
     return changed
