@@ -17,7 +17,7 @@ import fxtp
 from fxtp.verify import check_equivalence, hf_inputs
 
 EXAMPLES = 6
-LOST_TIMEOUT_S = 1.0
+LOST_TIMEOUT_S = 0.5
 
 
 def _settings(n: int = EXAMPLES):

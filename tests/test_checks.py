@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import pytest
 
-from .check_workers import LOST_TIMEOUT_S, run_all, write_checkpoints
+from . import world2_workers
+from .check_workers import LOST_TIMEOUT_S
 from .spawned import per_rank, spawn_fixture
 
 WS = 2
 TOL = 1e-4
-results = spawn_fixture(run_all, WS, write_checkpoints)
+results = spawn_fixture(world2_workers.run_all, WS, world2_workers.write_checkpoints,
+                        part="checks")      # one spawn with the fuzzing
 case = per_rank
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import pytest
 
-from .fuzz_workers import run_all, write_checkpoints
+from . import world2_workers
 from .spawned import per_rank, spawn_fixture
 
 WS = 2
 TOL = 1e-4
 SECTIONS = ("transform", "calls", "load", "lora", "generator", "saved_plans")
-results = spawn_fixture(run_all, WS, write_checkpoints)
+results = spawn_fixture(world2_workers.run_all, WS, world2_workers.write_checkpoints,
+                        part="fuzz")      # one spawn with the checks
 section = per_rank
 
 
