@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import time
-import traceback
 from typing import Any, Callable
 
 import torch
@@ -15,6 +14,8 @@ import torch.distributed as dist
 
 import fxtp
 from fxtp.verify import check_equivalence, hf_inputs
+
+from .rank_workers import _run_timed
 
 EXAMPLES = 6
 LOST_TIMEOUT_S = 0.5
@@ -296,12 +297,4 @@ def run_all(rank: int, ws: int, ckpts: dict) -> dict[str, Any]:
              "peft": lambda: peft_case(rank, ws),
              "view_inputs": lambda: view_inputs_case(rank, ws),
              "lost_rank": lambda: lost_rank_case(rank, ws, ckpts, plans)}   # last: 1 leaves
-    out: dict[str, Any] = {}
-    for name, fn in cases.items():
-        t = time.monotonic()
-        try:
-            out[name] = fn()
-        except Exception:
-            out[name] = {"exception": traceback.format_exc()}
-        out[name + ".seconds"] = time.monotonic() - t
-    return out
+    return _run_timed(cases)

@@ -4,13 +4,14 @@ mismatch (a rank that stops early would leave the others waiting in a collective
 from __future__ import annotations
 
 import time
-import traceback
 import warnings
 from typing import Any
 
 import torch
 
 import fxtp
+
+from .rank_workers import _run_timed
 
 # name -> (builder, structure it stands for)
 GREEDY_CASES = ("llama", "gpt2", "phi3", "falcon_mqa")
@@ -313,25 +314,17 @@ def write_checkpoint(root: str) -> str:
 
 def run_all(rank: int, ws: int, ckpt: str) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
-    out: dict[str, Any] = {}
     cases = {f"greedy_{n}": (lambda n=n: greedy_case(n, ws)) for n in GREEDY_CASES}
     cases.update(sampling=lambda: sampling_case(ws), errors=lambda: error_case(rank, ws),
                  replay=lambda: replay_case(ws), compile=lambda: compile_case(ws),
                  meta=lambda: meta_case(ws, ckpt), lora=lambda: lora_case(ws))
-    for name, fn in cases.items():
-        t0 = time.perf_counter()
-        try:
-            out[name] = fn()
-        except Exception:  # noqa: BLE001 - reported to the test process
-            out[name] = {"exception": traceback.format_exc()}
-        out[name]["seconds"] = time.perf_counter() - t0
-    out.update(run_tp_cases(rank, ws, ckpt))
-    return out
+    cases.update(tp_cases(rank, ws, ckpt))
+    return _run_timed(cases)
 
 
 # ---------------------------------------------------------------------------------------------
 # tp.generate: generation on the result of fxtp.transform (fxtp/tp_generate.py). Run in the
-# world-2 spawn (run_all), world 1 on one-rank groups inside it (run_tp_cases).
+# world-2 spawn (run_all), world 1 on one-rank groups inside it (tp_cases).
 
 def _train_both(model, tp, lr: float) -> None:
     """One SGD step on the same batch, on the model and on tp (in training mode): what the
@@ -503,12 +496,12 @@ def tp_generate_lora_case(ws: int, group=None) -> dict[str, Any]:
     return out
 
 
-def run_tp_cases(rank: int, ws: int, ckpt: str) -> dict[str, Any]:
-    """The world-`ws` cases, then world 1 on a group of one rank each, in parallel: rank 0 runs
-    the LoRA case, rank 1 the Llama case (world 1 without a group: test_device_dtype)."""
+def tp_cases(rank: int, ws: int, ckpt: str) -> dict[str, Any]:
+    """tp.generate's cases: at world `ws`, and at world 1 on a group of one rank each, in
+    parallel: rank 0 runs the LoRA case, rank 1 the Llama case (world 1 without a group:
+    test_device_dtype). Makes the one-rank groups (a collective) when called."""
     import torch.distributed as dist
 
-    out: dict[str, Any] = {}
     cases = {"tp_generate": lambda: tp_generate_case(ws, ckpt),
              "tp_generate_lora": lambda: tp_generate_lora_case(ws)}
     one, _ = dist.new_subgroups(group_size=1)
@@ -516,11 +509,4 @@ def run_tp_cases(rank: int, ws: int, ckpt: str) -> dict[str, Any]:
         cases["tp_generate_lora_1"] = lambda: tp_generate_lora_case(1, one)
     if rank == 1:
         cases["tp_generate_1"] = lambda: tp_generate_case(1, ckpt, one, rebuild=False)
-    for name, fn in cases.items():
-        t0 = time.perf_counter()
-        try:
-            out[name] = fn()
-        except Exception:  # noqa: BLE001 - reported to the test process
-            out[name] = {"exception": traceback.format_exc()}
-        out[name]["seconds"] = time.perf_counter() - t0
-    return out
+    return cases
