@@ -85,7 +85,7 @@ class Snapshot:
 
     def __init__(self, tp: Any = None, model: Any = None, plan: Any = None,
                  extra: Optional[dict] = None):
-        from fxtp.graph_tensors import tensor_attrs
+        from fxtp.graph.tensors import tensor_attrs
 
         self.objs = (tp, model, plan)
         self.tensors: dict[str, tuple[int, torch.Tensor]] = {}
@@ -105,7 +105,7 @@ class Snapshot:
         self.extra_src = extra or {}
 
     def differences(self) -> list[str]:
-        from fxtp.graph_tensors import tensor_attrs
+        from fxtp.graph.tensors import tensor_attrs
 
         tp, model, plan = self.objs
         now: dict[str, torch.Tensor] = {}
@@ -342,7 +342,7 @@ def wrong_shape(t: torch.Tensor, how: int) -> torch.Tensor:
 # a one-layer capture costs about two thirds of a two-layer one)
 
 def small_llama(seed: int = 0, **overrides):
-    from fxtp.models import tiny_model
+    from fxtp.testing.models import tiny_model
 
     return tiny_model("llama", seed, **{"num_hidden_layers": 1, **overrides})
 

@@ -22,8 +22,8 @@ MAX_BATCH = 3
 
 
 def model_for(name: str):
-    from fxtp.families import FAMILIES, family_model
-    from fxtp.models import tiny_model
+    from fxtp.testing.families import FAMILIES, family_model
+    from fxtp.testing.models import tiny_model
 
     return family_model(name) if name in FAMILIES else tiny_model(name)
 
@@ -124,7 +124,7 @@ def error_case(rank: int, ws: int) -> dict[str, Any]:
     out = {
         "overflow": _error(lambda: gen.generate(ids, max_new_tokens=MAX_LEN - 4)),
         "batch": _error(lambda: gen.generate(torch.ones(3, 4, dtype=torch.long), max_new_tokens=2)),
-        "no_head": _error(lambda: fxtp.generator(fxtp.models.tiny_model("bert"), ws)),
+        "no_head": _error(lambda: fxtp.generator(fxtp.testing.models.tiny_model("bert"), ws)),
         "beams": _error(lambda: gen.generate(ids, max_new_tokens=2, num_beams=2)),
     }
     # rank 1 gets another prompt: every rank must report it (one all-reduce), none may hang
@@ -323,7 +323,7 @@ def run_all(rank: int, ws: int, ckpt: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# tp.generate: generation on the result of fxtp.transform (fxtp/tp_generate.py). Run in the
+# tp.generate: generation on the result of fxtp.transform (fxtp/generation/tp_generate.py). Run in the
 # world-2 spawn (run_all), world 1 on one-rank groups inside it (tp_cases).
 
 def _train_both(model, tp, lr: float) -> None:
@@ -358,7 +358,7 @@ def _step_facts(tp) -> dict[str, Any]:
     steps = dict(step.named_parameters(remove_duplicate=False))
     storages = {t.untyped_storage().data_ptr() for t in [*tp.parameters(), *tp.buffers()]}
     caches = {id(t) for t in caches_of(tp)}
-    from fxtp.graph_tensors import tensor_attrs
+    from fxtp.graph.tensors import tensor_attrs
 
     extra = sum(t.nbytes for t in {id(t): t for t in tensor_attrs(step).values()}.values()
                 if id(t) not in caches and t.untyped_storage().data_ptr() not in storages)
@@ -382,7 +382,7 @@ def tp_generate_case(ws: int, ckpt: str, group=None, rebuild: bool = True) -> di
     world 1 leaves it to world 2, a capture less)."""
     from transformers import AutoModelForCausalLM
 
-    from fxtp.tp_generate import TPGenerate
+    from fxtp.generation.tp_generate import TPGenerate
 
     model = model_for("llama")
     vocab = model.config.vocab_size

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 import fxtp
-from fxtp.verify import check_equivalence, hf_inputs
+from fxtp.testing.checks import check_equivalence
+from fxtp.testing.strategies import hf_inputs
 
 # model name -> how to build it (the same seed in the test process and in every rank)
 MODELS = ("llama", "gpt2", "phi3", "llama_uneven", "llama_tied")
@@ -19,8 +20,8 @@ EXAMPLES = 3
 def build(name: str, empty: bool = False):
     """The model `name` (tiny_model or a family), random weights from a fixed seed; under
     `fxtp.init_empty()` when `empty`."""
-    from fxtp.families import FAMILIES, family_model
-    from fxtp.models import tiny_model
+    from fxtp.testing.families import FAMILIES, family_model
+    from fxtp.testing.models import tiny_model
 
     if not empty:
         if name != "lora":
@@ -237,8 +238,8 @@ def _device_case(ws: int) -> dict[str, Any]:
     be a meta tensor with no data)."""
     from transformers import AutoModelForCausalLM
 
-    from fxtp.passes.devices import graph_devices
-    from fxtp.graph_tensors import tensor_attrs
+    from fxtp.graph.devices import graph_devices
+    from fxtp.graph.tensors import tensor_attrs
 
     from .test_device_dtype import tensors_in
 

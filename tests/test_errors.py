@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 
 import fxtp
-from fxtp.models import tiny_model
-from fxtp.verify import free_port
+from fxtp.testing.models import tiny_model
+from fxtp.testing.ranks import free_port
 
 from .modules import DataDependent, PlainMLP, TwoHeadSizes
 
@@ -155,7 +155,7 @@ def test_fold_lora_without_adapters_names_the_model(llama):
 
 
 def test_an_fxtp_error_in_a_rank_is_raised_again_as_itself():
-    from fxtp.verify import run_ranks
+    from fxtp.testing.ranks import run_ranks
 
     from .rank_workers import raise_deliberately
 
@@ -166,7 +166,7 @@ def test_an_fxtp_error_in_a_rank_is_raised_again_as_itself():
 def test_ranks_see_the_callers_environment_and_directory_of_now(tmp_path, monkeypatch):
     """Ranks fork from a forkserver started earlier; each still gets the caller's current
     environment and working directory, as a spawned process would."""
-    from fxtp.verify import run_ranks
+    from fxtp.testing.ranks import run_ranks
 
     from .rank_workers import environment_and_directory
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import fxtp
-from fxtp.draw import to_dot
-from fxtp.models import tiny_model
+from fxtp.inspection.draw import to_dot
+from fxtp.testing.models import tiny_model
 
 
 @pytest.fixture(scope="module")
