@@ -9,12 +9,14 @@ from .errors import (
     CacheOverflowError,
     CaptureError,
     CheckpointError,
+    CliError,
     DropoutError,
     DtypeError,
     FxtpError,
     GenerationError,
     InputError,
     InputMismatchError,
+    LoraFoldError,
     LoraStateError,
     MetaTensorError,
     NoLoraError,
@@ -24,7 +26,11 @@ from .errors import (
     ProcessGroupError,
     PromptMismatchError,
     RankLostError,
+    RenderError,
+    ShardingError,
+    UnknownLayerError,
     WeightMismatchError,
+    WorldSizeError,
     WorldSizeMismatchError,
 )
 from .generation.generator import Generator, generator
@@ -43,5 +49,6 @@ __all__ = [
     "ProcessGroupError", "WorldSizeMismatchError", "GenerationError", "CacheOverflowError",
     "PromptMismatchError", "load", "init_empty", "LoadReport", "CheckpointError",
     "MetaTensorError", "DtypeError", "NotTransformedError", "WeightMismatchError", "InputMismatchError", "RankLostError",
+    "WorldSizeError", "ShardingError", "LoraFoldError", "UnknownLayerError", "RenderError", "CliError",
 ]
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 from ._transform import transform
-from .errors import FxtpError
+from .errors import CliError, FxtpError
 from .inspection.draw import draw, renderer
 from .inspection.explain import diff, explain
 from .planning.planner import plan_model
@@ -33,7 +33,7 @@ def _load_model(spec: str):
             cfg = AutoConfig.from_pretrained(spec, local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise FxtpError(f"{spec}: not a Hugging Face config directory transformers can "
+            raise CliError(f"{spec}: not a Hugging Face config directory transformers can "
                             f"read: {first}") from e
         has_weights = any(f.endswith((".safetensors", ".bin")) for f in os.listdir(spec))
         for cls in (AutoModelForCausalLM, AutoModel):
@@ -43,11 +43,11 @@ def _load_model(spec: str):
                 return cls.from_config(cfg).eval()
             except (ValueError, KeyError):
                 continue
-        raise FxtpError(f"{spec}: no causal-LM or base model class for model_type "
+        raise CliError(f"{spec}: no causal-LM or base model class for model_type "
                         f"{cfg.model_type!r}")
     if os.path.sep in spec or spec.startswith("."):
-        raise FxtpError(f"{spec}: no such directory")
-    raise FxtpError(f"unknown model {spec!r}: use one of {sorted(set(TINY) | set(FAMILIES))} "
+        raise CliError(f"{spec}: no such directory")
+    raise CliError(f"unknown model {spec!r}: use one of {sorted(set(TINY) | set(FAMILIES))} "
                     "or a local HF config/checkpoint directory")
 
 
@@ -145,7 +145,7 @@ def _inspect_rank(rank: int, world_size: int, spec: str, what: str, layer: Optio
 
 def _inspect(args: argparse.Namespace, what: str, path: Optional[str] = None) -> int:
     if not 0 <= args.rank < args.world_size:
-        raise FxtpError(f"--rank {args.rank} is not a rank of world size {args.world_size}")
+        raise CliError(f"--rank {args.rank} is not a rank of world size {args.world_size}")
     _model(args.model)               # a bad name or path fails here, before any spawn
     if args.world_size == 1:         # no collective: no process group, no spawn
         with _step(f"transform, {what}"):

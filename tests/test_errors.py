@@ -34,6 +34,17 @@ def test_world_size_below_one(llama):
         fxtp.plan(llama, 0)
 
 
+def test_a_bad_world_size_is_one_error_class_wherever_it_is_given(llama):
+    """fxtp.plan raised PlanOverrideError and fxtp.transform ProcessGroupError for the same
+    mistake: WorldSizeError is both, so either `except` still catches it."""
+    assert issubclass(fxtp.WorldSizeError, fxtp.PlanOverrideError)
+    assert issubclass(fxtp.WorldSizeError, fxtp.ProcessGroupError)
+    for call in (lambda: fxtp.plan(llama, 0), lambda: fxtp.transform(llama, 0),
+                 lambda: fxtp.transform(llama, 2.0), lambda: fxtp.plan(llama, "2")):
+        with pytest.raises(fxtp.WorldSizeError, match="world_size must be"):
+            call()
+
+
 def test_world_size_mismatch(llama):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                             world_size=1)

@@ -15,7 +15,7 @@ from typing import Optional
 from torch import fx
 
 from ..capture.linear import module_path
-from ..errors import FxtpError
+from ..errors import RenderError, UnknownLayerError
 from ..graph.nodes import get_tensor_attr
 from ..planning.plan import OUTSIDE_LAYERS
 from ..rewrite.collectives import COLLECTIVE_META
@@ -49,7 +49,7 @@ def to_dot(tp: fx.GraphModule, layer: Optional[str] = None) -> str:
     if layer is None:
         layer = layers[0] if layers else "all"
     if layer != "all" and layer not in layers + [OUTSIDE_LAYERS]:
-        raise FxtpError(f"fxtp.draw: no layer {layer!r}; layers: {layers} or 'all'")
+        raise UnknownLayerError(f"fxtp.draw: no layer {layer!r}; layers: {layers} or 'all'")
     sharded = set(info.sharded_params) | set(info.sliced_attrs)
     rewritten = {name for name, _, _ in info.rewritten_constants}
     keep = [n for n in tp.graph.nodes
@@ -96,7 +96,7 @@ def renderer(path: str) -> Optional[str]:
         return None
     dot = shutil.which("dot")
     if dot is None:
-        raise FxtpError(f"fxtp.draw: rendering .{fmt} needs Graphviz's `dot` program: install "
+        raise RenderError(f"fxtp.draw: rendering .{fmt} needs Graphviz's `dot` program: install "
                         "the graphviz package (apt-get install graphviz, brew install graphviz, "
                         "conda install graphviz), or draw to a .dot file")
     return dot
@@ -115,6 +115,6 @@ def draw(tp: fx.GraphModule, path: str, layer: Optional[str] = None) -> str:
     done = subprocess.run([dot, f"-T{fmt}", "-o", path], input=source.encode(),
                           capture_output=True, timeout=120)
     if done.returncode != 0:
-        raise FxtpError(f"fxtp.draw: dot could not render .{fmt}: "
+        raise RenderError(f"fxtp.draw: dot could not render .{fmt}: "
                         f"{done.stderr.decode(errors='replace').strip()[:300]}")
     return path

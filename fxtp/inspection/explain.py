@@ -15,7 +15,7 @@ from typing import Any, Optional
 from torch import fx
 
 from ..capture.linear import module_path
-from ..errors import FxtpError, NotTransformedError
+from ..errors import NotTransformedError, UnknownLayerError
 from ..planning.describe import _partial_producer
 from ..planning.plan import OUTSIDE_LAYERS, layer_of
 from ..rewrite.collectives import COLLECTIVE_META
@@ -135,7 +135,7 @@ def explain(tp: fx.GraphModule, layer: Optional[str] = None) -> Explanation:
             at(module_path(n)).grad_syncs.append(name)
     if layer is not None:
         if layer not in layers:
-            raise FxtpError(f"fxtp.explain: no layer {layer!r} changed; layers: {sorted(layers)}")
+            raise UnknownLayerError(f"fxtp.explain: no layer {layer!r} changed; layers: {sorted(layers)}")
         layers = {layer: layers[layer]}
     order = sorted(layers, key=_layer_sort_key)
     return Explanation(plan.model_name, info.rank, info.world_size, {k: layers[k] for k in order})
@@ -165,14 +165,14 @@ def diff(tp: fx.GraphModule, layer: Optional[str] = None) -> str:
     as changed or added lines."""
     info = _info(tp)
     if info.plan.captured is None:
-        raise FxtpError("fxtp.diff: the plan has no captured graph to compare with")
+        raise NotTransformedError("fxtp.diff: the plan has no captured graph to compare with")
     before = info.plan.captured.gm
     if layer is None:
         layers = graph_layers(tp)
         layer = layers[0] if layers else OUTSIDE_LAYERS
     old, new = _layer_lines(before, layer), _layer_lines(tp, layer)
     if not old and not new:
-        raise FxtpError(f"fxtp.diff: no op belongs to layer {layer!r}")
+        raise UnknownLayerError(f"fxtp.diff: no op belongs to layer {layer!r}")
     return "\n".join(difflib.unified_diff(old, new, f"captured {layer}",
                                           f"rank {info.rank} of {info.world_size}: {layer}",
                                           lineterm="", n=1))

@@ -125,7 +125,7 @@ class Plan:
             raise PlanOverrideError("this plan was loaded without its captured graph; rebuild it "
                                     "with fxtp.plan(model, world_size)")
         ws = check_world_size(self.world_size if world_size is None else world_size,
-                              PlanOverrideError, "Plan.replan")
+                              "Plan.replan")
         vp = self.vocab_parallel if vocab_parallel is None else vocab_parallel
         return self.replanner(self, ws, self.overrides, vp)
 

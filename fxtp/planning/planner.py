@@ -8,7 +8,6 @@ from torch import nn
 
 from ..capture.export import Captured, capture
 from ..capture.linear import split_biases
-from ..errors import PlanOverrideError
 from ..runtime.group import check_world_size
 from .describe import build_plan
 from .overrides import check_overrides
@@ -33,7 +32,7 @@ def plan_model(model: nn.Module, world_size: int, *, example_inputs: Any = None,
     weights stay tied (both uses slice the same rows). A deep model is planned from a capture
     of a few of its repeated layers (`fxtp.planning.repeats`; `probe=False` captures every layer).
     """
-    world_size = check_world_size(world_size, PlanOverrideError, "fxtp.plan")
+    world_size = check_world_size(world_size, "fxtp.plan")
     overrides = check_overrides(overrides)
     repeats = find_repeats(model) if probe else []
     if any(_inside_repeat(module, repeats) for module in overrides or {}):

@@ -25,7 +25,7 @@ from torch import fx
 
 from ..capture.linear import LinearMatch
 from ..capture.lora import LoraBranch, find_lora_branches, match_branch
-from ..errors import NoLoraError
+from ..errors import LoraFoldError, NoLoraError
 from ..graph.nodes import get_tensor_attr
 
 aten = torch.ops.aten
@@ -84,8 +84,8 @@ def fold(gm: fx.GraphModule, linears: dict[str, LinearMatch], label: str,
         mb, ma, mbase = linears[br.b], linears[br.a], linears[br.base]
         w = get_tensor_attr(gm, mbase.weight)
         if w.dim() != 2:
-            raise NoLoraError(f"fxtp.fold_lora: {br.module} has a {w.dim()}-D weight; only "
-                              "2-D base weights can be folded")
+            raise LoraFoldError(f"fxtp.fold_lora: {br.module} has a {w.dim()}-D weight; only "
+                                "2-D base weights can be folded")
         weights.append((br, mbase, w, _as_out_in(get_tensor_attr(gm, mb.weight), mb),
                         _as_out_in(get_tensor_attr(gm, ma.weight), ma)))
     saved_now: set[str] = set()

@@ -8,7 +8,7 @@ import torch
 from torch import fx
 
 from ..capture.linear import LinearMatch, tensor_key
-from ..errors import FxtpError
+from ..errors import ShardingError
 from ..graph.nodes import get_tensor_attr, set_tensor_attr
 from ..solve.solver import Actions
 
@@ -46,7 +46,7 @@ def _want(wanted: dict, gm: fx.GraphModule, name: str, dim: int, spec) -> None:
     must be sliced the same way by all of its users."""
     key = tensor_key(gm, name)
     if key in wanted and wanted[key][1:] != (dim, spec):
-        raise FxtpError(f"parameter {name} is used by ops that need different slices "
+        raise ShardingError(f"parameter {name} is used by ops that need different slices "
                         f"({wanted[key][1:]} vs {(dim, spec)}); keep one of them replicated")
     wanted.setdefault(key, (name, dim, spec))
 

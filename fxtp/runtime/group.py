@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..errors import ProcessGroupError, WorldSizeMismatchError
+from ..errors import ProcessGroupError, WorldSizeError, WorldSizeMismatchError
 
 
 @dataclass(frozen=True)
@@ -20,17 +20,16 @@ class GroupInfo:
     group_name: str
 
 
-def check_world_size(world_size: object, error: type = ProcessGroupError,
-                     where: str = "fxtp.transform") -> int:
-    """`world_size` as an int >= 1, else `error` naming the value: a float, a string, a bool or
-    None would otherwise fail deep inside the solver with a bare TypeError."""
+def check_world_size(world_size: object, where: str = "fxtp.transform") -> int:
+    """`world_size` as an int >= 1, else `WorldSizeError` naming the value: a float, a string,
+    a bool or None would otherwise fail deep inside the solver with a bare TypeError."""
     if isinstance(world_size, bool) or not hasattr(world_size, "__index__"):
-        raise error(f"{where}: world_size must be an int >= 1 (the number of ranks), got "
+        raise WorldSizeError(f"{where}: world_size must be an int >= 1 (the number of ranks), got "
                     f"{world_size!r} ({type(world_size).__name__}); pass e.g. "
                     "torch.distributed.get_world_size()")
     world_size = operator.index(world_size)
     if world_size < 1:
-        raise error(f"world_size must be >= 1, got {world_size}")
+        raise WorldSizeError(f"world_size must be >= 1, got {world_size}")
     return world_size
 
 
