@@ -1,4 +1,12 @@
 """What a tensor-parallel graph checks when it is called, trained or moved.
+
+`fxtp.transform` installs them on its result, each refusing with a named error rather than
+computing a wrong answer: a call fills the inputs the capture fixed and checks the others
+against the captured specs (and, with `check_inputs`, across the ranks); a call before
+`fxtp.load` of a meta-built graph raises `MetaTensorError`; `train()` refuses a graph whose
+dropout was captured off, or whose LoRA is folded; `.to(device)` also moves the lifted constants
+and the devices baked into the graph, `.to("meta")` leaves it refusing calls until it is loaded
+again, and a dtype other than the captured one raises `DtypeError` before anything moves.
 """
 from __future__ import annotations
 

@@ -1,18 +1,9 @@
-"""Folds LoRA branches into their base linears' local weight shards, and unfolds them again.
+"""Finds LoRA branches in a graph, from its structure, never from names.
 
-A branch is found from the graph, never from names: an `add` whose operands are a linear's
-output (possibly plus a bias, possibly a partial sum) and `scale * B(A(x'))`, where A and B are
-linears without other users and x' is the base linear's own input (the same node, looking
-through Megatron's `copy_to_region`, identity ops and inactive dropout). On the tensor-parallel
-graph every piece is already this rank's: beside a column-parallel base B holds the base's rows,
-beside a row-parallel base A holds the base's input columns, so in both cases
-`W_local += scale * B_local @ A_local` is this rank's slice of the merged weight.
-
-Folding keeps the graph as it was (restored by `unfold_lora`) and the local base shards as they
-were (copied back bit for bit: `W + d - d` is not always `W` in floating point). Both graphs
-keep their generated code: an RLHF loop switches every step, and regenerating and compiling the
-Python of a graph of thousands of nodes cost more than the weight arithmetic (and gave
-torch.compile a new code object to compile each time).
+A branch is an `add` whose operands are a linear's output (possibly plus a bias, possibly a
+partial sum) and `scale * B(A(x'))`, where A and B are linears without other users and x' is the
+base linear's own input (the same node, looking through Megatron's `copy_to_region`, identity
+ops and inactive dropout). The solver reports them, and `rewrite/lora_fold.py` folds them.
 """
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
 """Folds LoRA branches into their base linears' local weight shards, and unfolds them again.
 
-A branch is found from the graph, never from names: an `add` whose operands are a linear's
-output (possibly plus a bias, possibly a partial sum) and `scale * B(A(x'))`, where A and B are
-linears without other users and x' is the base linear's own input (the same node, looking
-through Megatron's `copy_to_region`, identity ops and inactive dropout). On the tensor-parallel
-graph every piece is already this rank's: beside a column-parallel base B holds the base's rows,
+The branches are those `capture/lora.py` finds. On the tensor-parallel graph every piece of a
+branch is already this rank's: beside a column-parallel base B holds the base's rows,
 beside a row-parallel base A holds the base's input columns, so in both cases
 `W_local += scale * B_local @ A_local` is this rank's slice of the merged weight.
 

@@ -1,4 +1,4 @@
-"""Process-group handling and the collectives the rewritten graph calls.
+"""The collectives the rewritten graph calls, with their autograd duals.
 
 The graph calls `torch.ops._c10d_functional.all_reduce` + `wait_tensor` by group name: functional
 collectives are traceable, so the rewritten graph composes with torch.compile, and the group is
