@@ -28,6 +28,7 @@ SDPA = {
     aten.scaled_dot_product_attention.default,
     aten._scaled_dot_product_flash_attention_for_cpu.default,
 }
+TRANSPOSES = {aten.transpose.int, aten.permute.default, aten.t.default, aten.numpy_T.default}
 SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
 PARTIAL_SHAPE_OPS = VIEWS | {
     aten.transpose.int, aten.permute.default, aten.t.default, aten.unsqueeze.default,

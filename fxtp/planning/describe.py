@@ -13,7 +13,8 @@ from ..capture.linear import find_linears, module_path, tensor_key
 from ..graph.nodes import get_arg, get_tensor_attr, nodes_by_name
 from ..graph.ops import SDPA, SOFTMAX
 from ..solve.placements import Partial
-from ..solve.solver import Solution, sliced_in_place, solve
+from ..solve.records import ReasonKind, Solution
+from ..solve.solver import sliced_in_place, solve
 from .overrides import check_overrides, check_shard_overrides, override_reasons
 from .plan import OUTSIDE_LAYERS, Plan, PlanEntry, layer_of
 
@@ -118,7 +119,7 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
         else:
             reason = sol.replicated.get(name)
             text = str(reason) if reason else "not between a replicated input and a row-parallel linear"
-            if reason is not None and reason.kind == "not_divisible":
+            if reason is not None and reason.kind == ReasonKind.NOT_DIVISIBLE:
                 if not reason.module:   # failed outside any submodule: name the linear instead
                     reason = replace(reason, module=m.module)
                 if reason not in not_div:

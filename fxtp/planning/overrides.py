@@ -12,7 +12,7 @@ from torch import fx
 from ..capture.export import Captured
 from ..capture.linear import module_path
 from ..errors import PlanOverrideError
-from ..solve.solver import Reason, Solution
+from ..solve.records import Reason, ReasonKind, Solution
 
 OVERRIDE_CHOICES = ("replicate", "shard")
 
@@ -55,7 +55,8 @@ def override_reasons(captured: Captured, linears, overrides: dict[str, str]) -> 
             continue
         for name, m in linears.items():
             if m.module == module or m.module.startswith(module + "."):
-                out[name] = Reason(f"user override: {module} -> {choice}", name, m.module, "override")
+                out[name] = Reason(f"user override: {module} -> {choice}", name, m.module,
+                                   ReasonKind.OVERRIDE)
     return out
 
 

@@ -17,7 +17,7 @@ from ..capture.export import Captured
 from ..errors import PlanOverrideError
 from ..graph.tensors import deepcopy_graph, tensor_attrs
 from ..runtime.group import check_world_size
-from ..solve.solver import Reason, Solution
+from ..solve.records import Reason, Solution
 from .overrides import check_overrides
 
 _LAYER = re.compile(r"^(.*?\.\d+)(\.|$)")
