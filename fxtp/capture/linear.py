@@ -16,9 +16,11 @@ from typing import Optional
 import torch
 from torch import fx
 
+from ..graph.ops import TRANSPOSES
+
 aten = torch.ops.aten
 
-_TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
+
 LINEAR_OPS = {aten.linear.default, aten.mm.default, aten.matmul.default}
 BIAS_META = "fxtp_bias_of"
 
@@ -43,7 +45,7 @@ def _trace_weight(node: fx.Node) -> Optional[tuple[fx.Node, list[int]]]:
     """Follows transposes back to a get_attr; returns (get_attr, perm) where operand dim k of
     the matmul's weight operand is parameter dim perm[k]."""
     steps = []
-    while node.op == "call_function" and node.target in _TRANSPOSES:
+    while node.op == "call_function" and node.target in TRANSPOSES:
         steps.append(node)
         node = node.args[0]
     if node.op != "get_attr" or not isinstance(node.meta.get("val"), torch.Tensor):
@@ -73,7 +75,7 @@ def _chain_users_ok(attr: fx.Node, use: fx.Node) -> bool:
         u = stack.pop()
         if u is use:
             continue
-        if u.op == "call_function" and u.target in _TRANSPOSES and len(u.users) >= 1:
+        if u.op == "call_function" and u.target in TRANSPOSES and len(u.users) >= 1:
             stack.extend(u.users)
             continue
         return False

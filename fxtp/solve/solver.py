@@ -24,7 +24,7 @@ from typing import Optional
 from torch import fx
 
 from ..capture.linear import LinearMatch
-from ..errors import FxtpError
+from ..errors import ShardingError
 from .placements import DimShard
 from .propagate import Propagation
 from .records import Actions, Reason, ReasonKind, Solution
@@ -81,7 +81,7 @@ def solve(gm: fx.GraphModule, world_size: int, linears: dict[str, LinearMatch],
                 continue
             for src in group:
                 blocked.setdefault(src, why)
-    raise FxtpError(f"fxtp: sharding propagation did not settle in {max_iterations} passes; "
+    raise ShardingError(f"fxtp: sharding propagation did not settle in {max_iterations} passes; "
                     "please report the model (a plan override can keep the offending modules "
                     "replicated)")
 
