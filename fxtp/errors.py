@@ -55,7 +55,8 @@ class ShardingError(FxtpError):
 
 
 class InputError(FxtpError):
-    """The transformed module was called with inputs it was not captured for."""
+    """The transformed module was called with inputs it was not captured for, or fxtp was not
+    given the inputs (or input strategy) it needs for a model that is not from Hugging Face."""
 
 
 class InputMismatchError(InputError):

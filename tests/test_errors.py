@@ -187,3 +187,8 @@ def test_ranks_see_the_callers_environment_and_directory_of_now(tmp_path, monkey
     for setting, cwd in run_ranks(environment_and_directory, 2, timeout=120):
         assert setting == "set after the forkserver started"
         assert cwd == str(tmp_path)
+
+
+def test_verify_of_a_plain_module_without_a_strategy_is_refused_before_any_rank_starts():
+    with pytest.raises(fxtp.InputError, match="strategy_factory=.*tensor_inputs"):
+        fxtp.verify(torch.nn.Linear(4, 4), 2, timeout=5)

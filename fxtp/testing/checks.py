@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_map_only
 
 from .._transform import transform
 from ..capture.export import is_hf_model, model_device
-from ..errors import FxtpError
+from ..errors import InputError
 from ..graph.nodes import runs_index
 from .ranks import run_ranks
 from .strategies import hf_inputs_for
@@ -116,8 +116,6 @@ def _verify_rank(rank: int, world_size: int, model: nn.Module, example_inputs: A
     info = tp.meta["fxtp"]
     strategy = strategy_factory() if strategy_factory is not None else None
     if strategy is None:
-        if not is_hf_model(model):
-            raise FxtpError("fxtp.verify needs a hypothesis strategy for non-HF models")
         strategy = hf_inputs_for(model)
     report = check_equivalence(model, tp, strategy, max_examples)
     return {"rank": rank, "examples": report.examples, "max_error": report.max_error,
@@ -134,6 +132,11 @@ def verify(model: nn.Module, world_size: int, *, example_inputs: Any = None,
     HF models get token-id inputs drawn from their vocab; other models need
     `strategy_factory`, a picklable function returning a hypothesis strategy of inputs (see
     `tensor_inputs`)."""
+    if strategy_factory is None and not is_hf_model(model):
+        raise InputError(f"fxtp.verify: {type(model).__name__} is not a Hugging Face model, so "
+                         "fxtp cannot draw its inputs: pass strategy_factory=, a picklable "
+                         "function returning a hypothesis strategy of its inputs (e.g. one of "
+                         "fxtp.testing.strategies.tensor_inputs)")
     return run_ranks(_verify_rank, world_size, model.eval(), example_inputs, strategy_factory,
                      max_examples, timeout=timeout)
 
