@@ -124,7 +124,7 @@ def _bind(model: nn.Module, plan: Plan) -> Plan:
         return plan
     memo = {id(have[n]): mine[n] for n in shared}     # the graph copied, the tensors rebound
     bound = deepcopy_graph(gm, memo)
-    return dataclasses.replace(plan, captured=dataclasses.replace(plan.captured, gm=bound))
+    return dataclasses.replace(plan, live=plan.live.with_graph(bound))
 
 
 def _ties(tensors: dict[str, torch.Tensor], names: list[str]) -> dict[str, frozenset]:

@@ -16,7 +16,7 @@ from ..solve.placements import Partial
 from ..solve.records import ReasonKind, Solution
 from ..solve.solver import sliced_in_place, solve
 from .overrides import check_overrides, check_shard_overrides, override_reasons
-from .plan import OUTSIDE_LAYERS, Plan, PlanEntry, layer_of
+from .plan import OUTSIDE_LAYERS, Plan, PlanEntry, PlanSource, layer_of
 
 
 def build_plan(captured: Captured, world_size: int, model_name: str,
@@ -30,7 +30,6 @@ def build_plan(captured: Captured, world_size: int, model_name: str,
     check_shard_overrides(linears, sol, overrides)
     plan = describe(captured, sol, model_name, overrides)
     plan.vocab_parallel = vocab_parallel
-    plan.replanner = _replan
     return plan
 
 
@@ -134,7 +133,7 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
     return Plan(model_name=model_name, world_size=ws, entries=entries, all_reduces=per_layer,
                 all_reduce_sites=sites, replicated=replicated, not_divisible=not_div,
                 overrides=overrides, full_param_bytes=full_bytes, local_param_bytes=local_bytes,
-                param_shares=shares, captured=captured, solution=sol)
+                param_shares=shares, live=PlanSource(captured, sol, _replan))
 
 
 def _sizes(gm: fx.GraphModule, weight: str, numel: int, spec, ws: int) -> tuple:

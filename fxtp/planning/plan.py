@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from torch import nn
+from torch import fx, nn
 
 from ..capture.export import Captured
 from ..errors import PlanOverrideError
@@ -52,9 +52,30 @@ class PlanEntry:
         return self.full_numel * self.itemsize
 
 
+@dataclass(frozen=True)
+class PlanSource:
+    """What a plan was made from, kept apart from its decisions and never serialised: the
+    captured graph and its solution (what the rewrite applies) and how to plan them again."""
+
+    captured: Captured
+    solution: Solution
+    # replanner(plan, world_size, overrides, vocab_parallel) -> Plan: `override`/`replan`; a
+    # module-level function, so it holds nothing beyond these fields
+    replanner: Callable[..., "Plan"]
+    # a probe plan (fxtp.planning.repeats): the repeated lists, the model (transform captures
+    # it whole; override/replan plan it again) and its example inputs
+    probe: tuple = ()
+    model: Optional[nn.Module] = None
+    example_inputs: Any = None
+
+    def with_graph(self, gm: fx.GraphModule) -> "PlanSource":
+        return dataclasses.replace(self, captured=dataclasses.replace(self.captured, gm=gm))
+
+
 @dataclass
 class Plan:
-    """Decisions for one model at one world size."""
+    """Decisions for one model at one world size: data (entries, reasons, overrides, sizes)
+    that prints as a table and round-trips through JSON, plus `live`, what it was made from."""
 
     model_name: str
     world_size: int
@@ -68,18 +89,24 @@ class Plan:
     # bytes of all model parameters (a tied tensor counted once): full, and held by each rank
     full_param_bytes: int = 0
     local_param_bytes: tuple[int, ...] = ()
-    # planned from a probe capture of a few layers (fxtp.planning.repeats): the repeated lists, and the
-    # model (transform captures it whole; override/replan plan it again)
-    probe: tuple = field(default=(), compare=False)
-    source: Any = field(default=None, repr=False, compare=False)
-    source_inputs: Any = field(default=None, repr=False, compare=False)
     # parameter name -> elements each rank keeps, for the split ones (not serialised)
     param_shares: dict = field(default_factory=dict, repr=False, compare=False)
-    captured: Optional[Captured] = field(default=None, repr=False, compare=False)
-    solution: Optional[Solution] = field(default=None, repr=False, compare=False)
-    # how `override`/`replan` plan the captured model again: replanner(plan, world_size,
-    # overrides, vocab_parallel), a module-level function (nothing held beyond the fields)
-    replanner: Optional[Callable[..., "Plan"]] = field(default=None, repr=False, compare=False)
+    # the live side (graph, solution, how to plan again); None for a plan loaded from JSON
+    live: Optional[PlanSource] = field(default=None, repr=False, compare=False)
+
+    # -- the live side -----------------------------------------------------------------------
+    @property
+    def captured(self) -> Optional[Captured]:
+        return self.live.captured if self.live else None
+
+    @property
+    def solution(self) -> Optional[Solution]:
+        return self.live.solution if self.live else None
+
+    @property
+    def probe(self) -> tuple:
+        """The repeated lists a probe plan was solved from (empty: captured whole)."""
+        return self.live.probe if self.live else ()
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -111,23 +138,23 @@ class Plan:
     # -- overrides -------------------------------------------------------------------------
     def override(self, decisions: dict[str, str]) -> "Plan":
         """A new plan with some modules forced, e.g. {"model.layers.0.mlp": "replicate"}."""
-        if self.captured is None:
+        if self.live is None:
             raise PlanOverrideError("this plan was loaded without its captured graph; rebuild it "
                                     "with fxtp.plan(model, world_size) to override it")
         merged = {**self.overrides, **check_overrides(decisions)}
-        return self.replanner(self, self.world_size, merged, self.vocab_parallel)
+        return self.live.replanner(self, self.world_size, merged, self.vocab_parallel)
 
     def replan(self, world_size: Optional[int] = None, *,
                vocab_parallel: Optional[bool] = None) -> "Plan":
         """The same captured model planned again at another world size or with another
         vocab_parallel choice, overrides kept: no second capture (the slow step)."""
-        if self.captured is None:
+        if self.live is None:
             raise PlanOverrideError("this plan was loaded without its captured graph; rebuild it "
                                     "with fxtp.plan(model, world_size)")
         ws = check_world_size(self.world_size if world_size is None else world_size,
                               "Plan.replan")
         vp = self.vocab_parallel if vocab_parallel is None else vocab_parallel
-        return self.replanner(self, ws, self.overrides, vp)
+        return self.live.replanner(self, ws, self.overrides, vp)
 
     # -- output ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -273,7 +300,7 @@ def shapes_only(plan: Plan) -> Plan:
     so the tensor-parallel result keeps no reference to the full weights (the captured graph
     aliases the user's parameters). Planning again (`override`, `replan`) and checking a
     checkpoint's shapes need only the shapes."""
-    if plan.captured is None:
+    if plan.live is None:
         return plan
     memo: dict = {}
     for t in tensor_attrs(plan.captured.gm).values():
@@ -282,4 +309,4 @@ def shapes_only(plan: Plan) -> Plan:
             memo[id(t)] = (nn.Parameter(meta, requires_grad=t.requires_grad)
                            if isinstance(t, nn.Parameter) else meta)
     gm = deepcopy_graph(plan.captured.gm, memo)
-    return dataclasses.replace(plan, captured=dataclasses.replace(plan.captured, gm=gm))
+    return dataclasses.replace(plan, live=plan.live.with_graph(gm))

@@ -61,17 +61,15 @@ def plan_from_probe(captured: Captured, model: nn.Module, repeats: tuple, world_
     if plan is None or not same_decisions(plan, repeats):
         return plan_model(model, world_size, example_inputs=example_inputs, overrides=overrides,
                           vocab_parallel=vocab_parallel, probe=False)
-    plan = expand_plan(plan, model, repeats)
-    plan.source_inputs = example_inputs
-    plan.replanner = _replan_probe
-    return plan
+    return expand_plan(plan, model, repeats, example_inputs, _replan_probe)
 
 
 def _replan_probe(plan: Plan, world_size: int, overrides: dict[str, str],
                   vocab_parallel: bool) -> Plan:
     """`Plan.override`/`replan` of a plan solved from a probe capture."""
-    return plan_from_probe(plan.captured, plan.source, plan.probe, world_size, overrides,
-                           vocab_parallel, plan.source_inputs)
+    live = plan.live
+    return plan_from_probe(live.captured, live.model, live.probe, world_size, overrides,
+                           vocab_parallel, live.example_inputs)
 
 
 def _inside_repeat(module: str, repeats: list) -> bool:

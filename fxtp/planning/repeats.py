@@ -206,8 +206,9 @@ def _owner(name: str, repeats: list[Repeat]) -> Optional[Repeat]:
     return None
 
 
-def expand_plan(plan, model: nn.Module, repeats: list[Repeat]):
-    """The plan of the whole model from the plan of its probe."""
+def expand_plan(plan, model: nn.Module, repeats: list[Repeat], example_inputs: Any,
+                replanner):
+    """The plan of the whole model from the plan of its probe; `replanner` plans it again."""
     def renamed(e: PlanEntry, swap) -> PlanEntry:
         return replace(e, module=swap(e.module), parameter=swap(e.parameter), why=swap(e.why))
 
@@ -224,7 +225,9 @@ def expand_plan(plan, model: nn.Module, repeats: list[Repeat]):
     full, local = _model_bytes(model, plan, repeats)
     return replace(plan, entries=entries, all_reduces=all_reduces, all_reduce_sites=sites,
                    replicated=replicated, not_divisible=not_div, full_param_bytes=full,
-                   local_param_bytes=local, probe=tuple(repeats), source=model)
+                   local_param_bytes=local,
+                   live=replace(plan.live, probe=tuple(repeats), model=model,
+                                example_inputs=example_inputs, replanner=replanner))
 
 
 def _model_bytes(model: nn.Module, plan, repeats: list[Repeat]) -> tuple[int, tuple]:
