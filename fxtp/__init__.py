@@ -24,6 +24,7 @@ from .errors import (
     ProcessGroupError,
     PromptMismatchError,
     RankLostError,
+    RewriteError,
     WeightMismatchError,
     WorldSizeMismatchError,
 )
@@ -43,5 +44,6 @@ __all__ = [
     "ProcessGroupError", "WorldSizeMismatchError", "GenerationError", "CacheOverflowError",
     "PromptMismatchError", "load", "init_empty", "LoadReport", "CheckpointError",
     "MetaTensorError", "DtypeError", "NotTransformedError", "WeightMismatchError", "InputMismatchError", "RankLostError",
+    "RewriteError",
 ]
 __version__ = "0.1.0"

@@ -44,6 +44,10 @@ class PlanOverrideError(FxtpError):
     """A user override names a module that does not exist or asks for something impossible."""
 
 
+class RewriteError(FxtpError):
+    """A rewrite pass left the graph malformed (a bug in fxtp): the message names the pass."""
+
+
 class InputError(FxtpError):
     """The transformed module was called with inputs it was not captured for."""
 
