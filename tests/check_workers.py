@@ -124,7 +124,7 @@ def load_case(rank: int, ws: int, ckpts: dict, plans: Plans) -> dict[str, Any]:
     tp = fxtp.transform(model, ws, plan=plans.of(model, "meta llama"))
     out["deferred"] = tp.meta[fxtp.META_KEY].weight_check.meta
     out["other_ckpt"] = _error(lambda: fxtp.load(tp, ckpts["seed0" if rank == 0 else "seed1"]))
-    out["still_unloaded"] = len(tp.meta[fxtp.META_KEY].unloaded)
+    out["still_unloaded"] = len(tp.meta[fxtp.META_KEY].state.unloaded)
     fxtp.load(tp, ckpts["seed0"])
     reference = _llama()
     out["max_error"] = check_equivalence(reference, tp, hf_inputs(128), 3).worst

@@ -94,7 +94,7 @@ class Snapshot:
             for name, t in tensor_attrs(gm).items():
                 self.tensors["tp." + name] = (id(t), t.detach().clone())
             info = gm.meta["fxtp"]
-            self.fold = info.lora_fold is not None
+            self.fold = info.state.lora_fold is not None
             self.training = gm.training
             self.tp_plan = info.plan.to_json()
         if model is not None:
@@ -114,7 +114,7 @@ class Snapshot:
             gm = tp if isinstance(tp, torch.fx.GraphModule) else tp.tp
             now.update({"tp." + n: t for n, t in tensor_attrs(gm).items()})
             info = gm.meta["fxtp"]
-            if (info.lora_fold is not None) != self.fold:
+            if (info.state.lora_fold is not None) != self.fold:
                 out.append("fold state")
             if gm.training != self.training:
                 out.append("training flag")

@@ -268,7 +268,7 @@ def lora_case(ws: int) -> dict[str, Any]:
                              pad_token_id=0)
     out = gen.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     result = {"equal": torch.equal(ref, out), "ref": ref.tolist(), "out": out.tolist(),
-              "folded": gen.info.lora_fold is not None}
+              "folded": gen.info.state.lora_fold is not None}
     result.update(_hybrid_round(model, gen, ws, ids, mask))
     return result
 
@@ -461,7 +461,7 @@ def tp_generate_lora_case(ws: int, group=None) -> dict[str, Any]:
     if tp is None:
         model = lora_model("llama")
         tp = fxtp.transform(model, ws, group=group)
-    if tp.meta["fxtp"].lora_fold is not None:      # the hybrid round leaves it folded
+    if tp.meta["fxtp"].state.lora_fold is not None:      # the hybrid round leaves it folded
         fxtp.unfold_lora(tp)
     tp.eval()
     ids, mask = _prompt(model.config.vocab_size, 2, 5, [0, 2], 11)
@@ -475,15 +475,16 @@ def tp_generate_lora_case(ws: int, group=None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "equal": torch.equal(got, ref), "ref": ref.tolist(), "out": got.tolist(),
         "bitwise": all(torch.equal(weights[n], p) for n, p in tp.named_parameters()),
-        "folded_after": info.lora_fold is not None,
-        "saved_copies": len(info.lora_last_fold.originals) if info.lora_last_fold else 0,
+        "folded_after": info.state.lora_fold is not None,
+        "saved_copies": (len(info.state.lora_last_fold.originals) if info.state.lora_last_fold
+                         else 0),
         "facts": _step_facts(tp),
     }
     with torch.no_grad():
         out["forward_same"] = torch.equal(tp(input_ids=ids, attention_mask=mask).logits, forward)
     fxtp.fold_lora(tp)
     out["user_folded_equal"] = torch.equal(tp.generate(ids, **kw), ref)
-    out["user_folded_kept"] = info.lora_fold is not None
+    out["user_folded_kept"] = info.state.lora_fold is not None
     fxtp.unfold_lora(tp)
     out["bitwise_after_user_fold"] = all(torch.equal(weights[n], p)
                                          for n, p in tp.named_parameters())

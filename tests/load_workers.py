@@ -125,7 +125,7 @@ def _load_case(name: str, ws: int, path: str, adapter: str | None = None) -> dic
         "bytes_read": rep.bytes_read, "bytes_loaded": rep.bytes_loaded, "held": held,
         "full_bytes": rep.full_bytes, "files": len(rep.files), "kept": rep.kept,
         "plan_bytes": info.plan.local_param_bytes[info.rank],
-        "sliced": len(info.param_slices), "unloaded": list(info.unloaded),
+        "sliced": len(info.param_slices), "unloaded": list(info.state.unloaded),
         "devices": sorted({t.device.type for t in [*tp.parameters(), *tp.buffers()]}),
         "requires_grad": sorted({(k.split(".")[-2] if "lora" in k else "base", p.requires_grad)
                                  for k, p in tp.named_parameters()}),
@@ -143,7 +143,7 @@ def _error_cases(ws: int, dirs: dict[str, str]) -> dict[str, Any]:
             out[kind] = {"error": None}
         except fxtp.FxtpError as e:
             out[kind] = {"error": type(e).__name__, "message": str(e)}
-        out[kind]["meta_left"] = len(tp.meta["fxtp"].unloaded)
+        out[kind]["meta_left"] = len(tp.meta["fxtp"].state.unloaded)
         out[kind]["all_meta"] = all(p.device.type == "meta" for p in tp.parameters())
     try:
         tp(input_ids=torch.zeros(1, 2, dtype=torch.long))
@@ -162,7 +162,7 @@ def _error_cases(ws: int, dirs: dict[str, str]) -> dict[str, Any]:
     except fxtp.FxtpError as e:
         out["bare_meta"] = {"error": type(e).__name__, "message": str(e)}
     rep = fxtp.load(tp, dirs["llama_one"])
-    out["after"] = {"bytes_read": rep.bytes_read, "unloaded": len(tp.meta["fxtp"].unloaded)}
+    out["after"] = {"bytes_read": rep.bytes_read, "unloaded": len(tp.meta["fxtp"].state.unloaded)}
     return out
 
 

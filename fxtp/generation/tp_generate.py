@@ -99,7 +99,7 @@ def attach(tp: fx.GraphModule, model: nn.Module) -> None:
         except Exception as e:  # noqa: BLE001 - any failure to copy: no generate, transform works
             reason = (f"fxtp could not keep a weightless copy of {type(model).__name__} for "
                       f"generation ({type(e).__name__}: {e}); use fxtp.generator(model, ws)")
-    tp.generate = TPGenerate(tp, skel, reason)
+    tp.generate = tp.meta[META_KEY].state.generate = TPGenerate(tp, skel, reason)
 
 
 def skeleton(model: nn.Module, held: set[str]) -> nn.Module:
@@ -266,7 +266,7 @@ class TPGenerate:
         finally:
             if fold_here:
                 unfold_lora(tp)
-                info.lora_last_fold.originals.clear()    # no second copy of the base shards
+                info.state.lora_last_fold.originals.clear()    # no second copy of the base shards
 
     # -- building and binding the step -------------------------------------------------------
     def _build(self, tp: fx.GraphModule, max_len: int, max_batch: int,

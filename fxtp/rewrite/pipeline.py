@@ -8,6 +8,7 @@ from ..graph.nodes import get_tensor_attr, index_runs
 from ..graph.tensors import deepcopy_graph, meta_tensors, tensor_attrs
 from ..planning.plan import Plan, shapes_only
 from ..runtime.group import GroupInfo
+from ..runtime.state import RuntimeState
 from ..runtime.weight_check import WeightDigests
 from .cleanup import cleanup, own_copies
 from .collectives import insert_all_reduces, keep_constant_adds_on_rank0
@@ -72,6 +73,6 @@ def rewrite(plan: Plan, info: GroupInfo, check_weights: bool = False) -> fx.Grap
                     if digests is not None else None)
     gm.meta[META_KEY] = TPInfo(plan=kept, rank=info.rank, world_size=info.world_size,
                                group_name=info.group_name, check_weights=check_weights,
-                               weight_check=weight_check, unloaded=meta_tensors(gm),
-                               **ctx.record)
+                               weight_check=weight_check, **ctx.record,
+                               state=RuntimeState(unloaded=meta_tensors(gm)))
     return gm
