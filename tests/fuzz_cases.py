@@ -16,6 +16,8 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 
 import fxtp
+from fxtp.graph.tensors import tensor_attrs
+from fxtp.testing.models import tiny_model
 
 VOCAB = 128        # the tiny models' vocabulary
 
@@ -85,8 +87,6 @@ class Snapshot:
 
     def __init__(self, tp: Any = None, model: Any = None, plan: Any = None,
                  extra: Optional[dict] = None):
-        from fxtp.graph.tensors import tensor_attrs
-
         self.objs = (tp, model, plan)
         self.tensors: dict[str, tuple[int, torch.Tensor]] = {}
         if tp is not None:
@@ -105,8 +105,6 @@ class Snapshot:
         self.extra_src = extra or {}
 
     def differences(self) -> list[str]:
-        from fxtp.graph.tensors import tensor_attrs
-
         tp, model, plan = self.objs
         now: dict[str, torch.Tensor] = {}
         out = []
@@ -342,8 +340,6 @@ def wrong_shape(t: torch.Tensor, how: int) -> torch.Tensor:
 # a one-layer capture costs about two thirds of a two-layer one)
 
 def small_llama(seed: int = 0, **overrides):
-    from fxtp.testing.models import tiny_model
-
     return tiny_model("llama", seed, **{"num_hidden_layers": 1, **overrides})
 
 

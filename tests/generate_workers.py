@@ -10,6 +10,10 @@ from typing import Any
 import torch
 
 import fxtp
+from fxtp.generation.tp_generate import TPGenerate
+from fxtp.graph.tensors import tensor_attrs
+from fxtp.testing.families import FAMILIES, family_model
+from fxtp.testing.models import tiny_model
 
 from .rank_workers import _run_timed
 
@@ -22,9 +26,6 @@ MAX_BATCH = 3
 
 
 def model_for(name: str):
-    from fxtp.testing.families import FAMILIES, family_model
-    from fxtp.testing.models import tiny_model
-
     return family_model(name) if name in FAMILIES else tiny_model(name)
 
 
@@ -358,8 +359,6 @@ def _step_facts(tp) -> dict[str, Any]:
     steps = dict(step.named_parameters(remove_duplicate=False))
     storages = {t.untyped_storage().data_ptr() for t in [*tp.parameters(), *tp.buffers()]}
     caches = {id(t) for t in caches_of(tp)}
-    from fxtp.graph.tensors import tensor_attrs
-
     extra = sum(t.nbytes for t in {id(t): t for t in tensor_attrs(step).values()}.values()
                 if id(t) not in caches and t.untyped_storage().data_ptr() not in storages)
     same = sorted(steps) == sorted(mine) and all(p is mine[n] for n, p in steps.items())
@@ -381,8 +380,6 @@ def tp_generate_case(ws: int, ckpt: str, group=None, rebuild: bool = True) -> di
     `rebuild=False` skips the larger call that builds a second step (rank-independent logic:
     world 1 leaves it to world 2, a capture less)."""
     from transformers import AutoModelForCausalLM
-
-    from fxtp.generation.tp_generate import TPGenerate
 
     model = model_for("llama")
     vocab = model.config.vocab_size

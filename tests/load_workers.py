@@ -9,7 +9,11 @@ from typing import Any
 import torch
 
 import fxtp
+from fxtp.graph.devices import graph_devices
+from fxtp.graph.tensors import tensor_attrs
 from fxtp.testing.checks import check_equivalence
+from fxtp.testing.families import FAMILIES, family_model
+from fxtp.testing.models import tiny_model
 from fxtp.testing.strategies import hf_inputs
 
 # model name -> how to build it (the same seed in the test process and in every rank)
@@ -20,9 +24,6 @@ EXAMPLES = 3
 def build(name: str, empty: bool = False):
     """The model `name` (tiny_model or a family), random weights from a fixed seed; under
     `fxtp.init_empty()` when `empty`."""
-    from fxtp.testing.families import FAMILIES, family_model
-    from fxtp.testing.models import tiny_model
-
     if not empty:
         if name != "lora":
             return family_model(name) if name in FAMILIES else tiny_model(name)
@@ -237,9 +238,6 @@ def _device_case(ws: int) -> dict[str, Any]:
     device of meta still computes on the CPU (anything fxtp made on the default device would
     be a meta tensor with no data)."""
     from transformers import AutoModelForCausalLM
-
-    from fxtp.graph.devices import graph_devices
-    from fxtp.graph.tensors import tensor_attrs
 
     from .test_device_dtype import tensors_in
 
