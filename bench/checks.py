@@ -81,10 +81,10 @@ def rank_main(rank: int, ws: int, args) -> dict:
     with torch.no_grad():
         tp(input_ids=ids)
         for _ in range(args.calls):
-            info.check_inputs = True
+            info.state.check_inputs = True
             dist.barrier()
             checked.append(_timed(lambda: tp(input_ids=ids)))
-            info.check_inputs = False
+            info.state.check_inputs = False
             dist.barrier()
             unchecked.append(_timed(lambda: tp(input_ids=ids)))
     model_bytes = sum(t.numel() * t.element_size() for t in tensors)

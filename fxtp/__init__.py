@@ -27,6 +27,7 @@ from .errors import (
     PromptMismatchError,
     RankLostError,
     RenderError,
+    RewriteError,
     ShardingError,
     UnknownLayerError,
     WeightMismatchError,
@@ -50,5 +51,6 @@ __all__ = [
     "PromptMismatchError", "load", "init_empty", "LoadReport", "CheckpointError",
     "MetaTensorError", "DtypeError", "NotTransformedError", "WeightMismatchError", "InputMismatchError", "RankLostError",
     "WorldSizeError", "ShardingError", "LoraFoldError", "UnknownLayerError", "RenderError", "CliError",
+    "RewriteError",
 ]
 __version__ = "0.1.0"

@@ -275,7 +275,7 @@ def load(tp: Any, path: str, *, device: Union[str, torch.device, None] = None,
     if info is None:
         raise CheckpointError("fxtp.load takes the result of fxtp.transform or fxtp.generator, "
                               f"not {type(tp).__name__}")
-    if info.lora_fold is not None:
+    if info.state.lora_fold is not None:
         raise LoraStateError("fxtp.load: the LoRA adapters are folded into the weights; call "
                              "fxtp.unfold_lora(tp) before loading")
     if reader not in ("direct", "safetensors"):
@@ -378,7 +378,7 @@ def load(tp: Any, path: str, *, device: Union[str, torch.device, None] = None,
     for names, out in new:
         set_tensor_attr(gm, names[0], out)   # every alias (tied names) gets the same tensor
     retarget_devices(gm, target)
-    info.unloaded = meta_tensors(gm)
+    info.state.unloaded = meta_tensors(gm)
     return report
 
 

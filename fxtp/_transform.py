@@ -59,7 +59,7 @@ def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
             f"the head count, or keep it replicated: fxtp.transform(model, {world_size}, "
             f"plan=fxtp.plan(model, {world_size}).override({{{(r.module or r.node)!r}: 'replicate'}}))")
     gm = rewrite(plan, info, check_weights=check_weights)
-    gm.meta[META_KEY].check_inputs = check_inputs and info.world_size > 1
+    gm.meta[META_KEY].state.check_inputs = check_inputs and info.world_size > 1
     guard_meta(gm)
     install_input_defaults(gm, gm.meta[META_KEY].plan.captured)   # shapes only
     guard_training(gm)

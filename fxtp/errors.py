@@ -54,6 +54,10 @@ class ShardingError(FxtpError):
     need two different slices. A plan override that keeps the module replicated avoids it."""
 
 
+class RewriteError(FxtpError):
+    """A rewrite pass left the graph malformed (a bug in fxtp): the message names the pass."""
+
+
 class InputError(FxtpError):
     """The transformed module was called with inputs it was not captured for, or fxtp was not
     given the inputs (or input strategy) it needs for a model that is not from Hugging Face."""

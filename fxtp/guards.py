@@ -36,11 +36,11 @@ def guard_training(gm: fx.GraphModule) -> None:
     graph's dropout ops are off, and silently training without dropout would differ from the
     model's own training. `fxtp.for_training(tp, disable_dropout=True)` accepts that."""
     def train(mode: bool = True):
-        if mode and gm.meta[META_KEY].lora_fold is not None:
+        if mode and gm.meta[META_KEY].state.lora_fold is not None:
             raise LoraStateError("fxtp: the LoRA adapters are folded into the weights (for "
                                  "generation); call fxtp.for_training(tp) or "
                                  "fxtp.unfold_lora(tp) before training")
-        if mode and not gm.meta[META_KEY].dropout_disabled:
+        if mode and not gm.meta[META_KEY].state.dropout_disabled:
             drops = dropout_nodes(gm)
             if drops:
                 n = drops[0]
@@ -77,7 +77,7 @@ def guard_moves(gm: fx.GraphModule) -> None:
         device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
         refuse(dtype)
         if device is not None:
-            if gm.meta[META_KEY].lora_fold is not None:
+            if gm.meta[META_KEY].state.lora_fold is not None:
                     raise LoraStateError("fxtp: unfold the LoRA adapters (fxtp.unfold_lora(tp) or "
                                      "fxtp.for_training(tp)) before moving the graph to another "
                                      "device; fold them again there")
@@ -92,7 +92,7 @@ def guard_moves(gm: fx.GraphModule) -> None:
             retarget_devices(gm, device)
             if device.type == "meta":   # the values are gone: calls refuse until fxtp.load
 
-                gm.meta[META_KEY].unloaded = meta_tensors(gm)
+                gm.meta[META_KEY].state.unloaded = meta_tensors(gm)
         return gm
 
     def cast(dtype: torch.dtype):
@@ -115,14 +115,14 @@ def guard_meta(gm: fx.GraphModule) -> None:
     names recorded at transform/load); rescans only while it is set, so weights assigned by
     other means are noticed."""
     def hook(module, args, kwargs):
-        info = module.meta[META_KEY]
-        if info.unloaded:
-            info.unloaded = meta_tensors(module)
-            if info.unloaded:
-                shown = ", ".join(info.unloaded[:5])
-                more = f" and {len(info.unloaded) - 5} more" if len(info.unloaded) > 5 else ""
+        state = module.meta[META_KEY].state
+        if state.unloaded:
+            state.unloaded = meta_tensors(module)
+            if state.unloaded:
+                shown = ", ".join(state.unloaded[:5])
+                more = f" and {len(state.unloaded) - 5} more" if len(state.unloaded) > 5 else ""
                 raise MetaTensorError(
-                    f"fxtp: the tensor-parallel model holds {len(info.unloaded)} tensor(s) on "
+                    f"fxtp: the tensor-parallel model holds {len(state.unloaded)} tensor(s) on "
                     f"the meta device ({shown}{more}): the model was built without weights. "
                     "Fill them with fxtp.load(tp, checkpoint_dir) on every rank first.")
 
@@ -132,7 +132,7 @@ def guard_meta(gm: fx.GraphModule) -> None:
 def install_input_defaults(gm: fx.GraphModule, captured: Captured) -> None:
     """Lets the result be called like the model: fills inputs the capture fixed (use_cache=False,
     an all-ones attention_mask) and names the accepted inputs when a caller passes others.
-    With `check_inputs` set (`TPInfo`), then compares the inputs across the ranks."""
+    With `check_inputs` set (`TPInfo.state`), then compares the inputs across the ranks."""
     names = captured.kwarg_names
     defaults = dict(captured.defaults)
     slots = input_check.slot_names(captured.arg_count, names)
@@ -140,7 +140,7 @@ def install_input_defaults(gm: fx.GraphModule, captured: Captured) -> None:
 
     def hook(module, args, kwargs):
         info = module.meta[META_KEY]
-        if not info.check_inputs:
+        if not info.state.check_inputs:
             return fill(module, args, kwargs)
         try:
             args, kwargs = fill(module, args, kwargs)

@@ -18,24 +18,25 @@ def fold_lora(tp: fx.GraphModule) -> fx.GraphModule:
     branches from the graph (generation then costs what a plain model does). Raises
     `NoLoraError` when the graph has no LoRA branch, `LoraStateError` when already folded."""
     info = _info(tp, "fold_lora")
-    if info.lora_fold is not None:
+    state = info.state
+    if state.lora_fold is not None:
         raise LoraStateError("fxtp.fold_lora: the LoRA adapters are already folded into the "
                              "weights; call fxtp.unfold_lora(tp) first (fxtp.for_generation(tp) "
                              "is a no-op when folded)")
-    info.lora_fold = info.lora_last_fold = lora_fold.fold(tp, info.plan.solution.linears, _label(tp),
-                                                     info.lora_last_fold)
+    state.lora_fold = state.lora_last_fold = lora_fold.fold(tp, info.plan.solution.linears,
+                                                            _label(tp), state.lora_last_fold)
     return tp
 
 
 def unfold_lora(tp: fx.GraphModule) -> fx.GraphModule:
     """Restores the LoRA branches and the base weights as they were before `fold_lora`
     (bit for bit: the saved local shards are copied back). `LoraStateError` if not folded."""
-    info = _info(tp, "unfold_lora")
-    if info.lora_fold is None:
+    state = _info(tp, "unfold_lora").state
+    if state.lora_fold is None:
         raise LoraStateError("fxtp.unfold_lora: the LoRA adapters are not folded (call "
                              "fxtp.fold_lora(tp) first; fxtp.for_training(tp) is a no-op then)")
-    lora_fold.unfold(tp, info.lora_fold)
-    info.lora_fold = None
+    lora_fold.unfold(tp, state.lora_fold)
+    state.lora_fold = None
     return tp
 
 
@@ -51,7 +52,7 @@ def _info(tp: object, fn: str):
 
 
 def is_folded(tp: fx.GraphModule) -> bool:
-    return tp.meta[META_KEY].lora_fold is not None
+    return tp.meta[META_KEY].state.lora_fold is not None
 
 
 def _label(tp: fx.GraphModule) -> str:
@@ -67,7 +68,7 @@ def for_training(tp: fx.GraphModule, *, disable_dropout: bool = False) -> fx.Gra
     if is_folded(tp):
         unfold_lora(tp)
     if disable_dropout:
-        tp.meta[META_KEY].dropout_disabled = True
+        tp.meta[META_KEY].state.dropout_disabled = True
     tp.train()
     return tp
 

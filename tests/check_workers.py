@@ -13,7 +13,9 @@ import torch
 import torch.distributed as dist
 
 import fxtp
+from fxtp.capture.lora import find_lora_branches
 from fxtp.testing.checks import check_equivalence
+from fxtp.testing.models import TINY, tiny_model
 from fxtp.testing.strategies import hf_inputs
 
 from .rank_workers import _run_timed
@@ -50,8 +52,6 @@ def _same(before: dict, module) -> bool:
 
 def _llama(seed: int = 0):
     """The tiny Llama with one layer (a capture costs half of two layers')."""
-    from fxtp.testing.models import tiny_model
-
     return tiny_model("llama", seed=seed, num_hidden_layers=1)
 
 
@@ -124,7 +124,7 @@ def load_case(rank: int, ws: int, ckpts: dict, plans: Plans) -> dict[str, Any]:
     tp = fxtp.transform(model, ws, plan=plans.of(model, "meta llama"))
     out["deferred"] = tp.meta[fxtp.META_KEY].weight_check.meta
     out["other_ckpt"] = _error(lambda: fxtp.load(tp, ckpts["seed0" if rank == 0 else "seed1"]))
-    out["still_unloaded"] = len(tp.meta[fxtp.META_KEY].unloaded)
+    out["still_unloaded"] = len(tp.meta[fxtp.META_KEY].state.unloaded)
     fxtp.load(tp, ckpts["seed0"])
     reference = _llama()
     out["max_error"] = check_equivalence(reference, tp, hf_inputs(128), 3).worst
@@ -210,8 +210,6 @@ def peft_case(rank: int, ws: int) -> dict[str, Any]:
         LlamaForTokenClassification,
     )
 
-    from fxtp.testing.models import TINY
-
     cfg_args = {k: v for k, v in TINY["llama"].items() if k != "model_type"}
     cfg_args["num_hidden_layers"] = 1
     out: dict[str, Any] = {}
@@ -231,8 +229,6 @@ def peft_case(rank: int, ws: int) -> dict[str, Any]:
         err = check_equivalence(model, tp, hf_inputs(128, max_seq=8), 2).worst
         fxtp.fold_lora(tp)
         folded = check_equivalence(model, tp, hf_inputs(128, max_seq=8), 1).worst
-        from fxtp.capture.lora import find_lora_branches
-
         fxtp.unfold_lora(tp)
         branches = len(find_lora_branches(tp, tp.meta[fxtp.META_KEY].plan.solution.linears))
         out[str(task)] = {"type": type(model).__name__, "max_error": err, "folded": folded,

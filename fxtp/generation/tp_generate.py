@@ -100,6 +100,9 @@ def attach(tp: fx.GraphModule, model: nn.Module) -> None:
             reason = (f"fxtp could not keep a weightless copy of {type(model).__name__} for "
                       f"generation ({type(e).__name__}: {e}); use fxtp.generator(model, ws)")
     tp.generate = TPGenerate(tp, skel, reason)
+    info = tp.meta.get(META_KEY)       # kept with tp's run-time state (a bare graph has none)
+    if info is not None:
+        info.state.generate = tp.generate
 
 
 def skeleton(model: nn.Module, held: set[str]) -> nn.Module:
@@ -266,7 +269,7 @@ class TPGenerate:
         finally:
             if fold_here:
                 unfold_lora(tp)
-                info.lora_last_fold.originals.clear()    # no second copy of the base shards
+                info.state.lora_last_fold.originals.clear()    # no second copy of the base shards
 
     # -- building and binding the step -------------------------------------------------------
     def _build(self, tp: fx.GraphModule, max_len: int, max_batch: int,

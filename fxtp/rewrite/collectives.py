@@ -5,22 +5,25 @@ The all-reduce is `runtime.all_reduce_sum` (Megatron's g: identity backward), so
 also be trained."""
 from __future__ import annotations
 
-from torch import fx
-
 from ..capture.linear import BIAS_META
 from ..graph.nodes import nodes_by_name
 from ..runtime.collectives import all_reduce_sum, grad_only_add
-from ..solve.solver import Actions
+from .context import RewriteContext
 
 COLLECTIVE_META = "fxtp_collective"
 
 
-def insert_all_reduces(gm: fx.GraphModule, actions: Actions, group_name: str) -> list[str]:
-    """Returns the names of the inserted all-reduce nodes."""
+def insert_all_reduces(ctx: RewriteContext) -> tuple[str, ...]:
+    """One all-reduce after each partial sum, read by the users that need the full value:
+
+        user(linear(x_shard, W_rows))  ->  user(all_reduce_sum(linear(x_shard, W_rows), group))
+
+    Returns the names of the inserted all-reduce nodes."""
+    gm, group_name = ctx.gm, ctx.group_name
     nodes = nodes_by_name(gm)
     g = gm.graph
     inserted = []
-    for value_name, user_names in actions.reduces.items():
+    for value_name, user_names in ctx.actions.reduces.items():
         value = nodes[value_name]
         with g.inserting_after(value):
             waited = g.call_function(all_reduce_sum, (value, group_name))
@@ -31,17 +34,20 @@ def insert_all_reduces(gm: fx.GraphModule, actions: Actions, group_name: str) ->
         for u in user_names:
             nodes[u].replace_input_with(value, waited)
         inserted.append(waited.name)
-    return inserted
+    return tuple(inserted)
 
 
-def keep_constant_adds_on_rank0(gm: fx.GraphModule, actions: Actions, rank: int) -> None:
+def keep_constant_adds_on_rank0(ctx: RewriteContext) -> None:
     """A constant added to a partial sum is added by rank 0 only. The other ranks skip the add
     but keep the node (same name) as `grad_only_add`, which passes the partial sum through and
-    still gives the constant its gradient when training."""
-    if rank == 0:
+    still gives the constant its gradient when training:
+
+        add(partial, b)  ->  add(partial, b)                 (rank 0)
+        add(partial, b)  ->  grad_only_add(partial, b)       (other ranks)"""
+    if ctx.rank == 0:
         return
-    nodes = nodes_by_name(gm)
-    for add_name, partial_name in actions.rank0_adds:
+    nodes = nodes_by_name(ctx.gm)
+    for add_name, partial_name in ctx.actions.rank0_adds:
         add = nodes[add_name]
         partial = nodes[partial_name]
         const = add.args[1] if add.args[0] is partial else add.args[0]

@@ -20,8 +20,6 @@ Both helpers are identity views forward: inference costs nothing extra.
 """
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 from torch import fx
 
@@ -31,6 +29,7 @@ from ..graph.ops import functional_twin
 from ..runtime.collectives import all_reduce_sum, copy_to_region, sum_over_replicas
 from ..solve.placements import REPLICATE, DimShard, Partial, Sharded
 from ..solve.solver import Actions
+from .context import RewriteContext
 from .local_slices import NARROW_META
 
 aten = torch.ops.aten
@@ -87,14 +86,18 @@ def _written_in_place(gm: fx.GraphModule) -> set[int]:
     return out
 
 
-def insert_grad_syncs(gm: fx.GraphModule, actions: Actions, linears: dict[str, LinearMatch],
-                      rank: int, world_size: int, group_name: str,
-                      sliced: Iterable[str]) -> list[str]:
-    """Run after the other rewrite passes; returns the names of the inserted nodes."""
+def insert_grad_syncs(ctx: RewriteContext) -> tuple[str, ...]:
+    """Run after the other rewrite passes (reads `ctx.slices`: the tensors sliced to this rank):
+
+        linear(x, W_cols)  ->  linear(copy_to_region(x, group), W_cols)   (x replicated)
+        get_attr W_kv      ->  sum_over_replicas(get_attr W_kv, ...)     (held by several ranks)
+
+    Returns the names of the inserted nodes."""
+    gm, actions, rank, group_name = ctx.gm, ctx.actions, ctx.rank, ctx.group_name
     g = gm.graph
     placements = actions.placements
-    duplicated = _duplicated_params(gm, actions, linears, world_size)
-    sliced_ids = {id(get_tensor_attr(gm, name)) for name in sliced}
+    duplicated = _duplicated_params(gm, actions, ctx.linears, ctx.world_size)
+    sliced_ids = {id(get_tensor_attr(gm, name)) for name in ctx.slices}
     rank0_adds = {add for add, _ in actions.rank0_adds}
     inserted: list[str] = []
 
@@ -158,4 +161,4 @@ def insert_grad_syncs(gm: fx.GraphModule, actions: Actions, linears: dict[str, L
         s.meta.update(nn_module_stack=attr.meta.get("nn_module_stack", {}))
         s.meta[GRAD_SYNC_META] = "replicas"
         inserted.append(s.name)
-    return inserted
+    return tuple(inserted)

@@ -9,10 +9,7 @@ sliced on the block and flattened back.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
-
 import torch
-from torch import fx
 
 from ..graph.nodes import (
     get_arg,
@@ -23,7 +20,8 @@ from ..graph.nodes import (
     set_tensor_attr,
 )
 from ..solve.placements import DimShard
-from ..solve.solver import Actions, sliced_in_place
+from ..solve.solver import sliced_in_place
+from .context import RewriteContext
 from .shard_params import slice_tensor
 
 aten = torch.ops.aten
@@ -49,12 +47,15 @@ def relative_ranges(have: DimShard | None, want: DimShard, rank: int) -> list[tu
     return runs
 
 
-def insert_local_slices(gm: fx.GraphModule, actions: Actions, rank: int,
-                        record: dict | None = None,
-                        on_read: Optional[Callable[[torch.Tensor], None]] = None) -> list[str]:
-    """Applies the solver's narrows; returns the names of parameters/buffers sliced in place
-    (and puts name -> (dim, global indices kept) into `record` if given; `on_read` sees each
-    full tensor sliced in place as it is read)."""
+def insert_local_slices(ctx: RewriteContext) -> tuple[str, ...]:
+    """Applies the solver's narrows, a replicated operand cut to what a sharded op needs:
+
+        add(h_shard, bias)   ->  add(h_shard, bias[this rank's part])     (sliced in place)
+        mul(q_shard, x)      ->  mul(q_shard, slice(x, dim, start, end))  (a run-time value)
+
+    Returns the names of parameters/buffers sliced in place (each also into `ctx.slices` with
+    (dim, global indices kept); `ctx.on_read` sees each full tensor as it is read)."""
+    gm, actions, rank = ctx.gm, ctx.actions, ctx.rank
     nodes = nodes_by_name(gm)
     g = gm.graph
     sliced_attrs: list[str] = []
@@ -64,13 +65,12 @@ def insert_local_slices(gm: fx.GraphModule, actions: Actions, rank: int,
         ranges = relative_ranges(have, want, rank)
         if sliced_in_place(value, have, want):
             full = get_tensor_attr(gm, value.target)
-            if on_read is not None:
-                on_read(full)
+            if ctx.on_read is not None:
+                ctx.on_read(full)
             index = runs_index(ranges)
             set_tensor_attr(gm, value.target, slice_tensor(full, dim, index))
             sliced_attrs.append(value.target)
-            if record is not None:
-                record[value.target] = (dim, index)
+            ctx.slices[value.target] = (dim, index)
             continue
         with g.inserting_before(user):
             src, at = value, dim
@@ -85,4 +85,4 @@ def insert_local_slices(gm: fx.GraphModule, actions: Actions, rank: int,
             p.meta[NARROW_META] = {"of": value.name, "shared": have is not None}
             p.meta["nn_module_stack"] = user.meta.get("nn_module_stack", {})   # the user's layer
         set_arg(user, path, local)
-    return sliced_attrs
+    return tuple(sliced_attrs)

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import operator
 
-from torch import fx
-
 from ..graph.nodes import get_arg, nodes_by_name, set_arg
-from ..solve.solver import Actions
+from .context import RewriteContext
 
 
-def rewrite_shape_constants(gm: fx.GraphModule, actions: Actions,
-                            rank: int = 0) -> list[tuple[str, object, int]]:
-    """Applies the solver's size rewrites for `rank`; returns (node, old, new) for explain."""
+def rewrite_shape_constants(ctx: RewriteContext) -> tuple[tuple[str, object, object], ...]:
+    """Applies the solver's size rewrites for this rank:
+
+        reshape(x, [b, s, 4, 16])  ->  reshape(x, [b, s, 2, 16])      (4 heads, 2 on this rank)
+        view(x, [n, s, 16])        ->  view(x, [n * 2 // 4, s, 16])   (n = b * 4 at run time)
+
+    Returns (node, old, new) for explain."""
+    gm, actions, rank = ctx.gm, ctx.actions, ctx.rank
     nodes = nodes_by_name(gm)
     done = []
     for name, path, value in actions.int_args:
@@ -36,4 +39,4 @@ def rewrite_shape_constants(gm: fx.GraphModule, actions: Actions,
                 gm.graph.call_function(operator.mul, (full, new)), block))
         set_arg(node, path, scaled)
         done.append((name, f"{full.name} (= outer x {block})", f"outer x {new}"))
-    return done
+    return tuple(done)

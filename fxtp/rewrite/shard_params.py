@@ -2,24 +2,24 @@
 to this rank's shard, names unchanged; a tied parameter is sliced once."""
 from __future__ import annotations
 
-from typing import Callable, Optional
-
 import torch
 from torch import fx
 
-from ..capture.linear import LinearMatch, tensor_key
+from ..capture.linear import tensor_key
 from ..errors import ShardingError
 from ..graph.nodes import get_tensor_attr, set_tensor_attr
-from ..solve.solver import Actions
+from .context import RewriteContext
 
 
-def shard_linear_params(gm: fx.GraphModule, actions: Actions, linears: dict[str, LinearMatch],
-                        rank: int, record: dict | None = None,
-                        on_read: Optional[Callable[[torch.Tensor], None]] = None
-                        ) -> dict[str, tuple[tuple, tuple]]:
-    """Replaces each sharded weight with its local slice; returns name -> (full, local) shape.
-    `record`, if given, gets name -> (dim, global indices kept) for each sliced parameter;
-    `on_read`, if given, sees each full tensor as it is read (the weight check's checksums)."""
+def shard_linear_params(ctx: RewriteContext) -> dict[str, tuple[tuple, tuple]]:
+    """Replaces each sharded weight with its local slice, same name (the graph is unchanged):
+
+        linear(x, W)          ->  linear(x, W[this rank's rows or columns])
+        embedding(E, ids)     ->  embedding(E[this rank's rows], ids)   (vocab-parallel)
+
+    Returns name -> (full, local) shape; puts name -> (dim, global indices kept) into
+    `ctx.slices`; `ctx.on_read` sees each full tensor as it is read."""
+    gm, actions, linears, rank = ctx.gm, ctx.actions, ctx.linears, ctx.rank
     wanted: dict[int, tuple[str, int, object]] = {}   # tensor identity -> (name, dim, split)
     for table, dim_of in ((actions.columns, "out_dim"), (actions.rows, "in_dim")):
         for node_name, spec in table.items():
@@ -31,11 +31,10 @@ def shard_linear_params(gm: fx.GraphModule, actions: Actions, linears: dict[str,
     changed: dict[str, tuple[tuple, tuple]] = {}
     for name, dim, spec in wanted.values():
         full = get_tensor_attr(gm, name)
-        if on_read is not None:
-            on_read(full)
+        if ctx.on_read is not None:
+            ctx.on_read(full)
         local = slice_tensor(full, dim, spec.index(rank))
-        if record is not None:
-            record[name] = (dim, spec.index(rank))
+        ctx.slices[name] = (dim, spec.index(rank))
         set_tensor_attr(gm, name, local)
         changed[name] = (tuple(full.shape), tuple(local.shape))
     return changed

@@ -14,20 +14,24 @@ from torch import fx
 from ..capture.linear import module_path
 from ..graph.nodes import nodes_by_name
 from ..runtime.collectives import all_gather_dim0
-from ..solve.solver import Actions
+from .context import RewriteContext
 
 aten = torch.ops.aten
 
 
-def mask_vocab_embeddings(gm: fx.GraphModule, actions: Actions, rank: int) -> None:
-    """Rewrites embedding(W, ids) for this rank's rows of W (W itself is sliced elsewhere).
+def mask_vocab_embeddings(ctx: RewriteContext) -> None:
+    """Rewrites embedding(W, ids) for this rank's rows of W (W itself is sliced elsewhere):
+
+        emb = embedding(W, ids)  ->  out = ids outside [start, end); local = ids - start, 0 there
+                                     emb = masked_fill(embedding(W, local), out, 0.0)
 
     The lookup moves to a new node and the original node becomes the masking of its result, so
     the node the solver named (whose partial sum later passes reduce, add constants to, ...)
     is the masked value."""
+    gm, rank = ctx.gm, ctx.rank
     nodes = nodes_by_name(gm)
     g = gm.graph
-    for name, spec in actions.vocab_embeddings.items():
+    for name, spec in ctx.actions.vocab_embeddings.items():
         emb = nodes[name]
         ids = emb.args[1]
         (start, length), = spec.local_ranges(rank)
@@ -61,13 +65,17 @@ def _assert_in_vocab(g: fx.Graph, ids: fx.Node, vocab: int, where: str) -> None:
         "below the vocabulary size (check the tokenizer matches the model's config).")))
 
 
-def gather_vocab_outputs(gm: fx.GraphModule, actions: Actions, world_size: int,
-                         group_name: str, rank: int) -> list[str]:
-    """All-gathers each vocab-sharded output along its last dim; returns the gather nodes."""
+def gather_vocab_outputs(ctx: RewriteContext) -> tuple[str, ...]:
+    """All-gathers each vocab-sharded output along its vocab dim for the users that need it:
+
+        out(logits)  ->  out(movedim(all_gather_dim0(clone(movedim(logits, d, 0))), 0, d))
+
+    Returns the gather nodes."""
+    gm, world_size, group_name, rank = ctx.gm, ctx.world_size, ctx.group_name, ctx.rank
     nodes = nodes_by_name(gm)
     g = gm.graph
     out = []
-    for value_name, dim, user_names in actions.gathers:
+    for value_name, dim, user_names in ctx.actions.gathers:
         value = nodes[value_name]
         with g.inserting_after(value):
             front = g.call_function(aten.movedim.int, (value, dim, 0))
@@ -84,4 +92,4 @@ def gather_vocab_outputs(gm: fx.GraphModule, actions: Actions, world_size: int,
         for u in user_names:
             nodes[u].replace_input_with(value, back)
         out.append(gathered.name)
-    return out
+    return tuple(out)
