@@ -78,7 +78,7 @@ def guard_moves(gm: fx.GraphModule) -> None:
         refuse(dtype)
         if device is not None:
             if gm.meta[META_KEY].state.lora_fold is not None:
-                    raise LoraStateError("fxtp: unfold the LoRA adapters (fxtp.unfold_lora(tp) or "
+                raise LoraStateError("fxtp: unfold the LoRA adapters (fxtp.unfold_lora(tp) or "
                                      "fxtp.for_training(tp)) before moving the graph to another "
                                      "device; fold them again there")
             device = resolve_device(device)
