@@ -41,10 +41,9 @@ def rank_main(rank: int, ws: int, args) -> dict:
     from transformers import AutoModelForCausalLM
 
     import fxtp
-    from fxtp.agreement import tensor_digest
-    from fxtp.graph_tensors import tensor_attrs
-
-    import fxtp.weight_check as weight_check
+    import fxtp.runtime.weight_check as weight_check
+    from fxtp.graph.tensors import tensor_attrs
+    from fxtp.runtime.agreement import tensor_digest
 
     spent = {"read": 0.0, "check": 0.0}     # inside transform: checksums, and the gather
 
@@ -82,10 +81,10 @@ def rank_main(rank: int, ws: int, args) -> dict:
     with torch.no_grad():
         tp(input_ids=ids)
         for _ in range(args.calls):
-            info.check_inputs = True
+            info.state.check_inputs = True
             dist.barrier()
             checked.append(_timed(lambda: tp(input_ids=ids)))
-            info.check_inputs = False
+            info.state.check_inputs = False
             dist.barrier()
             unchecked.append(_timed(lambda: tp(input_ids=ids)))
     model_bytes = sum(t.numel() * t.element_size() for t in tensors)
@@ -98,7 +97,7 @@ def rank_main(rank: int, ws: int, args) -> dict:
 
 
 def main() -> None:
-    from fxtp.verify import run_ranks
+    from fxtp.testing.ranks import run_ranks
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=1024)

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import fxtp  # noqa: E402
-from fxtp.models import tiny_model  # noqa: E402
+from fxtp.testing.models import tiny_model
 
 CASES = {
     "llama (GQA 4/2)": lambda: tiny_model("llama"),

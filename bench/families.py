@@ -1,4 +1,4 @@
-"""Prints, for every tiny family in fxtp/families.py and each world size: max error vs the
+"""Prints, for every tiny family in fxtp/testing/families.py and each world size: max error vs the
 untouched model on hypothesis-drawn inputs, all-reduces per layer, local fraction of the
 linear parameters, and what stayed replicated. One spawn of gloo ranks per world size.
 
@@ -17,8 +17,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 def measure(rank: int, world_size: int, examples: int) -> dict:
     import fxtp
-    from fxtp.families import FAMILIES, family_model
-    from fxtp.verify import check_equivalence, hf_inputs_for
+    from fxtp.testing.checks import check_equivalence
+    from fxtp.testing.families import FAMILIES, family_model
+    from fxtp.testing.strategies import hf_inputs_for
 
     out = {}
     for name in FAMILIES:
@@ -34,7 +35,7 @@ def measure(rank: int, world_size: int, examples: int) -> dict:
 
 
 def main() -> None:
-    from fxtp.verify import run_ranks
+    from fxtp.testing.ranks import run_ranks
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])

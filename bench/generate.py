@@ -30,8 +30,8 @@ def build(name: str, hidden: int, layers: int):
     """The named tiny model, optionally widened (heads of 16 features kept)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fxtp.families import FAMILIES
-    from fxtp.models import TINY
+    from fxtp.testing.families import FAMILIES
+    from fxtp.testing.models import TINY
 
     kw = dict(FAMILIES.get(name) or TINY[name])
     kw.setdefault("vocab_size", 128)
@@ -104,7 +104,7 @@ def tp_rank(rank: int, ws: int, args: dict) -> dict:
 def main() -> None:
     import torch
 
-    from fxtp.verify import run_ranks
+    from fxtp.testing.ranks import run_ranks
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama")

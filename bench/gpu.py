@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import math
 import os
 import shutil
 import statistics
@@ -576,8 +575,9 @@ def section_decode(b: Bench, batch: int) -> None:
 
 def section_meta_load(b: Bench) -> None:
     """meta build -> transform -> fxtp.load(device, dtype) of a checkpoint written here."""
-    import fxtp
     from transformers import AutoModelForCausalLM
+
+    import fxtp
 
     b.ensure_model()
     path = tempfile.mkdtemp(prefix="fxtp_gpu_bench_", dir="/tmp" if os.path.isdir("/tmp") else None)
@@ -665,7 +665,7 @@ def _two_rank_worker(rank: int, ws: int, shape: Shape, device: str, dtype: str) 
 
 
 def section_two_ranks_gloo(b: Bench) -> None:
-    from fxtp.verify import run_ranks
+    from fxtp.testing.ranks import run_ranks
 
     dtype = b.args.two_rank_dtype
     t0 = time.perf_counter()
@@ -746,7 +746,7 @@ def section_nccl(b: Bench) -> None:
 
     import torch.multiprocessing as mp
 
-    from fxtp.verify import free_port
+    from fxtp.testing.ranks import free_port
 
     one = b.decode.get(1, {})
     n_new = b.shape.new_tokens

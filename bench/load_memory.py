@@ -104,8 +104,9 @@ def _reset_peak() -> bool:
 
 def rank_main(rank: int, ws: int, root: str, hidden: int, layers: int, vocab: int, reader: str,
               dtype: str = "float32"):
-    import fxtp
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    import fxtp
 
     cfg = AutoConfig.from_pretrained(root)
     t0 = time.perf_counter()
@@ -151,7 +152,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the model's dtype: bfloat16 casts the float32 checkpoint while reading")
     args = ap.parse_args()
-    from fxtp.verify import run_ranks
+    from fxtp.testing.ranks import run_ranks
 
     root = args.dir or tempfile.mkdtemp(prefix="fxtp_load_")
     try:

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/plan_time.py [--layers 8 16 32 80] [--full-up-to 16] [--world-size 8]
 
-`fxtp.plan` captures a probe of two repeated layers (fxtp/repeats.py) and writes their
+`fxtp.plan` captures a probe of two repeated layers (fxtp/planning/repeats.py) and writes their
 decisions for every layer; `probe=False` captures every layer, which is what the time would be
 without it (run only up to --full-up-to layers: it grows with depth). Both are timed in this
 process, one after the other; building the meta model is timed apart.

@@ -28,8 +28,9 @@ from load_memory import _reset_peak, _rss_kb, config, model_arguments  # noqa: E
 
 
 def rank_main(rank: int, ws: int, args) -> dict:
-    import fxtp
     from transformers import AutoModelForCausalLM
+
+    import fxtp
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config(args)).eval()
@@ -51,7 +52,7 @@ def rank_main(rank: int, ws: int, args) -> dict:
 
 def main() -> None:
     args = model_arguments(__doc__, hidden=1024).parse_args()
-    from fxtp.verify import run_ranks
+    from fxtp.testing.ranks import run_ranks
 
     results = run_ranks(rank_main, args.world_size, args, timeout=1800)
     mib = 2 ** 20

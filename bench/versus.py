@@ -99,8 +99,11 @@ def _hand_written(model, rank: int, ws: int):
 
 def _dtensor(model, ws: int):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
-                                                   parallelize_module)
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
 
     mesh = init_device_mesh("cpu", (ws,))
     plan = {}
@@ -192,7 +195,7 @@ def main() -> None:
     import torch
 
     import fxtp
-    from fxtp.verify import run_ranks
+    from fxtp.testing.ranks import run_ranks
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=1024)

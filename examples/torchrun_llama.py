@@ -35,7 +35,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fxtp  # noqa: E402
-from fxtp.models import TINY  # noqa: E402
+from fxtp.testing.models import TINY  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # max |tp - model| over the logits, relative to max(1, max |model|): fp32 is the test suite's

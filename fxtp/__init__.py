@@ -3,20 +3,45 @@
     tp = fxtp.transform(model, world_size)     # inside an initialised process group
     print(fxtp.plan(model, world_size))        # the decisions, no process group needed
 """
-from .errors import (CacheOverflowError, CaptureError, CheckpointError, DropoutError, DtypeError,
-                     FxtpError,
-                     GenerationError, InputError, InputMismatchError, LoraStateError,
-                     MetaTensorError, NoLoraError, NotDivisibleError, NotTransformedError, PlanOverrideError,
-                     ProcessGroupError, PromptMismatchError, RankLostError, WeightMismatchError,
-                     WorldSizeMismatchError)
-from .plan import Plan, PlanEntry
-from .transform import META_KEY, TPInfo, plan_model as plan, transform
-from .hybrid import fold_lora, for_generation, for_training, unfold_lora
-from .explain import Explanation, diff, explain
-from .draw import draw
-from .generate import Generator, generator
-from .load import LoadReport, init_empty, load
-from .verify import verify  # noqa: E402  (the function; the module stays importable)
+from ._load import LoadReport, init_empty, load
+from ._transform import transform
+from .errors import (
+    CacheOverflowError,
+    CaptureError,
+    CheckpointError,
+    CliError,
+    DropoutError,
+    DtypeError,
+    FxtpError,
+    GenerationError,
+    InputError,
+    InputMismatchError,
+    LoraFoldError,
+    LoraStateError,
+    MetaTensorError,
+    NoLoraError,
+    NotDivisibleError,
+    NotTransformedError,
+    PlanOverrideError,
+    ProcessGroupError,
+    PromptMismatchError,
+    RankLostError,
+    RenderError,
+    RewriteError,
+    ShardingError,
+    UnknownLayerError,
+    WeightMismatchError,
+    WorldSizeError,
+    WorldSizeMismatchError,
+)
+from .generation.generator import Generator, generator
+from .inspection.draw import draw
+from .inspection.explain import Explanation, diff, explain
+from .modes import fold_lora, for_generation, for_training, unfold_lora
+from .planning.plan import Plan, PlanEntry
+from .planning.planner import plan_model as plan
+from .rewrite.record import META_KEY, TPInfo
+from .testing.checks import verify
 
 __all__ = [
     "transform", "plan", "verify", "generator", "Generator", "explain", "diff", "draw", "Explanation", "for_training", "for_generation", "fold_lora",
@@ -25,5 +50,7 @@ __all__ = [
     "ProcessGroupError", "WorldSizeMismatchError", "GenerationError", "CacheOverflowError",
     "PromptMismatchError", "load", "init_empty", "LoadReport", "CheckpointError",
     "MetaTensorError", "DtypeError", "NotTransformedError", "WeightMismatchError", "InputMismatchError", "RankLostError",
+    "WorldSizeError", "ShardingError", "LoraFoldError", "UnknownLayerError", "RenderError", "CliError",
+    "RewriteError",
 ]
 __version__ = "0.1.0"

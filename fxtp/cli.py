@@ -9,14 +9,19 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
-from .errors import FxtpError
+from ._transform import transform
+from .errors import CliError, FxtpError
+from .inspection.draw import draw, renderer
+from .inspection.explain import diff, explain
+from .planning.planner import plan_model
+from .testing.checks import verify
+from .testing.families import FAMILIES, family_model
+from .testing.models import TINY, tiny_model
+from .testing.ranks import run_ranks
 
 
 def _load_model(spec: str):
     """A tiny built-in model by name, or a local Hugging Face config/checkpoint directory."""
-    from .families import FAMILIES, family_model
-    from .models import TINY, tiny_model
-
     if spec in TINY:
         return tiny_model(spec)
     if spec in FAMILIES:
@@ -28,7 +33,7 @@ def _load_model(spec: str):
             cfg = AutoConfig.from_pretrained(spec, local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise FxtpError(f"{spec}: not a Hugging Face config directory transformers can "
+            raise CliError(f"{spec}: not a Hugging Face config directory transformers can "
                             f"read: {first}") from e
         has_weights = any(f.endswith((".safetensors", ".bin")) for f in os.listdir(spec))
         for cls in (AutoModelForCausalLM, AutoModel):
@@ -38,11 +43,11 @@ def _load_model(spec: str):
                 return cls.from_config(cfg).eval()
             except (ValueError, KeyError):
                 continue
-        raise FxtpError(f"{spec}: no causal-LM or base model class for model_type "
+        raise CliError(f"{spec}: no causal-LM or base model class for model_type "
                         f"{cfg.model_type!r}")
     if os.path.sep in spec or spec.startswith("."):
-        raise FxtpError(f"{spec}: no such directory")
-    raise FxtpError(f"unknown model {spec!r}: use one of {sorted(set(TINY) | set(FAMILIES))} "
+        raise CliError(f"{spec}: no such directory")
+    raise CliError(f"unknown model {spec!r}: use one of {sorted(set(TINY) | set(FAMILIES))} "
                     "or a local HF config/checkpoint directory")
 
 
@@ -77,8 +82,6 @@ def _world_size(value: str) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .transform import plan_model
-
     model = _model(args.model)
     with _step(f"capturing and planning for {args.world_size} ranks"):
         plan = plan_model(model, args.world_size)
@@ -87,9 +90,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .models import tiny_model
-    from .transform import plan_model
-
     print(f"fxtp demo: a tiny random-weight Llama (GQA: 4 heads, 2 kv heads), "
           f"{args.world_size} gloo ranks on CPU\n")
     model = tiny_model("llama")
@@ -102,8 +102,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _verify(model, args: argparse.Namespace) -> int:
-    from .verify import verify
-
     t0 = time.perf_counter()
     with _step(f"{args.world_size} gloo ranks: transform, {args.examples} examples each"):
         reports = verify(model, args.world_size, max_examples=args.examples, timeout=args.timeout)
@@ -134,8 +132,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def _inspect_rank(rank: int, world_size: int, spec: str, what: str, layer: Optional[str],
                   path: Optional[str], show: int) -> Optional[str]:
     """Runs in each spawned rank: transform, then explain/diff/draw on rank `show` only."""
-    from . import diff, draw, explain, transform
-
     tp = transform(_load_model(spec), world_size)
     if rank != show:
         return None
@@ -148,10 +144,8 @@ def _inspect_rank(rank: int, world_size: int, spec: str, what: str, layer: Optio
 
 
 def _inspect(args: argparse.Namespace, what: str, path: Optional[str] = None) -> int:
-    from .verify import run_ranks
-
     if not 0 <= args.rank < args.world_size:
-        raise FxtpError(f"--rank {args.rank} is not a rank of world size {args.world_size}")
+        raise CliError(f"--rank {args.rank} is not a rank of world size {args.world_size}")
     _model(args.model)               # a bad name or path fails here, before any spawn
     if args.world_size == 1:         # no collective: no process group, no spawn
         with _step(f"transform, {what}"):
@@ -169,8 +163,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_draw(args: argparse.Namespace) -> int:
-    from .draw import renderer
-
     renderer(args.output)            # Graphviz missing for .svg/.png: say so before spawning
     return _inspect(args, "draw", os.path.abspath(args.output))
 

@@ -44,8 +44,23 @@ class PlanOverrideError(FxtpError):
     """A user override names a module that does not exist or asks for something impossible."""
 
 
+class WorldSizeError(PlanOverrideError, ProcessGroupError):
+    """`world_size` is not an int >= 1. One class wherever it is given (fxtp.plan, Plan.replan,
+    fxtp.transform, fxtp.generator): a subclass of both errors those calls raise otherwise."""
+
+
+class ShardingError(FxtpError):
+    """No consistent sharding was found: the propagation did not settle, or a tied tensor would
+    need two different slices. A plan override that keeps the module replicated avoids it."""
+
+
+class RewriteError(FxtpError):
+    """A rewrite pass left the graph malformed (a bug in fxtp): the message names the pass."""
+
+
 class InputError(FxtpError):
-    """The transformed module was called with inputs it was not captured for."""
+    """The transformed module was called with inputs it was not captured for, or fxtp was not
+    given the inputs (or input strategy) it needs for a model that is not from Hugging Face."""
 
 
 class InputMismatchError(InputError):
@@ -58,6 +73,10 @@ class DropoutError(FxtpError):
 
 class NoLoraError(FxtpError):
     """fold_lora was asked of a graph without LoRA branches."""
+
+
+class LoraFoldError(FxtpError):
+    """fold_lora found LoRA branches whose base weight cannot take them folded in (not 2-D)."""
 
 
 class LoraStateError(FxtpError):
@@ -87,3 +106,15 @@ class MetaTensorError(FxtpError):
 
 class DtypeError(FxtpError):
     """A dtype other than the one the graph was captured in (load(dtype=), tp.to(dtype))."""
+
+
+class UnknownLayerError(FxtpError):
+    """explain, diff or draw was asked for a layer the tensor-parallel graph does not have."""
+
+
+class RenderError(FxtpError):
+    """fxtp.draw could not render the requested format (Graphviz missing or failing)."""
+
+
+class CliError(FxtpError):
+    """A command-line argument names a model, directory or rank that does not exist."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import time
 
-from fxtp.verify import run_ranks
+from fxtp.testing.ranks import run_ranks
 
 from .rank_workers import SECONDS, run_all
 

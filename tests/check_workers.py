@@ -13,7 +13,10 @@ import torch
 import torch.distributed as dist
 
 import fxtp
-from fxtp.verify import check_equivalence, hf_inputs
+from fxtp.capture.lora import find_lora_branches
+from fxtp.testing.checks import check_equivalence
+from fxtp.testing.models import TINY, tiny_model
+from fxtp.testing.strategies import hf_inputs
 
 from .rank_workers import _run_timed
 
@@ -49,8 +52,6 @@ def _same(before: dict, module) -> bool:
 
 def _llama(seed: int = 0):
     """The tiny Llama with one layer (a capture costs half of two layers')."""
-    from fxtp.models import tiny_model
-
     return tiny_model("llama", seed=seed, num_hidden_layers=1)
 
 
@@ -75,7 +76,8 @@ def weights_case(rank: int, ws: int, plans: Plans) -> dict[str, Any]:
     Another seed on rank 1: WeightMismatchError on every rank, the model untouched;
     check_weights=False skips the check. One drawn element of one drawn tensor changed on
     rank 1: that tensor, and only it, is named."""
-    from hypothesis import given, strategies as st
+    from hypothesis import given
+    from hypothesis import strategies as st
 
     out: dict[str, Any] = {}
     model = _llama()
@@ -122,7 +124,7 @@ def load_case(rank: int, ws: int, ckpts: dict, plans: Plans) -> dict[str, Any]:
     tp = fxtp.transform(model, ws, plan=plans.of(model, "meta llama"))
     out["deferred"] = tp.meta[fxtp.META_KEY].weight_check.meta
     out["other_ckpt"] = _error(lambda: fxtp.load(tp, ckpts["seed0" if rank == 0 else "seed1"]))
-    out["still_unloaded"] = len(tp.meta[fxtp.META_KEY].unloaded)
+    out["still_unloaded"] = len(tp.meta[fxtp.META_KEY].state.unloaded)
     fxtp.load(tp, ckpts["seed0"])
     reference = _llama()
     out["max_error"] = check_equivalence(reference, tp, hf_inputs(128), 3).worst
@@ -171,7 +173,8 @@ def inputs_case(rank: int, ws: int, plans: Plans) -> dict[str, Any]:
 def vocab_case(rank: int, ws: int) -> dict[str, Any]:
     """Vocab-parallel embedding: a drawn id outside [0, vocab) at a drawn place raises on every
     rank (the model raises IndexError) instead of looking up zeros."""
-    from hypothesis import given, strategies as st
+    from hypothesis import given
+    from hypothesis import strategies as st
 
     model = _llama()
     tp = fxtp.transform(model, ws, vocab_parallel=True)
@@ -200,10 +203,12 @@ def peft_case(rank: int, ws: int) -> dict[str, Any]:
     """PEFT LoRA models of every task type (none, as RLHF libraries build them, too) capture,
     equal the model, and have their adapters found from the graph (folding works)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoConfig, LlamaForCausalLM, LlamaForSequenceClassification,
-                              LlamaForTokenClassification)
-
-    from fxtp.models import TINY
+    from transformers import (
+        AutoConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+        LlamaForTokenClassification,
+    )
 
     cfg_args = {k: v for k, v in TINY["llama"].items() if k != "model_type"}
     cfg_args["num_hidden_layers"] = 1
@@ -224,8 +229,6 @@ def peft_case(rank: int, ws: int) -> dict[str, Any]:
         err = check_equivalence(model, tp, hf_inputs(128, max_seq=8), 2).worst
         fxtp.fold_lora(tp)
         folded = check_equivalence(model, tp, hf_inputs(128, max_seq=8), 1).worst
-        from fxtp.passes.lora import find_lora_branches
-
         fxtp.unfold_lora(tp)
         branches = len(find_lora_branches(tp, tp.meta[fxtp.META_KEY].plan.solution.linears))
         out[str(task)] = {"type": type(model).__name__, "max_error": err, "folded": folded,

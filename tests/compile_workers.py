@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from fxtp.verify import flatten_tensors
+from fxtp.testing.checks import flatten_tensors
 
 # sizes >= 2: dynamo specialises size-1 dims by design (0/1 specialisation)
 SIZES = ((2, 7), (3, 5), (4, 11))
@@ -67,7 +67,7 @@ def backward_calls(vocab: int) -> list[Callable]:
 
 def hf_ids(model: torch.nn.Module) -> Callable[[int, int], dict]:
     """Deterministic inputs for a Hugging Face model of any signature (decoder ids for T5)."""
-    from fxtp.capture import hf_example_inputs
+    from fxtp.capture.export import hf_example_inputs
 
     def make(b: int, s: int) -> dict:
         torch.manual_seed(b * 100 + s)

@@ -16,6 +16,8 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 
 import fxtp
+from fxtp.graph.tensors import tensor_attrs
+from fxtp.testing.models import tiny_model
 
 VOCAB = 128        # the tiny models' vocabulary
 
@@ -85,8 +87,6 @@ class Snapshot:
 
     def __init__(self, tp: Any = None, model: Any = None, plan: Any = None,
                  extra: Optional[dict] = None):
-        from fxtp.graph_tensors import tensor_attrs
-
         self.objs = (tp, model, plan)
         self.tensors: dict[str, tuple[int, torch.Tensor]] = {}
         if tp is not None:
@@ -94,7 +94,7 @@ class Snapshot:
             for name, t in tensor_attrs(gm).items():
                 self.tensors["tp." + name] = (id(t), t.detach().clone())
             info = gm.meta["fxtp"]
-            self.fold = info.lora_fold is not None
+            self.fold = info.state.lora_fold is not None
             self.training = gm.training
             self.tp_plan = info.plan.to_json()
         if model is not None:
@@ -105,8 +105,6 @@ class Snapshot:
         self.extra_src = extra or {}
 
     def differences(self) -> list[str]:
-        from fxtp.graph_tensors import tensor_attrs
-
         tp, model, plan = self.objs
         now: dict[str, torch.Tensor] = {}
         out = []
@@ -114,7 +112,7 @@ class Snapshot:
             gm = tp if isinstance(tp, torch.fx.GraphModule) else tp.tp
             now.update({"tp." + n: t for n, t in tensor_attrs(gm).items()})
             info = gm.meta["fxtp"]
-            if (info.lora_fold is not None) != self.fold:
+            if (info.state.lora_fold is not None) != self.fold:
                 out.append("fold state")
             if gm.training != self.training:
                 out.append("training flag")
@@ -342,8 +340,6 @@ def wrong_shape(t: torch.Tensor, how: int) -> torch.Tensor:
 # a one-layer capture costs about two thirds of a two-layer one)
 
 def small_llama(seed: int = 0, **overrides):
-    from fxtp.models import tiny_model
-
     return tiny_model("llama", seed, **{"num_hidden_layers": 1, **overrides})
 
 

@@ -18,8 +18,18 @@ from hypothesis import strategies as st
 
 import fxtp
 
-from .fuzz_cases import (Snapshot, attempt, bad_calls, bad_world_sizes, fuzz_settings, json_edits,
-                         names, small_llama, small_lora, wrong_shape)
+from .fuzz_cases import (
+    Snapshot,
+    attempt,
+    bad_calls,
+    bad_world_sizes,
+    fuzz_settings,
+    json_edits,
+    names,
+    small_llama,
+    small_lora,
+    wrong_shape,
+)
 
 TOL = 1e-4
 
@@ -250,7 +260,7 @@ def _lora_section(ws: int, dirs: dict[str, str], llama_tp, model, plan) -> dict[
     """Random sequences of fold / unfold / for_training / for_generation / train / load / move
     on a LoRA graph against a model of the state it must be in: an operation the state does
     not allow is refused with LoraStateError and changes nothing; outputs stay the model's."""
-    from fxtp.hybrid import is_folded
+    from fxtp.modes import is_folded
 
     sec = Section()
     tp = fxtp.transform(model, ws, plan=plan)
@@ -501,7 +511,7 @@ def run_all(rank: int, ws: int, dirs: dict[str, str]) -> dict[str, Any]:
 def write_checkpoints(root: str) -> dict[str, str]:
     """In the test process: the llama checkpoint as one file, a GPT-2 and a wider llama (other
     architecture, other config). Returns name -> directory."""
-    from fxtp.models import tiny_model
+    from fxtp.testing.models import tiny_model
 
     dirs = {"root": root}
     for name, model in (("llama_one", small_llama()), ("gpt2", tiny_model("gpt2")),

@@ -10,6 +10,10 @@ from typing import Any
 import torch
 
 import fxtp
+from fxtp.generation.tp_generate import TPGenerate
+from fxtp.graph.tensors import tensor_attrs
+from fxtp.testing.families import FAMILIES, family_model
+from fxtp.testing.models import tiny_model
 
 from .rank_workers import _run_timed
 
@@ -22,9 +26,6 @@ MAX_BATCH = 3
 
 
 def model_for(name: str):
-    from fxtp.families import FAMILIES, family_model
-    from fxtp.models import tiny_model
-
     return family_model(name) if name in FAMILIES else tiny_model(name)
 
 
@@ -124,7 +125,7 @@ def error_case(rank: int, ws: int) -> dict[str, Any]:
     out = {
         "overflow": _error(lambda: gen.generate(ids, max_new_tokens=MAX_LEN - 4)),
         "batch": _error(lambda: gen.generate(torch.ones(3, 4, dtype=torch.long), max_new_tokens=2)),
-        "no_head": _error(lambda: fxtp.generator(fxtp.models.tiny_model("bert"), ws)),
+        "no_head": _error(lambda: fxtp.generator(fxtp.testing.models.tiny_model("bert"), ws)),
         "beams": _error(lambda: gen.generate(ids, max_new_tokens=2, num_beams=2)),
     }
     # rank 1 gets another prompt: every rank must report it (one all-reduce), none may hang
@@ -268,7 +269,7 @@ def lora_case(ws: int) -> dict[str, Any]:
                              pad_token_id=0)
     out = gen.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     result = {"equal": torch.equal(ref, out), "ref": ref.tolist(), "out": out.tolist(),
-              "folded": gen.info.lora_fold is not None}
+              "folded": gen.info.state.lora_fold is not None}
     result.update(_hybrid_round(model, gen, ws, ids, mask))
     return result
 
@@ -323,7 +324,7 @@ def run_all(rank: int, ws: int, ckpt: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# tp.generate: generation on the result of fxtp.transform (fxtp/tp_generate.py). Run in the
+# tp.generate: generation on the result of fxtp.transform (fxtp/generation/tp_generate.py). Run in the
 # world-2 spawn (run_all), world 1 on one-rank groups inside it (tp_cases).
 
 def _train_both(model, tp, lr: float) -> None:
@@ -358,8 +359,6 @@ def _step_facts(tp) -> dict[str, Any]:
     steps = dict(step.named_parameters(remove_duplicate=False))
     storages = {t.untyped_storage().data_ptr() for t in [*tp.parameters(), *tp.buffers()]}
     caches = {id(t) for t in caches_of(tp)}
-    from fxtp.graph_tensors import tensor_attrs
-
     extra = sum(t.nbytes for t in {id(t): t for t in tensor_attrs(step).values()}.values()
                 if id(t) not in caches and t.untyped_storage().data_ptr() not in storages)
     same = sorted(steps) == sorted(mine) and all(p is mine[n] for n, p in steps.items())
@@ -381,8 +380,6 @@ def tp_generate_case(ws: int, ckpt: str, group=None, rebuild: bool = True) -> di
     `rebuild=False` skips the larger call that builds a second step (rank-independent logic:
     world 1 leaves it to world 2, a capture less)."""
     from transformers import AutoModelForCausalLM
-
-    from fxtp.tp_generate import TPGenerate
 
     model = model_for("llama")
     vocab = model.config.vocab_size
@@ -461,7 +458,7 @@ def tp_generate_lora_case(ws: int, group=None) -> dict[str, Any]:
     if tp is None:
         model = lora_model("llama")
         tp = fxtp.transform(model, ws, group=group)
-    if tp.meta["fxtp"].lora_fold is not None:      # the hybrid round leaves it folded
+    if tp.meta["fxtp"].state.lora_fold is not None:      # the hybrid round leaves it folded
         fxtp.unfold_lora(tp)
     tp.eval()
     ids, mask = _prompt(model.config.vocab_size, 2, 5, [0, 2], 11)
@@ -475,15 +472,16 @@ def tp_generate_lora_case(ws: int, group=None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "equal": torch.equal(got, ref), "ref": ref.tolist(), "out": got.tolist(),
         "bitwise": all(torch.equal(weights[n], p) for n, p in tp.named_parameters()),
-        "folded_after": info.lora_fold is not None,
-        "saved_copies": len(info.lora_last_fold.originals) if info.lora_last_fold else 0,
+        "folded_after": info.state.lora_fold is not None,
+        "saved_copies": (len(info.state.lora_last_fold.originals) if info.state.lora_last_fold
+                         else 0),
         "facts": _step_facts(tp),
     }
     with torch.no_grad():
         out["forward_same"] = torch.equal(tp(input_ids=ids, attention_mask=mask).logits, forward)
     fxtp.fold_lora(tp)
     out["user_folded_equal"] = torch.equal(tp.generate(ids, **kw), ref)
-    out["user_folded_kept"] = info.lora_fold is not None
+    out["user_folded_kept"] = info.state.lora_fold is not None
     fxtp.unfold_lora(tp)
     out["bitwise_after_user_fold"] = all(torch.equal(weights[n], p)
                                          for n, p in tp.named_parameters())

@@ -9,7 +9,12 @@ from typing import Any
 import torch
 
 import fxtp
-from fxtp.verify import check_equivalence, hf_inputs
+from fxtp.graph.devices import graph_devices
+from fxtp.graph.tensors import tensor_attrs
+from fxtp.testing.checks import check_equivalence
+from fxtp.testing.families import FAMILIES, family_model
+from fxtp.testing.models import tiny_model
+from fxtp.testing.strategies import hf_inputs
 
 # model name -> how to build it (the same seed in the test process and in every rank)
 MODELS = ("llama", "gpt2", "phi3", "llama_uneven", "llama_tied")
@@ -19,9 +24,6 @@ EXAMPLES = 3
 def build(name: str, empty: bool = False):
     """The model `name` (tiny_model or a family), random weights from a fixed seed; under
     `fxtp.init_empty()` when `empty`."""
-    from fxtp.families import FAMILIES, family_model
-    from fxtp.models import tiny_model
-
     if not empty:
         if name != "lora":
             return family_model(name) if name in FAMILIES else tiny_model(name)
@@ -124,7 +126,7 @@ def _load_case(name: str, ws: int, path: str, adapter: str | None = None) -> dic
         "bytes_read": rep.bytes_read, "bytes_loaded": rep.bytes_loaded, "held": held,
         "full_bytes": rep.full_bytes, "files": len(rep.files), "kept": rep.kept,
         "plan_bytes": info.plan.local_param_bytes[info.rank],
-        "sliced": len(info.param_slices), "unloaded": list(info.unloaded),
+        "sliced": len(info.param_slices), "unloaded": list(info.state.unloaded),
         "devices": sorted({t.device.type for t in [*tp.parameters(), *tp.buffers()]}),
         "requires_grad": sorted({(k.split(".")[-2] if "lora" in k else "base", p.requires_grad)
                                  for k, p in tp.named_parameters()}),
@@ -142,7 +144,7 @@ def _error_cases(ws: int, dirs: dict[str, str]) -> dict[str, Any]:
             out[kind] = {"error": None}
         except fxtp.FxtpError as e:
             out[kind] = {"error": type(e).__name__, "message": str(e)}
-        out[kind]["meta_left"] = len(tp.meta["fxtp"].unloaded)
+        out[kind]["meta_left"] = len(tp.meta["fxtp"].state.unloaded)
         out[kind]["all_meta"] = all(p.device.type == "meta" for p in tp.parameters())
     try:
         tp(input_ids=torch.zeros(1, 2, dtype=torch.long))
@@ -161,7 +163,7 @@ def _error_cases(ws: int, dirs: dict[str, str]) -> dict[str, Any]:
     except fxtp.FxtpError as e:
         out["bare_meta"] = {"error": type(e).__name__, "message": str(e)}
     rep = fxtp.load(tp, dirs["llama_one"])
-    out["after"] = {"bytes_read": rep.bytes_read, "unloaded": len(tp.meta["fxtp"].unloaded)}
+    out["after"] = {"bytes_read": rep.bytes_read, "unloaded": len(tp.meta["fxtp"].state.unloaded)}
     return out
 
 
@@ -236,9 +238,6 @@ def _device_case(ws: int) -> dict[str, Any]:
     device of meta still computes on the CPU (anything fxtp made on the default device would
     be a meta tensor with no data)."""
     from transformers import AutoModelForCausalLM
-
-    from fxtp.passes.devices import graph_devices
-    from fxtp.graph_tensors import tensor_attrs
 
     from .test_device_dtype import tensors_in
 

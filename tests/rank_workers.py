@@ -11,9 +11,10 @@ from typing import Any
 import torch
 
 import fxtp
-from fxtp.plan import layer_of
-from fxtp.runtime import all_gather_dim0, all_reduce_sum
-from fxtp.verify import check_equivalence, hf_inputs, tensor_inputs
+from fxtp.planning.plan import layer_of
+from fxtp.runtime.collectives import all_gather_dim0, all_reduce_sum
+from fxtp.testing.checks import check_equivalence
+from fxtp.testing.strategies import hf_inputs, tensor_inputs
 
 HF_CASES = ("llama", "gpt2", "bert", "llama_mqa")
 FAMILY_EXAMPLES = 5   # per family and world size
@@ -37,7 +38,7 @@ def _graph_facts(model, tp) -> dict[str, Any]:
     per_layer: dict[str, int] = {}
     producers = []
     for n in ars:
-        from fxtp.patterns.linear import module_path
+        from fxtp.capture.linear import module_path
 
         src = n.args[0]
         per_layer[layer_of(module_path(src))] = per_layer.get(layer_of(module_path(src)), 0) + 1
@@ -69,7 +70,7 @@ def _graph_facts(model, tp) -> dict[str, Any]:
 def _fingerprint(tp, inputs) -> list[float]:
     with torch.no_grad():
         out = tp(**inputs) if isinstance(inputs, dict) else tp(*inputs)
-    from fxtp.verify import flatten_tensors
+    from fxtp.testing.checks import flatten_tensors
 
     return [float(t.double().sum()) for _, t in flatten_tensors(out)]
 
@@ -81,7 +82,7 @@ def planned(name: str, ws: int) -> tuple[Any, "fxtp.Plan"]:
     """A tiny HF model and its plan, captured once per rank process: the cases that transform
     the same model share the capture (the slow step; transform copies the captured graph, and
     `replan`/`override` derive other plans from it)."""
-    from fxtp.models import tiny_model
+    from fxtp.testing.models import tiny_model
 
     if name not in _PLANNED:
         model = tiny_model("llama", num_key_value_heads=1) if name == "llama_mqa" else tiny_model(name)
@@ -202,7 +203,7 @@ def _override_case(ws: int) -> dict[str, Any]:
 def _vocab_case(name: str, ws: int) -> dict[str, Any]:
     """vocab_parallel=True: embedding rows split (masked lookup), lm_head column-parallel with
     its logits all-gathered; tied tables stay tied."""
-    from fxtp.families import family_model
+    from fxtp.testing.families import family_model
 
     if name == "llama_tied":
         model = family_model("llama_tied")
@@ -279,8 +280,8 @@ def _run_timed(cases: dict) -> dict[str, Any]:
 
 
 def _family_case(name: str, ws: int, compile_check: bool) -> dict[str, Any]:
-    from fxtp.families import family_model
-    from fxtp.verify import hf_inputs_for
+    from fxtp.testing.families import family_model
+    from fxtp.testing.strategies import hf_inputs_for
 
     from .compile_workers import compile_counts, forward_calls, hf_ids
 

@@ -6,8 +6,7 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from fxtp.verify import run_ranks
-
+from fxtp.testing.ranks import run_ranks
 
 _SPAWNED: dict = {}     # (run_all, world size) -> every rank's results, for the session
 

@@ -17,9 +17,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import fxtp
-from fxtp.models import tiny_model
-from fxtp.passes.devices import graph_devices
-from fxtp.graph_tensors import tensor_attrs
+from fxtp.graph.devices import graph_devices
+from fxtp.graph.tensors import tensor_attrs
+from fxtp.testing.models import tiny_model
 
 IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
 
@@ -169,7 +169,7 @@ def test_to_moves_devices_baked_into_the_graph_and_refuses_another_dtype(llama, 
 def test_to_moves_constants_lifted_from_the_forward():
     """Falcon's `qkv[..., [-2], :]` becomes a constant tensor attribute of the graph (neither
     parameter nor buffer), which `nn.Module.to` would leave behind."""
-    from fxtp.families import family_model
+    from fxtp.testing.families import family_model
 
     tp = fxtp.transform(family_model("falcon_mqa"), 1)
     held = {id(t) for t in [*tp.parameters(), *tp.buffers()]}

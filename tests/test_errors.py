@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 
 import fxtp
-from fxtp.models import tiny_model
-from fxtp.verify import free_port
+from fxtp.testing.models import tiny_model
+from fxtp.testing.ranks import free_port
 
 from .modules import DataDependent, PlainMLP, TwoHeadSizes
 
@@ -32,6 +32,17 @@ def test_no_process_group(llama):
 def test_world_size_below_one(llama):
     with pytest.raises(fxtp.FxtpError, match=">= 1"):
         fxtp.plan(llama, 0)
+
+
+def test_a_bad_world_size_is_one_error_class_wherever_it_is_given(llama):
+    """fxtp.plan raised PlanOverrideError and fxtp.transform ProcessGroupError for the same
+    mistake: WorldSizeError is both, so either `except` still catches it."""
+    assert issubclass(fxtp.WorldSizeError, fxtp.PlanOverrideError)
+    assert issubclass(fxtp.WorldSizeError, fxtp.ProcessGroupError)
+    for call in (lambda: fxtp.plan(llama, 0), lambda: fxtp.transform(llama, 0),
+                 lambda: fxtp.transform(llama, 2.0), lambda: fxtp.plan(llama, "2")):
+        with pytest.raises(fxtp.WorldSizeError, match="world_size must be"):
+            call()
 
 
 def test_world_size_mismatch(llama):
@@ -155,7 +166,7 @@ def test_fold_lora_without_adapters_names_the_model(llama):
 
 
 def test_an_fxtp_error_in_a_rank_is_raised_again_as_itself():
-    from fxtp.verify import run_ranks
+    from fxtp.testing.ranks import run_ranks
 
     from .rank_workers import raise_deliberately
 
@@ -166,7 +177,7 @@ def test_an_fxtp_error_in_a_rank_is_raised_again_as_itself():
 def test_ranks_see_the_callers_environment_and_directory_of_now(tmp_path, monkeypatch):
     """Ranks fork from a forkserver started earlier; each still gets the caller's current
     environment and working directory, as a spawned process would."""
-    from fxtp.verify import run_ranks
+    from fxtp.testing.ranks import run_ranks
 
     from .rank_workers import environment_and_directory
 
@@ -176,3 +187,8 @@ def test_ranks_see_the_callers_environment_and_directory_of_now(tmp_path, monkey
     for setting, cwd in run_ranks(environment_and_directory, 2, timeout=120):
         assert setting == "set after the forkserver started"
         assert cwd == str(tmp_path)
+
+
+def test_verify_of_a_plain_module_without_a_strategy_is_refused_before_any_rank_starts():
+    with pytest.raises(fxtp.InputError, match="strategy_factory=.*tensor_inputs"):
+        fxtp.verify(torch.nn.Linear(4, 4), 2, timeout=5)

@@ -15,7 +15,7 @@ BENCH_SECTIONS = ["environment", "forward, world 1, eager", "decode, batch 1",
 
 
 def test_torchrun_example_two_processes():
-    from fxtp.verify import free_port
+    from fxtp.testing.ranks import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),

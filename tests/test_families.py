@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from fxtp.families import FAMILIES
-from fxtp.verify import run_ranks
+from fxtp.testing.families import FAMILIES
+from fxtp.testing.ranks import run_ranks
 
 from .rank_workers import FAMILY_EXAMPLES, run_families, world_sizes
 

@@ -15,10 +15,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fxtp
-from fxtp.overrides import check_overrides
+from fxtp.planning.overrides import check_overrides
 
-from .fuzz_cases import (Snapshot, attempt, bad_calls, bad_world_sizes, fuzz_settings, junk,
-                         names, overrides_for, small_llama)
+from .fuzz_cases import (
+    Snapshot,
+    attempt,
+    bad_calls,
+    bad_world_sizes,
+    fuzz_settings,
+    junk,
+    names,
+    overrides_for,
+    small_llama,
+)
 from .modules import PlainMLP
 
 CASES: dict[str, int] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fxtp.verify import run_ranks
+from fxtp.testing.ranks import run_ranks
 
 from .generate_workers import GREEDY_CASES, MAX_BATCH, run_all, write_checkpoint
 
@@ -141,7 +141,7 @@ def test_meta_built_generator_loaded_decodes_hf_tokens():
 
 
 # ---------------------------------------------------------------------------------------------
-# tp.generate (fxtp/tp_generate.py): world 2 in the spawn above; world 1 there too, on a group
+# tp.generate (fxtp/generation/tp_generate.py): world 2 in the spawn above; world 1 there too, on a group
 # of one rank each (rank 0: LoRA, rank 1: Llama); world 1 without a group in test_device_dtype
 
 def tp_case(name: str, ws: int) -> list[dict]:

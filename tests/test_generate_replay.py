@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import fxtp
-from fxtp.decode_replay import Replay, buckets
-from fxtp.decode_step import CacheRows, cache_kwarg
-from fxtp.generate import Generator, _fingerprint
+from fxtp.generation.generator import Generator, _fingerprint
+from fxtp.generation.replay import Replay, buckets
+from fxtp.generation.step import CacheRows, cache_kwarg
 
 L = 8
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import fxtp
-from fxtp.draw import to_dot
-from fxtp.models import tiny_model
+from fxtp.inspection.draw import to_dot
+from fxtp.testing.models import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +50,14 @@ def test_draw_svg_without_graphviz_is_a_named_error(tp1, tmp_path, monkeypatch):
         fxtp.draw(tp1, str(tmp_path / "tp.svg"))
     path = fxtp.draw(tp1, str(tmp_path / "tp.dot"))                # .dot needs nothing
     assert open(path).read().startswith("digraph")
+
+
+def test_inspection_errors_name_their_meaning(tp1, tmp_path, monkeypatch):
+    """A missing layer and a missing renderer each have their own FxtpError subclass."""
+    for call in (lambda: fxtp.explain(tp1, "model.layers.9"), lambda: to_dot(tp1, "nope"),
+                 lambda: fxtp.diff(tp1, "nope")):
+        with pytest.raises(fxtp.UnknownLayerError):
+            call()
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(fxtp.RenderError, match="Graphviz"):
+        fxtp.draw(tp1, str(tmp_path / "tp.svg"))

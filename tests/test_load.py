@@ -103,7 +103,7 @@ def test_nothing_fxtp_makes_lands_on_another_device(results):
 
 
 def test_init_empty_puts_parameters_on_meta_and_keeps_buffers():
-    from fxtp.models import tiny_model
+    from fxtp.testing.models import tiny_model
 
     with fxtp.init_empty():
         m = tiny_model("llama")
@@ -115,7 +115,7 @@ def test_init_empty_puts_parameters_on_meta_and_keeps_buffers():
 
 
 def test_world_size_one_loads_whole_tensors(tmp_path):
-    from fxtp.models import tiny_model
+    from fxtp.testing.models import tiny_model
 
     model = tiny_model("gpt2")
     model.save_pretrained(tmp_path, safe_serialization=True)
@@ -132,8 +132,8 @@ def test_runs_are_read_at_their_offsets(tmp_path):
     """The direct reader on any dim, runs in the order kept, 0-d and bfloat16 tensors."""
     from safetensors.torch import save_file
 
-    from fxtp.load import _read_header, _read_into
-    from fxtp.passes._util import index_runs
+    from fxtp._load import _read_header, _read_into
+    from fxtp.graph.nodes import index_runs
 
     t = {"a": torch.arange(24.).view(2, 3, 4), "s": torch.tensor(5.0),
          "b": torch.arange(10, dtype=torch.bfloat16)}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from fxtp.verify import run_ranks
+from fxtp.testing.ranks import run_ranks
 
 from .rank_workers import HF_CASES, run_all
 

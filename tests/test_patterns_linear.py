@@ -1,4 +1,4 @@
-"""Tests of fxtp/patterns/linear.py (find_linears, split_biases) and cleanup.fuse_biases."""
+"""Tests of fxtp/capture/linear.py (find_linears, split_biases, fuse_biases)."""
 from __future__ import annotations
 
 import pytest
@@ -6,9 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxtp.capture import capture
-from fxtp.passes.cleanup import fuse_biases
-from fxtp.patterns.linear import BIAS_META, LinearMatch, find_linears, split_biases
+from fxtp.capture.export import capture
+from fxtp.capture.linear import (
+    BIAS_META,
+    LinearMatch,
+    find_linears,
+    fuse_biases,
+    split_biases,
+)
 
 aten = torch.ops.aten
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fxtp
-from fxtp.models import tiny_model
+from fxtp.testing.models import tiny_model
 
 from .modules import PlainMLP, ReducesFeatures, tiny_net
 
@@ -130,7 +130,7 @@ def test_plan_bytes_per_rank_count_every_parameter_once():
 
 
 def test_uneven_plan_reports_each_ranks_bytes():
-    from fxtp.families import family_model
+    from fxtp.testing.families import family_model
 
     plan = fxtp.plan(family_model("llama_uneven"), 4)     # 6 q heads: 2+2+1+1 per rank
     q = {e.parameter: e for e in plan.entries}["model.layers.0.self_attn.q_proj.weight"]

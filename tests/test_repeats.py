@@ -1,4 +1,4 @@
-"""Planning a deep model from a probe capture of a few of its repeated layers (fxtp.repeats):
+"""Planning a deep model from a probe capture of a few of its repeated layers (fxtp.planning.repeats):
 the same plan as capturing every layer, found from the module tree and checked on the graph."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fxtp
-from fxtp.repeats import Repeat, find_repeats
+from fxtp.planning.repeats import Repeat, find_repeats
 
 from .modules import tiny_net
 
@@ -73,7 +73,7 @@ def test_a_first_block_of_its_own_keeps_three_entries():
     """T5's first block owns the relative position bias: blocks 1.. repeat."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-    from fxtp.families import FAMILIES
+    from fxtp.testing.families import FAMILIES
 
     kw = {k: v for k, v in FAMILIES["t5"].items() if k != "model_type"}
     kw.update(num_layers=4, num_decoder_layers=4, vocab_size=128)

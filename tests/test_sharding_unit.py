@@ -1,4 +1,4 @@
-"""Unit tests of fxtp/sharding.py: DimShard, Sharded and group_dims."""
+"""Unit tests of fxtp/solve/placements.py: DimShard, Sharded and group_dims."""
 from __future__ import annotations
 
 import pytest
@@ -6,8 +6,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from fxtp.sharding import REPLICATE, DimShard, Partial, Sharded, group_dims
-
+from fxtp.solve.placements import REPLICATE, DimShard, Partial, Sharded, group_dims
 
 # ---------------------------------------------------------------------------------------------
 # DimShard
@@ -96,7 +95,7 @@ def test_uneven_split_of_fused_chunks_splits_each_chunk():
 
 
 def test_per_chunk_splits_keep_a_chunk_whole():
-    from fxtp.sharding import ChunkSplit
+    from fxtp.solve.placements import ChunkSplit
     # fused multi-query qkv: 4 q heads split over 4 ranks, the k and v heads whole everywhere
     ds = DimShard(splits=(ChunkSplit(64, 4), ChunkSplit(16, 1, 4), ChunkSplit(16, 1, 4)))
     assert not ds.uniform()

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import fxtp
-from fxtp.decode_replay import Replay
-from fxtp.generate import Generator
-from fxtp.models import tiny_model
-from fxtp.tp_generate import TPGenerate, _round_batch, _round_len, attach
+from fxtp.generation.generator import Generator
+from fxtp.generation.replay import Replay
+from fxtp.generation.tp_generate import TPGenerate, _round_batch, _round_len, attach
+from fxtp.testing.models import tiny_model
 
 from .modules import PlainMLP
 

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 import fxtp
-from fxtp.verify import check_gradients, hf_inputs, local_slice
+from fxtp.testing.checks import check_gradients, local_slice
+from fxtp.testing.strategies import hf_inputs
 
 NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}
 
@@ -15,7 +16,7 @@ NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}
 def train_model(name: str, seed: int = 0):
     """A tiny model without dropout whose zero-initialised parameters (GPT-2's c_proj biases)
     are made random: a bias added twice or never would otherwise go unnoticed."""
-    from fxtp.models import tiny_model
+    from fxtp.testing.models import tiny_model
 
     return _randomise_zeros(tiny_model(name, seed, **NO_DROPOUT.get(name, {})), seed)
 
@@ -31,9 +32,9 @@ def _randomise_zeros(model, seed: int):
 
 def grad_case(name: str, ws: int, vocab_parallel: bool = False, family: bool = False) -> dict[str, Any]:
     """Full fine-tuning: every local parameter's gradient vs the slice of the model's.
-    `family`: a config of fxtp/families.py (uneven shards, whole kv chunks, heads in batch)."""
+    `family`: a config of fxtp/testing/families.py (uneven shards, whole kv chunks, heads in batch)."""
     if family:
-        from fxtp.families import family_model
+        from fxtp.testing.families import family_model
 
         model = _randomise_zeros(family_model(name), 0)
     else:
@@ -80,7 +81,7 @@ def lora_model(name: str, r: int = 8, seed: int = 0):
 def lora_case(name: str, ws: int) -> dict[str, Any]:
     """A PEFT model through fxtp.transform as it is: outputs, adapter-only gradients, and
     where the all-reduces are."""
-    from fxtp.verify import check_equivalence
+    from fxtp.testing.checks import check_equivalence
 
     from .rank_workers import _graph_facts
 
@@ -106,8 +107,8 @@ def _fold_round_trip(model, tp, compile_check: bool = False) -> dict[str, Any]:
     """for_generation folds (outputs equal, no adapter linear left, all-reduces unchanged),
     for_training unfolds (outputs equal, weights restored bit for bit). `compile_check`: the
     unfolded and the folded graph under torch.compile(fullgraph=True) as well."""
-    from fxtp.verify import check_equivalence
-    from fxtp.runtime import all_reduce_sum
+    from fxtp.runtime.collectives import all_reduce_sum
+    from fxtp.testing.checks import check_equivalence
 
     from .compile_workers import compile_counts, forward_calls, hf_ids
 
@@ -207,7 +208,7 @@ def optimizer_case(name: str, ws: int, opt: str, steps: int = 3) -> dict[str, An
 
 def dropout_case(ws: int) -> dict[str, Any]:
     """A model with dropout: train() is a named error; disable_dropout=True accepts it."""
-    from fxtp.models import tiny_model
+    from fxtp.testing.models import tiny_model
 
     tp = fxtp.transform(tiny_model("gpt2"), ws)
     out: dict[str, Any] = {}

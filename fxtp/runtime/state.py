@@ -1,0 +1,26 @@
+"""What a tensor-parallel graph keeps at run time and changes as it is used: one home for it,
+`tp.meta["fxtp"].state` (what the rewrite did, the rest of `tp.meta["fxtp"]`, never changes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class RuntimeState:
+    """The mutable part of `TPInfo`: set by `fxtp.transform`, the mode switches (`for_training`,
+    `fold_lora`, ...), `fxtp.load`, `tp.to` and `tp.generate`; read by the call guards."""
+
+    # transform(check_inputs=): every call compares its inputs across the ranks
+    check_inputs: bool = False
+    # fxtp.for_training(tp, disable_dropout=True): training without the captured dropout
+    dropout_disabled: bool = False
+    # rewrite.lora_fold.FoldState while the LoRA adapters are folded into the weights, else None
+    lora_fold: Any = None
+    # the latest FoldState (folded or not): its two graphs serve later folds
+    lora_last_fold: Any = None
+    # parameters/buffers still on the meta device (a model built on meta, before fxtp.load)
+    unloaded: tuple[str, ...] = ()
+    # generation.tp_generate.TPGenerate, also `tp.generate` (None for a decode step's graph)
+    generate: Any = None

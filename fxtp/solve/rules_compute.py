@@ -1,0 +1,147 @@
+"""Rules for ops that compute with a sharded value: pointwise ops (any op tagged pointwise),
+attention, batched matmuls, the KV-cache write, and the ops that run along dims (softmax,
+reductions, norms), which may not run along a sharded one.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import fx
+
+from ..graph.ops import (
+    NORMS,
+    REDUCTIONS,
+    SDPA,
+    SOFTMAX,
+    aten,
+    functional_twin,
+    is_pointwise,
+)
+from .align import align
+from .placements import Sharded
+from .registry import SHARDED_RULES, RuleContext, RuleFailure
+from .shapes import node_shape, norm_dim
+
+rule = SHARDED_RULES.rule
+
+
+# -- operands aligned dim by dim ------------------------------------------------------------------
+@SHARDED_RULES.tag_rule(is_pointwise)
+def pointwise(ctx: RuleContext, n: fx.Node) -> Sharded:
+    out = node_shape(n)
+    if out is None:
+        raise RuleFailure("pointwise op without a tensor result")
+    paths = []
+    for i, a in enumerate(n.args):
+        if isinstance(a, fx.Node) and node_shape(a) is not None:
+            paths.append((i,))
+    for k, a in n.kwargs.items():
+        if isinstance(a, fx.Node) and node_shape(a) is not None:
+            paths.append((k,))
+    return align(ctx, n, paths, out)
+
+
+@rule(*SDPA)
+def sdpa(ctx: RuleContext, n: fx.Node) -> Sharded:
+    out = node_shape(n.args[0])
+    r = len(out)
+    operands = [(i,) for i in range(3)]
+    if len(n.args) > 3 and isinstance(n.args[3], fx.Node):
+        operands.append((3,))
+    if n.kwargs.get("enable_gqa"):
+        raise RuleFailure("sdpa with enable_gqa has no sharding rule yet")
+    return align(ctx, n, operands, out, forbid=[r - 2, r - 1], allow_rank_diff=True)
+
+
+@rule(aten.bmm.default, aten.matmul.default)
+def matmul(ctx: RuleContext, n: fx.Node) -> Any:
+    a, b = n.args[0], n.args[1]
+    sa, sb = node_shape(a), node_shape(b)
+    if len(sa) < 2 or len(sb) < 2:
+        raise RuleFailure("matmul of vectors on sharded values")
+    out = node_shape(n)
+    pa, pb = ctx.placement(a), ctx.placement(b)
+    ka = pa.get(len(sa) - 1) if isinstance(pa, Sharded) else None
+    kb = pb.get(len(sb) - 2) if isinstance(pb, Sharded) else None
+    if ka is not None or kb is not None:
+        raise RuleFailure("matmul contracts a sharded dim")
+    for p, s, d in ((pa, sa, len(sa) - 2), (pb, sb, len(sb) - 1)):
+        if isinstance(p, Sharded) and p.get(d) is not None:
+            raise RuleFailure("matmul with a sharded row/column dim")
+    # batch dims behave like broadcasting
+    return align(ctx, n, [(0,), (1,)], out, forbid=[len(out) - 2, len(out) - 1],
+                 allow_rank_diff=True, trailing=2)
+
+
+@rule(aten.baddbmm.default)
+def baddbmm(ctx: RuleContext, n: fx.Node) -> Sharded:
+    out = node_shape(n)
+    return align(ctx, n, [(0,), (1,), (2,)], out, forbid=[len(out) - 2, len(out) - 1],
+                 allow_rank_diff=True)
+
+
+@rule(aten.index_copy.default)
+def index_copy(ctx: RuleContext, n: fx.Node) -> Sharded:
+    """x.index_copy_(dim, idx, src): src written into x at `idx` along `dim` (a static KV
+    cache being filled, `[b, kv_heads, max_len, d]`). The indexed dim must be whole; the
+    other dims align as in a pointwise op, so a replicated x meeting a src sharded by heads
+    keeps only this rank's heads. Written in place, x must then be a tensor attribute (a
+    cache buffer) used nowhere else: it is sliced once, in place, and the cache each rank
+    holds is its own heads only."""
+    x, idx, src = n.args[0], n.args[2], n.args[3]
+    out = node_shape(n)
+    if out is None or node_shape(src) is None or len(node_shape(src)) != len(out):
+        raise RuleFailure("index_copy with a source of another rank")
+    if isinstance(ctx.placement(idx), Sharded):
+        raise RuleFailure("index_copy with sharded indices")
+    dim = norm_dim(n.args[1], len(out))
+    before = len(ctx.actions.narrows)
+    result = align(ctx, n, [(0,), (3,)], out, forbid=[dim])
+    in_place = n.target is not functional_twin(n.target)
+    narrowed_self = any(nw.path == (0,) for nw in ctx.actions.narrows[before:])
+    if in_place and narrowed_self and not (x.op == "get_attr" and len(x.users) == 1):
+        raise RuleFailure("writes a sharded value in place into a replicated tensor that is "
+                          "read elsewhere too (it cannot be sliced in place)")
+    return result
+
+
+# -- ops running along dims -----------------------------------------------------------------------
+@rule(*SOFTMAX)
+def softmax(ctx: RuleContext, n: fx.Node) -> Sharded:
+    x, sp, src = ctx.sharded_input(n)
+    if sp.get(norm_dim(n.args[1], len(src))) is not None:
+        raise RuleFailure(f"{n.target} runs along a sharded dim")
+    if n.target in SOFTMAX or len(n.all_input_nodes) == 1:
+        return sp
+    raise RuleFailure("unexpected operands")
+
+
+@rule(*REDUCTIONS)
+def reduction(ctx: RuleContext, n: fx.Node) -> Sharded:
+    x, sp, src = ctx.sharded_input(n)
+    r = len(src)
+    dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    if dims is None:
+        raise RuleFailure("reduces over all dims of a sharded tensor")
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    dims = {norm_dim(d, r) for d in dims}
+    keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+    if any(d in dims for d, _ in sp.dims):
+        raise RuleFailure(f"{n.target} reduces over a sharded dim")
+    if keep:
+        return sp
+    shift = lambda d: d - sum(1 for g in dims if g < d)
+    return Sharded.of({shift(d): s for d, s in sp.dims})
+
+
+@rule(*NORMS)
+def norm(ctx: RuleContext, n: fx.Node) -> Any:
+    x, sp, src = ctx.sharded_input(n)
+    if any(isinstance(ctx.placement(a), Sharded) for a in n.all_input_nodes if a is not x):
+        raise RuleFailure("normalisation with sharded affine parameters")
+    k = len(n.args[1]) if len(n.args) > 1 and isinstance(n.args[1], (list, tuple)) else 1
+    if any(d >= len(src) - k for d, _ in sp.dims):
+        raise RuleFailure("normalises over a sharded dim")
+    if n.target == aten.native_layer_norm.default:
+        return [sp, sp, sp]
+    return sp

@@ -1,0 +1,241 @@
+"""Rules for ops that move a sharded dim without touching its data: views and reshapes (which
+may regroup it into heads and need their size constants rewritten), transposes, (un)squeeze,
+expand, identity ops, and the metadata ops around them (sym_size, getitem, asserts).
+"""
+from __future__ import annotations
+
+import operator
+from fractions import Fraction
+from typing import Any, Optional
+
+from torch import fx
+
+from ..graph.ops import (
+    DROPOUT,
+    IDENTITY,
+    NO_OUTPUT,
+    TRANSPOSES,
+    VIEWS,
+    aten,
+    dropout_active,
+)
+from .placements import REPLICATE, DimShard, Sharded, group_dims
+from .records import IntArg, ReasonKind, SymSize
+from .registry import DECLINED, SHARDED_RULES, RuleContext, RuleFailure
+from .shapes import node_shape, norm_dim, per_rank, static_int, static_prod
+from .splits import split_in_heads
+
+rule = SHARDED_RULES.rule
+
+
+# -- metadata -----------------------------------------------------------------------------------
+@rule(*NO_OUTPUT)
+def no_output(ctx: RuleContext, n: fx.Node) -> Any:
+    return REPLICATE
+
+
+@rule(aten.sym_size.int)
+def sym_size(ctx: RuleContext, n: fx.Node) -> Any:
+    x0 = n.args[0]
+    sp = ctx.placement(x0)
+    if isinstance(sp, Sharded) and sp.get(norm_dim(n.args[1], len(node_shape(x0)))):
+        raise RuleFailure("reads the size of a sharded dim")
+    return REPLICATE
+
+
+@rule(operator.getitem)
+def getitem(ctx: RuleContext, n: fx.Node) -> Any:
+    parent = ctx.placement(n.args[0])
+    if isinstance(parent, (list, tuple)):
+        return parent[n.args[1]]
+    raise RuleFailure("getitem on a sharded tensor")
+
+
+@rule(*IDENTITY)
+def identity(ctx: RuleContext, n: fx.Node) -> Any:
+    if len(n.all_input_nodes) == 1:
+        return ctx.sharded(n.args[0] if n.args else None)
+    return DECLINED
+
+
+@rule(*DROPOUT)
+def inactive_dropout(ctx: RuleContext, n: fx.Node) -> Any:
+    return DECLINED if dropout_active(n) else identity(ctx, n)
+
+
+# -- views ----------------------------------------------------------------------------------------
+@rule(*VIEWS)
+def view(ctx: RuleContext, n: fx.Node) -> Sharded:
+    return view_placement(ctx, n, size_arg=1)
+
+
+@rule(aten.flatten.using_ints, aten.unflatten.int)
+def flatten(ctx: RuleContext, n: fx.Node) -> Sharded:
+    return view_placement(ctx, n, size_arg=None)
+
+
+def view_placement(ctx: RuleContext, n: fx.Node, size_arg: Optional[int]) -> Sharded:
+    """A view/reshape (sizes in argument `size_arg`, rewritten to local sizes) or a flatten /
+    unflatten (no size argument to rewrite)."""
+    x, sp, src = ctx.sharded_input(n)
+    dst = node_shape(n)
+    groups = group_dims(src, dst)
+    if groups is None:
+        raise RuleFailure(f"cannot relate view shapes {src} -> {dst}")
+    dims: dict[int, DimShard] = {}
+    origin: dict[int, tuple[str, int]] = {}
+    for gi, go in groups:
+        sh = [(d, sp.get(d)) for d in gi if sp.get(d) is not None]
+        if not sh:
+            continue
+        if len(sh) > 1:
+            raise RuleFailure("merges two sharded dims")
+        d, ds = sh[0]
+        if ds.outer:
+            j, new, unit = _view_outer(d, ds, gi, go, dst)
+        else:
+            j, new, unit = _view_inner(ctx, sp, d, ds, gi, go, src, dst, groups)
+        dims[j] = new
+        if unit is not None:
+            origin[j] = (sp.origin_of(d)[0], unit)
+        if size_arg is not None:
+            rewrite_size(ctx, n, size_arg, j, new)
+        elif n.target == aten.unflatten.int and \
+                new.local_sizes(ctx.world_size) != (new.size,) * ctx.world_size:
+            raise RuleFailure("unflattens a sharded dim (its sizes are not rewritten yet)")
+    return Sharded.of(dims, origin)
+
+
+def _view_inner(ctx: RuleContext, sp: Sharded, d: int, ds: DimShard, gi: list, go: list,
+                src: list, dst: list, groups: list) -> tuple[int, DimShard, Optional[int]]:
+    """A view regrouping a sharded dim with static inner dims (heads <-> features), or
+    merging it with outer dims (then the result is an `outer` dim)."""
+    outer = any(static_int(src[k]) != 1 for k in gi if k < d)
+    inner_in = static_prod([src[k] for k in gi if k > d])
+    if inner_in is None:
+        raise RuleFailure("merges a sharded dim with a dynamic dim")
+    flat = ds.scaled(inner_in)
+    outs = [j for j in go if static_int(dst[j]) != 1]
+    if not outs:
+        raise RuleFailure("views a sharded dim as size 1")
+    if outer:
+        if len(outs) != 1 or flat is None:
+            raise RuleFailure("merges a sharded dim into an outer dim and splits it again")
+        return outs[0], flat.with_splits(flat.splits, outer=True), None
+    j = outs[0]
+    new_unit_dim = j != go[0] or ([], [j - 1]) in groups
+    if new_unit_dim and static_int(dst[j - 1]) == 1 and sp.origin_of(d) is not None:
+        ctx.single_head.add(sp.origin_of(d)[0])
+    inner_out = static_prod([dst[k] for k in go if k > j])
+    if inner_out is None:
+        raise RuleFailure("splits a sharded dim into a dynamic dim")
+    new = flat.scaled(1, inner_out) if flat is not None else None
+    org = sp.origin_of(d)
+    unit = None
+    if org is not None:
+        u = Fraction(org[1], inner_in) * inner_out
+        unit = int(u) if u.denominator == 1 else None
+    if new is None or not new.valid():
+        heads = static_int(dst[j])
+        # whole heads: split the source at head boundaries (unevenly if the count does not
+        # divide); fewer heads than ranks: groups of ranks hold the same heads (kv heads,
+        # as vLLM does), or every rank all of them when no group size fits
+        if unit is not None:
+            ctx.refine_or_fail(sp, d, lambda cur, _u: split_in_heads(cur, unit))
+        raise RuleFailure(f"splits a dim of {ds.size} into {dst[j]} x {inner_out}: {heads} heads "
+                          f"cannot be shared out over {ds.parts} ranks", ReasonKind.NOT_DIVISIBLE)
+    return j, new, unit
+
+
+def _view_outer(d: int, ds: DimShard, gi: list, go: list,
+                dst: list) -> tuple[int, DimShard, Optional[int]]:
+    """A view of a dim that is (dynamic outer) x (sharded block): kept merged, or split
+    back into the outer dims and the block (BLOOM's [b * heads, s, d] -> [b, heads, s, d])."""
+    if gi != [d]:
+        raise RuleFailure("merges a dim holding a sharded block with other dims")
+    if len(go) == 1:
+        return go[0], ds, None
+    for t in range(1, len(go)):
+        tail = static_prod([dst[k] for k in go[t:]])
+        if tail == ds.size:
+            j = go[t]
+            inner_out = static_prod([dst[k] for k in go[t + 1:]])
+            new = ds.with_splits(ds.splits, outer=False).scaled(1, inner_out)
+            if new is None or not new.valid():
+                break
+            return j, new, None
+    raise RuleFailure("splits a dim holding a sharded block, not at the block's boundary")
+
+
+def rewrite_size(ctx: RuleContext, n: fx.Node, arg: int, pos: int, spec: DimShard) -> None:
+    """Records the rewrite of the size at `n.args[arg][pos]` to the local size of `spec`."""
+    sizes = n.args[arg]
+    if not isinstance(sizes, (list, tuple)) or pos >= len(sizes):
+        raise RuleFailure("size argument not a list")
+    v = sizes[pos]
+    local = spec.local_sizes(ctx.world_size)
+    if isinstance(v, int):
+        if v == -1 or all(v == x for x in local):
+            return
+        if spec.outer and v % spec.size == 0:
+            ctx.actions.int_args.append(
+                IntArg(n.name, (arg, pos), per_rank([v // spec.size * x for x in local])))
+            return
+        if v != spec.size:
+            raise RuleFailure(f"size constant {v} does not match the sharded dim of {spec.size}")
+        ctx.actions.int_args.append(IntArg(n.name, (arg, pos), per_rank(local)))
+        return
+    if spec.outer and isinstance(v, fx.Node):
+        # (outer x block) computed at run time (b * heads): scaled to the local block
+        ctx.actions.sym_sizes.append(SymSize(n.name, (arg, pos), spec.size, per_rank(local)))
+        return
+    raise RuleFailure("a sharded dim's size is computed at run time")
+
+
+# -- dims moved, added or removed -----------------------------------------------------------------
+@rule(*TRANSPOSES)
+def permute(ctx: RuleContext, n: fx.Node) -> Sharded:
+    x, sp, src = ctx.sharded_input(n)
+    r = len(src)
+    if n.target == aten.transpose.int:
+        a, b = norm_dim(n.args[1], r), norm_dim(n.args[2], r)
+        perm = list(range(r))
+        perm[a], perm[b] = perm[b], perm[a]
+    elif n.target == aten.permute.default:
+        perm = [norm_dim(d, r) for d in n.args[1]]
+    else:
+        perm = list(reversed(range(r)))
+    inv = {old: new for new, old in enumerate(perm)}
+    return Sharded.of({inv[d]: s for d, s in sp.dims},
+                      {inv[d]: o for d, o in sp.origin_dict().items()})
+
+
+@rule(aten.unsqueeze.default)
+def unsqueeze(ctx: RuleContext, n: fx.Node) -> Sharded:
+    x, sp, src = ctx.sharded_input(n)
+    d0 = norm_dim(n.args[1], len(src) + 1)
+    shift = lambda d: d + 1 if d >= d0 else d
+    return Sharded.of({shift(d): s for d, s in sp.dims},
+                      {shift(d): o for d, o in sp.origin_dict().items()})
+
+
+@rule(aten.squeeze.dim, aten.squeeze.dims)
+def squeeze(ctx: RuleContext, n: fx.Node) -> Sharded:
+    x, sp, src = ctx.sharded_input(n)
+    dims = n.args[1] if isinstance(n.args[1], (list, tuple)) else [n.args[1]]
+    gone = {norm_dim(d, len(src)) for d in dims if static_int(src[norm_dim(d, len(src))]) == 1}
+    if any(d in gone for d, _ in sp.dims):
+        raise RuleFailure("squeezes a sharded dim")
+    shift = lambda d: d - sum(1 for g in gone if g < d)
+    return Sharded.of({shift(d): s for d, s in sp.dims},
+                      {shift(d): o for d, o in sp.origin_dict().items()})
+
+
+@rule(aten.expand.default, aten.broadcast_to.default)
+def expand(ctx: RuleContext, n: fx.Node) -> Sharded:
+    x, sp, src = ctx.sharded_input(n)
+    off = len(n.args[1]) - len(src)
+    dims = {d + off: s for d, s in sp.dims}
+    for d, s in dims.items():
+        rewrite_size(ctx, n, 1, d, s)
+    return Sharded.of(dims, {d + off: o for d, o in sp.origin_dict().items()})

@@ -1,0 +1,196 @@
+"""Rules for ops that take parts of a sharded dim or join parts into one: select and index (a
+few elements), slice and split (ranges, which must fall on chunk boundaries or the source is
+re-cut), cat (pieces joined as chunks).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import fx
+
+from ..graph.ops import IDENTITY, SPLITS, aten, functional_twin
+from .align import align
+from .placements import DimShard, Sharded
+from .records import IntArg
+from .registry import SHARDED_RULES, RuleContext, RuleFailure
+from .shapes import node_shape, norm_dim, per_rank, sharded_or_replicate
+from .splits import boundaries, chunk_of, recut, whole_chunks
+
+rule = SHARDED_RULES.rule
+
+
+# -- a few elements -------------------------------------------------------------------------------
+@rule(aten.select.int)
+def select(ctx: RuleContext, n: fx.Node) -> Any:
+    x, sp, src = ctx.sharded_input(n)
+    dim = norm_dim(n.args[1], len(src))
+    if sp.get(dim) is not None:
+        _pick(ctx, sp, dim, [n.args[2]])
+    shift = lambda d: d - 1 if d > dim else d
+    return sharded_or_replicate({shift(d): s for d, s in sp.dims if d != dim},
+                                {shift(d): o for d, o in sp.origin_dict().items() if d != dim})
+
+
+@rule(aten.index.Tensor)
+def index(ctx: RuleContext, n: fx.Node) -> Any:
+    """x[..., idx, ...] with one index tensor; on a sharded dim only constant indices into
+    chunks that every rank holds whole (the k and v heads of a fused multi-query qkv)."""
+    x, sp, src = ctx.sharded_input(n)
+    indices = list(n.args[1])
+    used = [k for k, i in enumerate(indices) if i is not None]
+    if len(used) != 1 or isinstance(ctx.placement(indices[used[0]]), Sharded):
+        raise RuleFailure("advanced indexing of a sharded tensor")
+    k = used[0]
+    if sp.get(k) is not None:
+        values = _constant_ints(ctx.gm, indices[k])
+        if values is None:
+            raise RuleFailure("indexes a sharded dim with indices computed at run time")
+        _pick(ctx, sp, k, values)
+    extra = len(node_shape(indices[k]) or []) - 1
+    shift = lambda d: d + extra if d > k else d
+    return sharded_or_replicate({shift(d): s for d, s in sp.dims if d != k},
+                                {shift(d): o for d, o in sp.origin_dict().items() if d != k})
+
+
+def _constant_ints(gm: fx.GraphModule, node: Any) -> Optional[list[int]]:
+    """The values of a constant index tensor (a lifted constant, maybe copied)."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and \
+            functional_twin(node.target) in IDENTITY:
+        node = node.args[0]
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    value = gm
+    for part in node.target.split("."):
+        value = getattr(value, part, None)
+    if not isinstance(value, torch.Tensor) or value.dim() > 1 or value.is_floating_point():
+        return None
+    return [int(v) for v in value.reshape(-1).tolist()]
+
+
+def _pick(ctx: RuleContext, sp: Sharded, dim: int, picks: list) -> None:
+    """Elements picked from a sharded dim: they must lie in chunks every rank holds whole,
+    at the same local position on every rank; else ask for those elements as whole chunks."""
+    ds = sp.get(dim)
+    if ds.outer or not all(isinstance(i, int) for i in picks):
+        raise RuleFailure("picks elements of a sharded dim")
+    size, bounds = ds.size, boundaries(ds)
+    glob = [i + size if i < 0 else i for i in picks]
+    whole = all(ds.splits[chunk_of(bounds, g)].parts == 1 for g in glob)
+    if not whole:
+        def make(cur: DimShard, unit: int) -> Optional[DimShard]:
+            if cur.size != ds.size * unit:   # a piece of the source: offsets unknown
+                return None
+            return whole_chunks(cur, [(g * unit, (g + 1) * unit) for g in glob])
+        ctx.refine_or_fail(sp, dim, make)
+        raise RuleFailure("picks elements of a sharded dim")
+    for r in range(ctx.world_size):
+        layout = ds.index(r).tolist()
+        for i, g in zip(picks, glob):
+            local = layout.index(g)
+            if (local if i >= 0 else local - len(layout)) != i:
+                raise RuleFailure(f"index {i} of a sharded dim would need a different constant "
+                                  f"on rank {r}")
+
+
+# -- ranges ---------------------------------------------------------------------------------------
+def _cut(ctx: RuleContext, sp: Sharded, dim: int, cuts: list[int]) -> list[DimShard]:
+    """Splits a sharded dim at global offsets `cuts`; each piece must be whole chunks."""
+    ds = sp.get(dim)
+    if ds.outer:
+        raise RuleFailure("cuts a dim holding a sharded block")
+    bounds = boundaries(ds)
+    if all(c in bounds for c in cuts):
+        pieces = []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            i, j = bounds.index(a), bounds.index(b)
+            pieces.append(ds.with_splits(ds.splits[i:j]))
+        return pieces
+
+    def make(cur: DimShard, unit: int) -> Optional[DimShard]:
+        if cur.size != ds.size * unit:   # a piece of the source: offsets unknown
+            return None
+        return recut(cur, [c * unit for c in cuts])
+    ctx.refine_or_fail(sp, dim, make)
+    raise RuleFailure(f"cuts a sharded dim at {cuts}, not at the boundaries of its shards")
+
+
+@rule(aten.slice.Tensor)
+def slice_(ctx: RuleContext, n: fx.Node) -> Sharded:
+    x, sp, src = ctx.sharded_input(n)
+    dim = norm_dim(n.args[1] if len(n.args) > 1 else 0, len(src))
+    ds = sp.get(dim)
+    if ds is None:
+        return sp
+    start = n.args[2] if len(n.args) > 2 else 0
+    end = n.args[3] if len(n.args) > 3 else None
+    step = n.args[4] if len(n.args) > 4 else 1
+    if step != 1 or not isinstance(start, (int, type(None))) or not isinstance(end, (int, type(None))):
+        raise RuleFailure("strided or dynamic slice of a sharded dim")
+    size = ds.size
+    start = 0 if start is None else (start + size if start < 0 else min(start, size))
+    end = size if end is None else (end + size if end < 0 else min(end, size))
+    piece, = _cut(ctx, sp, dim, [start, end])
+    ws = ctx.world_size
+    first = boundaries(ds).index(start)
+    lstart = [sum(c.range(r)[1] for c in ds.splits[:first]) for r in range(ws)]
+    lend = [a + b for a, b in zip(lstart, piece.local_sizes(ws))]
+    ctx.actions.int_args.append(IntArg(n.name, (2,), per_rank(lstart)))
+    ctx.actions.int_args.append(IntArg(n.name, (3,), per_rank(lend)))
+    dims = sp.as_dict()
+    dims[dim] = piece
+    return Sharded.of(dims, sp.origin_dict())
+
+
+@rule(*SPLITS)
+def split(ctx: RuleContext, n: fx.Node) -> list:
+    x, sp, src = ctx.sharded_input(n)
+    outs = n.meta.get("val")
+    dim = norm_dim(n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0), len(src))
+    ds = sp.get(dim)
+    if ds is None:
+        return [sp for _ in outs]
+    sizes = [int(o.shape[dim]) for o in outs]
+    cuts = [0]
+    for s in sizes:
+        cuts.append(cuts[-1] + s)
+    pieces = _cut(ctx, sp, dim, cuts)
+    per_rank_sizes = [[p.local_size_of(r) for p in pieces] for r in range(ctx.world_size)]
+    if n.target == aten.split_with_sizes.default:
+        for i in range(len(pieces)):
+            ctx.actions.int_args.append(
+                IntArg(n.name, (1, i), per_rank([loc[i] for loc in per_rank_sizes])))
+    elif n.target in (aten.split.Tensor, aten.chunk.default):
+        for loc in per_rank_sizes:
+            if any(v != loc[0] for v in loc[:-1]) or loc[-1] > loc[0] or \
+                    (n.target == aten.chunk.default and loc[-1] != loc[0]):
+                raise RuleFailure("split pieces would have unequal local sizes")
+        if n.target == aten.split.Tensor:
+            ctx.actions.int_args.append(
+                IntArg(n.name, (1,), per_rank([loc[0] for loc in per_rank_sizes])))
+    # chunk(n) keeps its count: equal local pieces on every rank
+    result = []
+    for p in pieces:
+        dims = sp.as_dict()
+        dims[dim] = p
+        result.append(Sharded.of(dims, sp.origin_dict()))
+    return result
+
+
+# -- pieces joined --------------------------------------------------------------------------------
+@rule(aten.cat.default)
+def cat(ctx: RuleContext, n: fx.Node) -> Sharded:
+    tensors = n.args[0]
+    out = node_shape(n)
+    dim = norm_dim(n.args[1] if len(n.args) > 1 else 0, len(out))
+    specs = [ctx.placement(t) for t in tensors]
+    if all(isinstance(s, Sharded) and s.get(dim) for s in specs):
+        if any(s.get(dim).outer for s in specs):
+            raise RuleFailure("concatenates dims holding sharded blocks")
+        rest = [tuple((d, v) for d, v in s.dims if d != dim) for s in specs]
+        if any(r != rest[0] for r in rest):
+            raise RuleFailure("concatenates differently sharded pieces")
+        dims = dict(rest[0])
+        dims[dim] = DimShard(splits=tuple(c for s in specs for c in s.get(dim).splits))
+        return Sharded.of(dims)
+    return align(ctx, n, [(0, i) for i in range(len(tensors))], out, forbid=[dim])

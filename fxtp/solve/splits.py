@@ -1,0 +1,94 @@
+"""Arithmetic on a source's split used by refines: re-cutting chunks at given offsets, making
+elements whole on every rank, re-splitting in whole heads.
+
+These functions only compute new `DimShard`s; the rules decide when to ask for one (through
+`RuleContext.refine`) and the solver applies it on its next pass.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from .placements import ChunkSplit, DimShard
+
+
+def boundaries(ds: DimShard) -> list[int]:
+    """The offsets where the chunks of a split dim start, and its end."""
+    out, acc = [0], 0
+    for c in ds.chunks:
+        acc += c
+        out.append(acc)
+    return out
+
+
+def chunk_of(bounds: list[int], pos: int) -> int:
+    """The index of the chunk holding element `pos`, given the chunks' `boundaries`."""
+    return max(i for i, b in enumerate(bounds[:-1]) if b <= pos)
+
+
+def fit(c: ChunkSplit) -> ChunkSplit:
+    """A chunk with fewer units than pieces is held by groups of ranks, or whole by every rank
+    when no group size fits."""
+    if c.valid():
+        return c
+    g = math.gcd(c.units, c.parts) if c.size % c.unit == 0 else 1
+    if g > 1:
+        return ChunkSplit(c.size, g, c.stride * (c.parts // g), c.unit)
+    return ChunkSplit(c.size, 1, c.parts * c.stride, 1)
+
+
+def recut(cur: DimShard, cuts: list[int]) -> Optional[DimShard]:
+    """The source split with extra chunk boundaries at `cuts`; new chunks keep their split."""
+    bounds = []
+    acc = 0
+    for c in cur.splits:
+        bounds.append((acc, acc + c.size, c))
+        acc += c.size
+    points = sorted({b for a, e, _ in bounds for b in (a, e)} | {c for c in cuts if 0 <= c <= acc})
+    out = []
+    for a, e in zip(points[:-1], points[1:]):
+        if e <= a:
+            continue
+        c = next(c for s0, e0, c in bounds if s0 <= a < e0)
+        unit = c.unit if (e - a) % c.unit == 0 else 1
+        out.append(fit(ChunkSplit(e - a, c.parts, c.stride, unit)))
+    return cur.with_splits(out)
+
+
+def whole_chunks(cur: DimShard, ranges: list[tuple[int, int]]) -> Optional[DimShard]:
+    """The source split with the elements in `ranges` as chunks every rank holds whole."""
+    cut = recut(cur, [x for r in ranges for x in r])
+    out, acc = [], 0
+    for c in cut.splits:
+        if any(a <= acc and acc + c.size <= e for a, e in ranges):
+            c = ChunkSplit(c.size, 1, c.parts * c.stride, 1)
+        out.append(c)
+        acc += c.size
+    return cur.with_splits(out)
+
+
+def split_in_heads(cur: DimShard, head: int) -> Optional[DimShard]:
+    """The source split at whole heads of `head` features: uneven when the head count does not
+    divide, groups of ranks sharing heads when there are fewer heads than pieces (as vLLM does
+    for kv heads), every rank holding all of them when no group size fits. A lone single-head
+    source is left to the solver (kept replicated: MQA's kv projection)."""
+    out = []
+    for c in cur.splits:
+        if c.parts == 1:
+            out.append(c)
+            continue
+        u = math.lcm(c.unit, head)
+        if c.size % u:
+            return None
+        units = c.size // u
+        if units >= c.parts:
+            out.append(ChunkSplit(c.size, c.parts, c.stride, u))
+            continue
+        g = math.gcd(units, c.parts)
+        if g > 1:
+            out.append(ChunkSplit(c.size, g, c.stride * (c.parts // g), u))
+        elif len(cur.splits) > 1 or units > 1:
+            out.append(ChunkSplit(c.size, 1, c.stride * c.parts, u))
+        else:
+            return None
+    return cur.with_splits(out)
