@@ -14,6 +14,12 @@ to be split differently (a fused qkv split into thirds, kv heads fewer than rank
 split is refined and the propagation starts again. The final pass records rank-independent
 actions that the rewrite passes turn into this rank's graph.
 
+The loop is bounded: at most 200 passes (then `ShardingError`), and a source refined more than
+8 times is blocked. A pass that asks for refines only applies them: its failures may come from
+the old splits, and are found again on the next pass if they are real. A partial sum reduced for
+one user serves all its users: once a pass settles, the values it reduced are reduced eagerly
+(right after they are made) and the pass runs once more.
+
 This module holds that loop (`solve`); one pass is propagate.py, the per-op rules are the
 rules_*.py modules (registry.py), the results are records.py.
 """
