@@ -100,9 +100,6 @@ def attach(tp: fx.GraphModule, model: nn.Module) -> None:
             reason = (f"fxtp could not keep a weightless copy of {type(model).__name__} for "
                       f"generation ({type(e).__name__}: {e}); use fxtp.generator(model, ws)")
     tp.generate = TPGenerate(tp, skel, reason)
-    info = tp.meta.get(META_KEY)       # kept with tp's run-time state (a bare graph has none)
-    if info is not None:
-        info.state.generate = tp.generate
 
 
 def skeleton(model: nn.Module, held: set[str]) -> nn.Module:

@@ -10,7 +10,9 @@ from typing import Any
 @dataclass
 class RuntimeState:
     """The mutable part of `TPInfo`: set by `fxtp.transform`, the mode switches (`for_training`,
-    `fold_lora`, ...), `fxtp.load`, `tp.to` and `tp.generate`; read by the call guards."""
+    `fold_lora`, ...), `fxtp.load`, `tp.to` and `tp.generate`; read by the call guards.
+    `tp.generate` itself (a `TPGenerate` holding the model's weightless skeleton and its
+    decode step) is an attribute of `tp`, not kept here a second time."""
 
     # transform(check_inputs=): every call compares its inputs across the ranks
     check_inputs: bool = False
@@ -22,5 +24,3 @@ class RuntimeState:
     lora_last_fold: Any = None
     # parameters/buffers still on the meta device (a model built on meta, before fxtp.load)
     unloaded: tuple[str, ...] = ()
-    # generation.tp_generate.TPGenerate, also `tp.generate` (None for a decode step's graph)
-    generate: Any = None
