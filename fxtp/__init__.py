@@ -28,6 +28,7 @@ from .errors import (
     RankLostError,
     RenderError,
     RewriteError,
+    SaveError,
     ShardingError,
     UnknownLayerError,
     WeightMismatchError,
@@ -41,6 +42,7 @@ from .modes import fold_lora, for_generation, for_training, unfold_lora
 from .planning.plan import Plan, PlanEntry
 from .planning.planner import plan_model as plan
 from .rewrite.record import META_KEY, TPInfo
+from .saving.save import SaveReport, save
 from .testing.checks import verify
 
 __all__ = [
@@ -51,6 +53,6 @@ __all__ = [
     "PromptMismatchError", "load", "init_empty", "LoadReport", "CheckpointError",
     "MetaTensorError", "DtypeError", "NotTransformedError", "WeightMismatchError", "InputMismatchError", "RankLostError",
     "WorldSizeError", "ShardingError", "LoraFoldError", "UnknownLayerError", "RenderError", "CliError",
-    "RewriteError",
+    "RewriteError", "save", "SaveReport", "SaveError",
 ]
 __version__ = "0.1.0"

@@ -9,8 +9,9 @@ import torch
 import torch.distributed as dist
 from torch import fx, nn
 
+from .capture.skeleton import try_skeleton
 from .errors import NotDivisibleError, PlanOverrideError
-from .graph.tensors import deepcopy_graph
+from .graph.tensors import deepcopy_graph, tensor_attrs
 from .guards import guard_meta, guard_moves, guard_training, install_input_defaults
 from .planning.plan import Plan
 from .planning.planner import model_name, plan_model
@@ -59,6 +60,9 @@ def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
             f"the head count, or keep it replicated: fxtp.transform(model, {world_size}, "
             f"plan=fxtp.plan(model, {world_size}).override({{{(r.module or r.node)!r}: 'replicate'}}))")
     gm = rewrite(plan, info, check_weights=check_weights)
+    skel, why = try_skeleton(model, set(tensor_attrs(gm)))
+    gm.meta[META_KEY] = dataclasses.replace(gm.meta[META_KEY], skeleton=skel,
+                                            skeleton_error=why or "")
     gm.meta[META_KEY].state.check_inputs = check_inputs and info.world_size > 1
     guard_meta(gm)
     install_input_defaults(gm, gm.meta[META_KEY].plan.captured)   # shapes only
@@ -67,7 +71,7 @@ def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
     # function-level import: tp_generate builds its decode step with transform()
     from .generation.tp_generate import attach
 
-    attach(gm, model)       # tp.generate: a weightless skeleton of the model, the step built lazily
+    attach(gm, model)       # tp.generate: on the skeleton, the step built lazily
     return gm
 
 

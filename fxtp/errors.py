@@ -100,6 +100,12 @@ class CheckpointError(FxtpError):
     dtypes, another architecture) or cannot be read (a truncated file); nothing was loaded."""
 
 
+class SaveError(FxtpError):
+    """fxtp.save could not write the checkpoint: the directory holds other files, a rank could
+    not write its part, or the ranks do not see the same filesystem. Nothing is left at the
+    path (the old directory, with overwrite=True, stays as it was)."""
+
+
 class MetaTensorError(FxtpError):
     """The tensor-parallel model still holds meta tensors (built on the meta device, not loaded)."""
 

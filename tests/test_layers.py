@@ -19,7 +19,7 @@ STAGES = [
     ("solve",),
     ("planning",),
     ("rewrite",),
-    ("guards", "modes", "_transform", "_load", "generation", "inspection"),    # the API
+    ("guards", "modes", "_transform", "_load", "generation", "inspection", "saving"),    # the API
     ("testing", "cli"),
     ("__init__", "__main__"),
 ]

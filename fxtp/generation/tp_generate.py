@@ -33,8 +33,6 @@ that does not fit builds it again, larger (sizes rounded up: see `TPGenerate.__c
 """
 from __future__ import annotations
 
-import copy
-import warnings
 import weakref
 from typing import Any, Optional
 
@@ -94,28 +92,11 @@ def attach(tp: fx.GraphModule, model: nn.Module) -> None:
         reason = str(e).replace("fxtp.generator: ", "", 1)
     skel = None
     if reason is None:
-        try:
-            skel = skeleton(model, set(tensor_attrs(tp)))
-        except Exception as e:  # noqa: BLE001 - any failure to copy: no generate, transform works
-            reason = (f"fxtp could not keep a weightless copy of {type(model).__name__} for "
-                      f"generation ({type(e).__name__}: {e}); use fxtp.generator(model, ws)")
+        info = tp.meta[META_KEY]
+        skel = info.skeleton        # made by fxtp.transform (capture/skeleton.py)
+        if skel is None:
+            reason = f"{info.skeleton_error}; use fxtp.generator(model, ws)"
     tp.generate = TPGenerate(tp, skel, reason)
-
-
-def skeleton(model: nn.Module, held: set[str]) -> nn.Module:
-    """A deep copy of `model` without its weights: every parameter, and every buffer `tp`
-    holds under the same name (`held`), becomes a meta tensor of the same shape and dtype (tied
-    ones stay tied); other buffers and plain tensor attributes are copied with their values."""
-    memo: dict[int, Any] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) not in memo:
-            memo[id(p)] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
-    for name, b in model.named_buffers(remove_duplicate=False):
-        if name in held and id(b) not in memo:
-            memo[id(b)] = b.detach().to("meta")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return copy.deepcopy(model, memo)
 
 
 def _round_len(n: int) -> int:

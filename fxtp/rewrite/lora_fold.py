@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import fx
@@ -76,18 +76,10 @@ def fold(gm: fx.GraphModule, linears: dict[str, LinearMatch], label: str,
         state = previous    # its saved shards' buffers too: copied into, not allocated again
     else:
         state = _fold_graph(gm, linears, label)
-    weights = []
-    for br in state.branches:
-        mb, ma, mbase = linears[br.b], linears[br.a], linears[br.base]
-        w = get_tensor_attr(gm, mbase.weight)
-        if w.dim() != 2:
-            raise LoraFoldError(f"fxtp.fold_lora: {br.module} has a {w.dim()}-D weight; only "
-                                "2-D base weights can be folded")
-        weights.append((br, mbase, w, _as_out_in(get_tensor_attr(gm, mb.weight), mb),
-                        _as_out_in(get_tensor_attr(gm, ma.weight), ma)))
+    weights = [(br, linears[br.base], _base_weight(gm, br, linears)) for br in state.branches]
     saved_now: set[str] = set()
     with torch.no_grad():
-        for br, mbase, w, b_w, a_w in weights:
+        for br, mbase, w in weights:
             if mbase.weight not in saved_now:      # once per weight, before any branch adds
                 saved_now.add(mbase.weight)
                 saved = state.originals.get(mbase.weight)
@@ -95,11 +87,57 @@ def fold(gm: fx.GraphModule, linears: dict[str, LinearMatch], label: str,
                     state.originals[mbase.weight] = w.detach().clone()
                 else:
                     saved.copy_(w)
-            # W += scale * B @ A in the weight's dtype, as PEFT's merge does (restored exactly
-            # from the saved shard on unfold, so no rounding accumulates over rounds)
-            _as_out_in(w, mbase).addmm_(b_w.to(w.dtype), a_w.to(w.dtype), alpha=br.scale)
+            _add_branch(gm, w, br, linears)
     state.folded.install(gm)
     return state
+
+
+def _base_weight(gm: fx.GraphModule, br: LoraBranch, linears: dict[str, LinearMatch]
+                 ) -> torch.Tensor:
+    w = get_tensor_attr(gm, linears[br.base].weight)
+    if w.dim() != 2:
+        raise LoraFoldError(f"fxtp.fold_lora: {br.module} has a {w.dim()}-D weight; only "
+                            "2-D base weights can be folded")
+    return w
+
+
+def _add_branch(gm: fx.GraphModule, w: torch.Tensor, br: LoraBranch,
+                linears: dict[str, LinearMatch]) -> None:
+    """W += scale * B @ A in the weight's dtype, as PEFT's merge does (restored exactly from
+    the saved shard on unfold, so no rounding accumulates over rounds)."""
+    mb, ma = linears[br.b], linears[br.a]
+    b_w = _as_out_in(get_tensor_attr(gm, mb.weight), mb)
+    a_w = _as_out_in(get_tensor_attr(gm, ma.weight), ma)
+    with torch.no_grad():
+        _as_out_in(w, linears[br.base]).addmm_(b_w.to(w.dtype), a_w.to(w.dtype), alpha=br.scale)
+
+
+def merged_weights(gm: fx.GraphModule, linears: dict[str, LinearMatch], label: str
+                   ) -> tuple[dict[str, Callable[[], torch.Tensor]], set[str]]:
+    """What `fold` would write into each base weight, made on demand without touching `gm`:
+    base weight name -> a function returning a new tensor, this rank's shard of
+    W + sum of scale * B @ A over its branches (fxtp.save(merged=True) writes one tensor at a
+    time). Also the names of the branches' A and B weights, which the merge consumes."""
+    branches = find_lora_branches(gm, linears)
+    if not branches:
+        raise NoLoraError(f"fxtp.save(merged=True): no LoRA branch found in {label}: there "
+                          "is nothing to merge; save without merged=True")
+    by_weight: dict[str, list[LoraBranch]] = {}
+    consumed: set[str] = set()
+    for br in branches:
+        _base_weight(gm, br, linears)
+        by_weight.setdefault(linears[br.base].weight, []).append(br)
+        consumed |= {linears[br.a].weight, linears[br.b].weight}
+
+    def merged(name: str) -> Callable[[], torch.Tensor]:
+        def make() -> torch.Tensor:
+            w = get_tensor_attr(gm, name).detach().clone()
+            for br in by_weight[name]:
+                _add_branch(gm, w, br, linears)
+            return w
+        return make
+
+    return {name: merged(name) for name in by_weight}, consumed
 
 
 def _fold_graph(gm: fx.GraphModule, linears: dict[str, LinearMatch], label: str) -> FoldState:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from torch import nn
+
 from ..planning.plan import Plan
 from ..runtime.state import RuntimeState
 from ..runtime.weight_check import WeightCheck
@@ -33,3 +35,7 @@ class TPInfo:
     check_weights: bool = False        # transform(check_weights=): fxtp.load checks too
     weight_check: Optional[WeightCheck] = None   # what the weight check at transform compared
     state: RuntimeState = field(default_factory=RuntimeState)   # what tp keeps at run time
+    # the model without its weights (capture.skeleton), set by fxtp.transform: tp.generate's
+    # decode step and fxtp.save read it; None when it could not be copied (skeleton_error)
+    skeleton: Optional[nn.Module] = None
+    skeleton_error: str = ""

@@ -19,6 +19,7 @@ with `TORCH_NCCL_ASYNC_ERROR_HANDLING` at its default, the process; the rank is 
 from __future__ import annotations
 
 import datetime
+import json
 import re
 import time
 from typing import Optional, Sequence
@@ -143,6 +144,20 @@ def guarded_gather(values: torch.Tensor, group: "dist.ProcessGroup | str | None"
             f"it ({_first_line(e)}). Look at the other ranks' errors; a rank that died must "
             "be restarted with the others (torchrun restarts the whole group).") from e
     return out.view(world, -1).cpu()
+
+
+def gather_objects(obj: object, group: "dist.ProcessGroup | str | None", what: str) -> list:
+    """Every rank's JSON-able `obj`, in rank order, through two guarded gathers (the lengths,
+    then the bytes padded to the longest): a lost rank is a `RankLostError`, as in
+    `guarded_gather`. For small records (fxtp.save's slices and statuses), not tensors."""
+    data = json.dumps(obj).encode()
+    lengths = guarded_gather(torch.tensor([len(data)], dtype=torch.int64), group, what)
+    width = (int(lengths.max()) + 7) // 8
+    padded = torch.zeros(width * 8, dtype=torch.uint8)
+    padded[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    table = guarded_gather(padded.view(torch.int64), group, what)
+    rows = table.contiguous().view(torch.uint8).view(table.shape[0], -1)
+    return [json.loads(rows[r, :int(n)].numpy().tobytes()) for r, n in enumerate(lengths[:, 0])]
 
 
 class _RollCall:
