@@ -6,6 +6,7 @@ examples (derandomized) and applies a disagreement on rank 1 only. Ranks return 
 from __future__ import annotations
 
 import datetime
+import os
 import time
 from typing import Any, Callable
 
@@ -263,18 +264,49 @@ def lost_rank_case(rank: int, ws: int, ckpts: dict, plans: Plans) -> dict[str, A
     # short only now: the ranks' captures above may finish seconds apart on a busy machine
     dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=LOST_TIMEOUT_S), group)
     dist.barrier(group)
+    root = os.path.dirname(ckpts["seed0"])
+    halfway = os.path.join(root, "saved_halfway")
     if rank != 0:
+        _crash_halfway_through_save(tp, halfway)
         return {}            # this rank's process ends: rank 0 carries on alone
     ids = torch.randint(0, 128, (1, 4))
-    steps = {"transform": lambda: fxtp.transform(model, ws, plan=plan, group=group),
+    steps = {"save_halfway": lambda: fxtp.save(tp, halfway),     # first: rank 1 is in it
+             "transform": lambda: fxtp.transform(model, ws, plan=plan, group=group),
              "check_inputs": lambda: tp(input_ids=ids),
              "generate": lambda: gen.generate(ids, max_new_tokens=2),
-             "load": lambda: fxtp.load(meta_tp, ckpts["seed0"])}
+             "load": lambda: fxtp.load(meta_tp, ckpts["seed0"]),
+             "save": lambda: fxtp.save(tp, os.path.join(root, "saved_alone"))}
     out = {}
     for name, step in steps.items():
         t = time.monotonic()
         out[name] = (*_error(step), time.monotonic() - t)
+    out["saved"] = sorted(f for f in os.listdir(root) if "saved" in f or "fxtp-" in f)
     return out
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_halfway_through_save(tp, path: str) -> None:
+    """fxtp.save on this rank, which stops dead in its second round of exchanges (as a rank
+    killed there would): its peer is left waiting for its slices."""
+    from fxtp.saving.assemble import Assembler
+
+    exchange = Assembler._exchange
+
+    def crash(self, k, mine):
+        if k >= 1:
+            raise _Crash("this rank stops here")
+        return exchange(self, k, mine)
+
+    Assembler._exchange = crash
+    try:
+        fxtp.save(tp, path)
+    except _Crash:
+        pass
+    finally:
+        Assembler._exchange = exchange
 
 
 # ---------------------------------------------------------------------------------------------

@@ -101,10 +101,21 @@ def test_example_inputs_that_are_views(results):
         assert r["max_error"] <= TOL
 
 
-@pytest.mark.parametrize("step", ["transform", "check_inputs", "generate", "load"])
+@pytest.mark.parametrize("step", ["transform", "check_inputs", "generate", "load", "save"])
 def test_lost_rank_raises_within_the_timeout_naming_it(results, step):
     r = case(results, "lost_rank")[0]
     kind, message, seconds = r[step]
     assert kind == "RankLostError", message
     assert "rank 1 did not reach" in message, message
     assert seconds < LOST_TIMEOUT_S + 2
+
+
+def test_a_rank_lost_halfway_through_save_leaves_no_checkpoint(results):
+    """Rank 1 stops dead in the middle of the exchange: rank 0 raises naming it within the
+    timeout, and nothing is left at either path, not even the temporary directory."""
+    r = case(results, "lost_rank")[0]
+    kind, message, seconds = r["save_halfway"]
+    assert kind == "RankLostError", message
+    assert "rank(s) 1" in message and "nothing was saved" in message, message
+    assert seconds < LOST_TIMEOUT_S + 2
+    assert r["saved"] == []

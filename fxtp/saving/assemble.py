@@ -124,7 +124,7 @@ class Assembler:
                 failed(err)
 
     def _exchange(self, k: int, mine: Optional[tuple[Entry, int]]) -> dict[int, torch.Tensor]:
-        ops, received, sent = [], {}, []
+        ops, received, sent, peers = [], {}, [], set()
         if mine is not None:
             e = mine[0]
             dim = self.plans[e.name][0]
@@ -134,6 +134,7 @@ class Assembler:
                     shape[dim] = sum(n for _, n in self.slices[r][e.source][1])
                     buf = torch.empty(shape, dtype=e.dtype, device=self.device)
                     received[r] = buf
+                    peers.add(r)
                     ops.append(dist.P2POp(dist.irecv, buf, self._global(r), self.group))
         for owner in range(self.world):
             if owner == self.rank or k >= len(self.owned[owner]):
@@ -142,6 +143,7 @@ class Assembler:
             if self.rank in self._senders(e):
                 t = self._local(e).to(self.device).contiguous()
                 sent.append(t)
+                peers.add(owner)
                 ops.append(dist.P2POp(dist.isend, t, self._global(owner), self.group))
         if ops:
             try:
@@ -149,10 +151,12 @@ class Assembler:
                     work.wait()
             except RuntimeError as err:
                 first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+                who = ", ".join(map(str, sorted(peers)))
                 raise RankLostError(
-                    f"fxtp.save: rank {self.rank} lost a peer while exchanging the slices of the "
-                    f"checkpoint's tensors ({type(err).__name__}: {first}). Look at the other "
-                    "ranks' errors; nothing was saved at the path.") from err
+                    f"fxtp.save: rank {self.rank} lost contact with rank(s) {who} while "
+                    f"exchanging the slices of the checkpoint's tensors ({type(err).__name__}: "
+                    f"{first}): {'they' if len(peers) > 1 else 'it'} died, hung or failed. "
+                    "Look at that rank's error; nothing was saved at the path.") from err
         return {r: t.cpu() for r, t in received.items()}
 
     def _global(self, r: int) -> int:
