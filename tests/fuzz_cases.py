@@ -277,7 +277,6 @@ def json_edits(text: str):
     import json
 
     data = json.loads(text)
-    keys = sorted(data)
 
     @st.composite
     def edit(draw):

@@ -42,7 +42,7 @@ def test_one_changed_element_names_that_tensor_only(results):
     for r in per_rank:
         for name, (kind, message) in r["one_tensor"]:
             assert kind == "WeightMismatchError", (name, kind, message)
-            assert f"1 of " in message and f"differ: {name} (rank 0 | rank 1)" in message
+            assert "1 of " in message and f"differ: {name} (rank 0 | rank 1)" in message
 
 
 def test_meta_model_is_checked_at_load(results):
