@@ -83,6 +83,7 @@ class Assembler:
                 self.plans[e.name] = self._plan(e)
         self.bytes_written = 0
         self.peak_staged = 0        # the most bytes this rank held for one tensor beyond its shard
+        self.largest = 0            # the largest tensor this rank wrote
 
     def _plan(self, e: Entry) -> tuple[int, list[Piece]]:
         held = [s.get(e.source) for s in self.slices]
@@ -164,11 +165,17 @@ class Assembler:
 
     def _write(self, e: Entry, f: TensorFile, received: dict[int, torch.Tensor]) -> None:
         dim, ps = self.plans[e.name]
-        own = self._local(e).detach().cpu()
+        held = self._local(e).detach()
+        own = held.cpu()
+        # bytes held for this tensor beyond the shard: the slices received, a host copy of a
+        # device tensor, a merged shard, the block being assembled
         staged = sum(t.numel() * t.element_size() for t in received.values())
+        if own.data_ptr() != held.data_ptr() or e.source in self.merge:
+            staged += own.numel() * own.element_size()
+        self.largest = max(self.largest, e.nbytes)
         if dim < 0:
             self.bytes_written += f.write(e.name, 0, own)
-            self.peak_staged = max(self.peak_staged, e.nbytes)
+            self.peak_staged = max(self.peak_staged, staged)
             return
         source = dict(received)
         source[self.rank] = own

@@ -61,6 +61,7 @@ class SaveReport:
     tensors: int = 0              # tensors this rank wrote
     bytes_written: int = 0        # tensor bytes this rank wrote
     peak_staged: int = 0          # most bytes held at once for one tensor beyond the shard
+    largest_tensor: int = 0       # bytes of the largest tensor this rank wrote
     notes: list[str] = field(default_factory=list)
 
 
@@ -268,6 +269,7 @@ def _write_part(gm, layout: Layout, slices, rank: int, group, merge, tmp: str,
         raise
     report.tensors = sum(len(layout.files[i].entries) for i in files)
     report.bytes_written, report.peak_staged = assembler.bytes_written, assembler.peak_staged
+    report.largest_tensor = assembler.largest
     try:
         _close(files, ok=not errors)
         if rank == 0 and not errors:
