@@ -177,14 +177,23 @@ def peft_case(rank: int, group, root: str) -> dict[str, Any]:
             listing=sorted(os.listdir(adapter)), ref_listing=sorted(os.listdir(ref_dir)),
             adapter_error=max_diff(files_of(adapter), expected),
             names_same=sorted(files_of(adapter)) == sorted(files_of(ref_dir)),
-            config_same=_json(adapter, "adapter_config.json")
-            == _json(ref_dir, "adapter_config.json"),
+            config_diff=_differ(_json(adapter, "adapter_config.json"),
+                                _json(ref_dir, "adapter_config.json")),
             reload_error=float(err),
             merged_error=max_diff(merged_model.state_dict(), ref_merged.state_dict()),
             merged_names=sorted(files_of(merged)) == sorted(ref_merged.state_dict()),
             folded_adapter_same=_same_files(adapter, folded_adapter),
             folded_merged_error=max_diff(files_of(folded_merged), files_of(merged)))
     return result
+
+
+def _differ(a: dict, b: dict) -> dict:
+    """Keys whose values differ; lists compared as sets (PEFT writes sets, such as
+    target_modules, as lists in the set's iteration order, which a copy may change)."""
+    def norm(v):
+        return sorted(map(str, v)) if isinstance(v, list) else v
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if norm(a.get(k)) != norm(b.get(k))}
 
 
 def _same_files(a: str, b: str) -> bool:

@@ -33,17 +33,22 @@ import torch.distributed as dist
 from torch import fx
 
 from ..errors import (
-    FxtpError,
     LoraStateError,
     MetaTensorError,
-    NotTransformedError,
     SaveError,
 )
 from ..graph.tensors import meta_tensors
 from ..rewrite.lora_fold import merged_weights
-from ..rewrite.record import META_KEY
-from ..runtime.agreement import gather_objects, resolve
+from ..runtime.agreement import resolve
 from .assemble import Assembler
+from .directory import (
+    begin,
+    check_target,
+    finish,
+    target_path,
+    temporary_dir,
+    transformed,
+)
 from .layout import Layout, _peft_model, index_json, plan_tensors
 from .writer import TensorFile
 
@@ -86,71 +91,34 @@ def save(tp: fx.GraphModule, path: Union[str, os.PathLike], *, merged: bool = Fa
     failure (a full disk, a lost rank) leaves nothing at `path`. LoRA folded into the weights
     (`fxtp.fold_lora`) raises `LoraStateError` (call `fxtp.unfold_lora` first), except for
     a PEFT model's adapters (unchanged by folding) and `merged=True` (folded is merged)."""
-    gm, info = _graph(tp)
+    gm, info = transformed(tp, "fxtp.save")
     rank, world = info.rank, info.world_size
     group = resolve(info.group_name) if world > 1 and dist.is_initialized() else None
-    status: dict[str, Any] = {"ok": True, "error": "", "layout": 0, "token": "", "slices": {}}
-    layout = None
-    try:
-        path = _path(path)
-        layout, merge = _prepare(gm, info, merged, max_shard_size)
-        _check_target(path, overwrite)
-        status["layout"] = layout.digest()
-        status["slices"] = {n: [d, [list(r) for r in runs]]
-                            for n, (d, runs) in info.param_slices.items()}
-        status["token"] = secrets.token_hex(6) if rank == 0 else ""
-    except FxtpError as e:
-        own = e
-        status.update(ok=False, error=f"{type(e).__name__}: {e}")
-    except Exception as e:      # noqa: BLE001 - a library's failure: every rank must hear of it
-        own = SaveError(f"fxtp.save: {type(e).__name__}: {e}")
-        own.__cause__ = e
-        status.update(ok=False, error=str(own))
-    rows = _agree(status, group, "the first agreement step of fxtp.save")
-    if not status["ok"]:
-        raise own
-    _raise_for_others(rows, "before writing anything")
+    made: dict[str, Any] = {}
+
+    def prepare() -> dict:
+        made["path"] = target_path(path, "fxtp.save")
+        made["layout"], made["merge"] = _prepare(gm, info, merged, max_shard_size)
+        check_target(made["path"], overwrite, "fxtp.save")
+        return {"layout": made["layout"].digest(),
+                "token": secrets.token_hex(6) if rank == 0 else "",
+                "slices": {n: [d, [list(r) for r in runs]]
+                           for n, (d, runs) in info.param_slices.items()}}
+
+    rows = begin(prepare, group, "fxtp.save")
+    path, layout, merge = made["path"], made["layout"], made["merge"]
     if len({r["layout"] for r in rows}) != 1:
         raise SaveError("fxtp.save: the ranks would write different checkpoints (another model, "
                         "plan or merged= on some ranks); call fxtp.save with the same arguments "
                         "on every rank of the same transformed model. Nothing was written.")
     slices = [{n: (d, tuple((a, b) for a, b in runs)) for n, (d, runs) in r["slices"].items()}
               for r in rows]
-    tmp = _temporary(path, rows[0]["token"])
+    tmp = temporary_dir(path, rows[0]["token"])
     report = SaveReport(path, layout.kind, [f.name for f in layout.files]
                         + ([layout.index] if layout.index else []), notes=list(layout.notes))
     written = _write_part(gm, layout, slices, rank, group, merge, tmp, report)
-    rows = _agree(written, group, "the second agreement step of fxtp.save")
-    final = {"ok": True, "error": ""}
-    if rank == 0:
-        final = _publish(rows, layout, tmp, path, overwrite)
-    elif not all(r["ok"] for r in rows):
-        _remove_own(tmp, report.written)
-    final_rows = _agree(final, group, "the last agreement step of fxtp.save") if group else [final]
-    if not written["ok"]:
-        raise SaveError(written["error"])
-    _raise_for_others(rows, "while writing; nothing was saved at the path")
-    if not final_rows[0]["ok"]:
-        raise SaveError(final_rows[0]["error"] if rank == 0 else
-                        f"fxtp.save: rank 0 could not finish the checkpoint: "
-                        f"{final_rows[0]['error']}")
+    finish(written, rank, group, tmp, path, overwrite, report.written, "fxtp.save")
     return report
-
-
-def _graph(tp: Any):
-    if isinstance(tp, fx.GraphModule) and META_KEY in tp.meta:
-        return tp, tp.meta[META_KEY]
-    hint = (": a Generator's graph is its decode step; save the tp it was made from, or the "
-            "model" if hasattr(tp, "load_weights") else "")
-    raise NotTransformedError(f"fxtp.save takes the result of fxtp.transform, not "
-                              f"{type(tp).__name__}{hint}")
-
-
-def _path(path: Any) -> str:
-    if not isinstance(path, (str, os.PathLike)):
-        raise SaveError(f"fxtp.save: path must be a str or os.PathLike (a directory), got "
-                        f"{type(path).__name__}")
-    return os.path.abspath(os.fspath(path))
 
 
 def _prepare(gm: fx.GraphModule, info, merged: bool, max_shard_size) -> tuple[Layout, dict]:
@@ -205,34 +173,6 @@ def _shard_bytes(size: Union[int, str]) -> int:
     if not isinstance(n, int) or n <= 0:
         raise SaveError(f"fxtp.save: max_shard_size must be positive, got {size!r}")
     return n
-
-
-def _check_target(path: str, overwrite: bool) -> None:
-    if os.path.isfile(path) or (os.path.lexists(path) and not os.path.isdir(path)):
-        raise SaveError(f"fxtp.save: {path} is a file, not a directory; choose another path")
-    if os.path.isdir(path) and not overwrite:
-        held = sorted(os.listdir(path))
-        if held:
-            raise SaveError(f"fxtp.save: {path} is not empty (it holds "
-                            f"{', '.join(held[:SHOWN])}{' ...' if len(held) > SHOWN else ''}); "
-                            "choose an empty or new directory, or pass overwrite=True to "
-                            "replace it as a whole. Nothing was written.")
-
-
-def _agree(status: dict, group, what: str) -> list[dict]:
-    return gather_objects(status, group, what) if group is not None else [status]
-
-
-def _raise_for_others(rows: list[dict], when: str) -> None:
-    bad = [(r, row["error"]) for r, row in enumerate(rows) if not row["ok"]]
-    if bad:
-        r, error = bad[0]
-        raise SaveError(f"fxtp.save: rank {r} failed {when}: {error}")
-
-
-def _temporary(path: str, token: str) -> str:
-    parent, name = os.path.split(path)
-    return os.path.join(parent, f".{name}.fxtp-partial-{token or 'local'}")
 
 
 def _write_part(gm, layout: Layout, slices, rank: int, group, merge, tmp: str,
@@ -291,56 +231,3 @@ def _write_part(gm, layout: Layout, slices, rank: int, group, merge, tmp: str,
 def _close(files: dict[int, TensorFile], ok: bool) -> None:
     for f in files.values():
         f.close(sync=ok)
-
-
-def _remove_own(tmp: str, names: list[str]) -> None:
-    for name in names:
-        try:
-            os.remove(os.path.join(tmp, name))
-        except OSError:
-            pass
-
-
-def _publish(rows: list[dict], layout: Layout, tmp: str, path: str, overwrite: bool) -> dict:
-    """On rank 0 after agreement 2: the checkpoint moved into place, or the temporary
-    directory removed. Returns rank 0's status for agreement 3."""
-    if not all(r["ok"] for r in rows):
-        shutil.rmtree(tmp, ignore_errors=True)
-        return {"ok": False, "error": "another rank failed"}
-    try:
-        for r, row in enumerate(rows):
-            for name, size in row["sizes"].items():
-                there = os.path.join(tmp, name)
-                if not os.path.exists(there) or os.path.getsize(there) != size:
-                    raise SaveError(
-                        f"fxtp.save: rank 0 does not see {name} as rank {r} wrote it in {tmp}: "
-                        f"the path must be on a filesystem every rank sees (a shared or "
-                        f"network filesystem across nodes). Nothing was saved at {path}.")
-        _move_into_place(tmp, path, overwrite)
-    except (OSError, SaveError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        message = str(e) if isinstance(e, SaveError) else (
-            f"fxtp.save: could not move the checkpoint into {path}: {type(e).__name__}: {e}")
-        return {"ok": False, "error": message}
-    return {"ok": True, "error": ""}
-
-
-def _move_into_place(tmp: str, path: str, overwrite: bool) -> None:
-    old = None
-    if os.path.isdir(path):
-        if os.listdir(path):
-            if not overwrite:       # filled while the ranks were writing
-                raise SaveError(f"fxtp.save: {path} was filled by something else while the "
-                                "ranks wrote; nothing was saved there")
-            old = tmp.replace(".fxtp-partial-", ".fxtp-old-")
-            os.rename(path, old)
-        else:
-            os.rmdir(path)
-    try:
-        os.rename(tmp, path)
-    except OSError:
-        if old is not None:
-            os.rename(old, path)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
