@@ -43,6 +43,7 @@ from .planning.plan import Plan, PlanEntry
 from .planning.planner import plan_model as plan
 from .rewrite.record import META_KEY, TPInfo
 from .saving.save import SaveReport, save
+from .saving.state import load_state, save_state
 from .testing.checks import verify
 
 __all__ = [
@@ -53,6 +54,6 @@ __all__ = [
     "PromptMismatchError", "load", "init_empty", "LoadReport", "CheckpointError",
     "MetaTensorError", "DtypeError", "NotTransformedError", "WeightMismatchError", "InputMismatchError", "RankLostError",
     "WorldSizeError", "ShardingError", "LoraFoldError", "UnknownLayerError", "RenderError", "CliError",
-    "RewriteError", "save", "SaveReport", "SaveError",
+    "RewriteError", "save", "SaveReport", "SaveError", "save_state", "load_state",
 ]
 __version__ = "0.1.0"

@@ -202,6 +202,46 @@ def _same_files(a: str, b: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# a training snapshot (fxtp.save_state): resumed at the same world size, bit for bit
+
+def adam_step(tp, opt, ids) -> None:
+    out = tp(input_ids=ids).logits
+    torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]),
+                                      ids[:, 1:].reshape(-1)).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def state_case(rank: int, group, root: str) -> dict[str, Any]:
+    from .train_workers import train_model
+
+    tp = fxtp.transform(train_model("llama"), 2, group=group)
+    fxtp.for_training(tp)
+    opt = torch.optim.AdamW(tp.parameters(), lr=1e-2)
+    adam_step(tp, opt, ids_for(128, 5))
+    snap = os.path.join(root, "snapshot")
+    fxtp.save_state(tp, snap, optimizer=opt)
+    with fxtp.init_empty():
+        from fxtp.testing.models import tiny_model
+
+        empty = tiny_model("llama")
+    resumed = fxtp.transform(empty, 2, group=group)
+    fxtp.for_training(resumed)
+    early = _error(lambda: fxtp.load_state(resumed, snap, optimizer=torch.optim.AdamW(
+        resumed.parameters())))
+    fxtp.load_state(resumed, snap)                       # the weights, from meta
+    opt2 = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+    fxtp.load_state(resumed, snap, optimizer=opt2)       # then the optimizer
+    for i in range(2):
+        adam_step(tp, opt, ids_for(128, 6 + i))
+        adam_step(resumed, opt2, ids_for(128, 6 + i))
+    same = all(torch.equal(a, b) for a, b in zip(tp.parameters(), resumed.parameters()))
+    other = fxtp.transform(train_model("gpt2"), 2, group=group)
+    return {"same_after_two_steps": same, "listing": sorted(os.listdir(snap)),
+            "meta_optimizer": early, "other_model": _error(lambda: fxtp.load_state(other, snap))}
+
+
+# ---------------------------------------------------------------------------------------------
 # errors (ranks 2 and 3): nothing half-written is left at the path, every rank raises
 
 def _error(fn: Callable[[], Any]) -> tuple[str, str]:
@@ -296,12 +336,19 @@ def run_all(rank: int, ws: int, root: str) -> dict[str, Any]:
         for name in MODELS:
             _run(out, f"w2/{name}", lambda: train_and_save(rank, name, pair, root))
         _run(out, "peft", lambda: peft_case(rank, pair, root))
+        _run(out, "state", lambda: state_case(rank, pair, root))
     else:
         _run(out, "errors", lambda: error_cases(rank, other, os.path.join(root, "errors")))
     dist.barrier()
     for name in MODELS:
         _run(out, f"w4/{name}", lambda: reload(rank, 4, None, name, os.path.join(root, f"{name}_w2"),
                                                save_to=os.path.join(root, f"{name}_w4")))
+    with fxtp.init_empty():
+        from fxtp.testing.models import tiny_model
+
+        empty = tiny_model("llama")
+    _run(out, "state_at_4", lambda: {"error": _error(lambda: fxtp.load_state(
+        fxtp.transform(empty, 4), os.path.join(root, "snapshot")))})
     dist.barrier()
     if rank < 2:
         for name in MODELS:

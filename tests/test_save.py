@@ -99,6 +99,26 @@ def test_peft_merged_base_and_folded_saves(results):
 
 
 # ---------------------------------------------------------------------------------------------
+# training snapshots
+
+def test_a_training_snapshot_resumes_bit_for_bit_at_the_same_world_size(results):
+    for r in _pair(results, "state"):
+        assert r["same_after_two_steps"] is True
+        # each rank's shards and optimizer state (DCP), and fxtp's record of the layout
+        assert r["listing"] == [".metadata", "__0_0.distcp", "__1_0.distcp", "fxtp_state.json"]
+        kind, message = r["meta_optimizer"]
+        assert kind == "CheckpointError" and "meta" in message and "first" in message
+        kind, message = r["other_model"]
+        assert kind == "CheckpointError" and "another model" in message
+
+
+def test_a_snapshot_refuses_another_world_size(results):
+    for r in case(results, "state_at_4"):
+        kind, message = r["error"]
+        assert kind == "CheckpointError" and "world size 2" in message and "fxtp.save" in message
+
+
+# ---------------------------------------------------------------------------------------------
 # errors, on ranks 2 and 3
 
 def _errors(results):

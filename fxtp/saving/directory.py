@@ -53,11 +53,11 @@ def agree(status: dict, group, what: str) -> list[dict]:
     return gather_objects(status, group, what) if group is not None else [status]
 
 
-def raise_for_others(rows: list[dict], when: str, what: str) -> None:
+def raise_for_others(rows: list[dict], when: str, what: str, kind: type = SaveError) -> None:
     bad = [(r, row["error"]) for r, row in enumerate(rows) if not row["ok"]]
     if bad:
         r, error = bad[0]
-        raise SaveError(f"{what}: rank {r} failed {when}: {error}")
+        raise kind(f"{what}: rank {r} failed {when}: {error}")
 
 
 def temporary_dir(path: str, token: str) -> str:
@@ -66,7 +66,8 @@ def temporary_dir(path: str, token: str) -> str:
     return os.path.join(parent, f".{name}.fxtp-partial-{token or 'local'}")
 
 
-def begin(prepare: Callable[[], dict], group, what: str) -> list[dict]:
+def begin(prepare: Callable[[], dict], group, what: str, kind: type = SaveError,
+          when: str = "before writing anything") -> list[dict]:
     """Runs `prepare` (this rank's checks; returns the fields it shares), then agreement 1:
     every rank's status. Raises on every rank when any rank failed (its own error where it
     failed, a `SaveError` naming the failed rank elsewhere): nothing is written yet."""
@@ -77,14 +78,14 @@ def begin(prepare: Callable[[], dict], group, what: str) -> list[dict]:
     except FxtpError as e:
         own = e
     except Exception as e:      # noqa: BLE001 - a library's failure: every rank must hear of it
-        own = SaveError(f"{what}: {type(e).__name__}: {e}")
+        own = kind(f"{what}: {type(e).__name__}: {e}")
         own.__cause__ = e
     if own is not None:
         status.update(ok=False, error=f"{type(own).__name__}: {own}")
     rows = agree(status, group, f"the first agreement step of {what}")
     if own is not None:
         raise own
-    raise_for_others(rows, "before writing anything", what)
+    raise_for_others(rows, when, what, kind)
     return rows
 
 
