@@ -573,6 +573,28 @@ def section_decode(b: Bench, batch: int) -> None:
     torch._dynamo.reset()
 
 
+def _same_checkpoints(a: str, b: str) -> bool:
+    """The same tensor names and values in two checkpoint directories (one tensor at a time)."""
+    from safetensors import safe_open
+
+    def where(d: str) -> dict:
+        out = {}
+        for f in sorted(os.listdir(d)):
+            if f.endswith(".safetensors"):
+                with safe_open(os.path.join(d, f), "pt") as h:
+                    out.update({k: os.path.join(d, f) for k in h.keys()})
+        return out
+
+    wa, wb = where(a), where(b)
+    if sorted(wa) != sorted(wb):
+        return False
+    for k in wb:
+        with safe_open(wa[k], "pt") as x, safe_open(wb[k], "pt") as y:
+            if not torch.equal(x.get_tensor(k), y.get_tensor(k)):
+                return False
+    return True
+
+
 def section_meta_load(b: Bench) -> None:
     """meta build -> transform -> fxtp.load(device, dtype) of a checkpoint written here."""
     from transformers import AutoModelForCausalLM
@@ -621,7 +643,25 @@ def section_meta_load(b: Bench) -> None:
         figure("  loaded graph vs the model that wrote the checkpoint",
                "bitwise equal" if exact else f"max rel diff {_rel_err(out, ref):.2e}",
                "equal", exact)
-        del tp, out, ref
+        del out, ref
+        try:        # fxtp.save of the loaded graph: tensor by tensor through host memory
+            saved = path + "_saved"
+            with peak_memory(b.device) as mem:
+                t0 = time.perf_counter()
+                fxtp.save(tp, saved)
+                took = time.perf_counter() - t0
+            same = _same_checkpoints(saved, path)
+            figure("  fxtp.save(tp) of the loaded graph", f"{took:.1f} s; tensors equal to "
+                   f"save_pretrained's: {same}", "equal", same)
+            if "peak" in mem:
+                extra = mem["peak"] - shard
+                figure("  peak device memory of save above the shard", gib(max(0, extra)),
+                       "<= 5% of the shard", extra <= 0.05 * shard)
+        except Exception as e:  # noqa: BLE001
+            figure("  fxtp.save(tp)", f"FAILED: {first_line(e)}")
+        finally:
+            shutil.rmtree(path + "_saved", ignore_errors=True)
+        del tp
 
         # a generator built on the meta model, filled by the same load
         try:

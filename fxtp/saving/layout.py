@@ -168,7 +168,8 @@ def plan_tensors(tp: fx.GraphModule, skel: nn.Module, merged: bool, world_size: 
         names, notes = hf_names(skel)
         layout = shard(_entries(names, skel_sd, tp_tensors, "model"), world_size, max_shard_bytes)
         layout.notes += notes
-        layout.configs.append(lambda d: hf_configs(skel, layout, d))
+        dtype = _model_dtype(skel, ident, tp_tensors)
+        layout.configs.append(lambda d: hf_configs(skel, dtype, d))
         layout.total_parameters = _parameters(skel)
         return layout
     layout = shard(_entries(_state_dict_names(skel), skel_sd, tp_tensors, "module"), world_size,
@@ -218,9 +219,20 @@ def _merged_layout(skel, skel_sd, ident, tp_tensors, world_size, max_shard_bytes
     layout = shard(_entries(pairs, skel_sd, tp_tensors, "model"), world_size, max_shard_bytes)
     layout.kind, layout.notes = "merged", notes
     if _hf_model(base):
-        layout.configs.append(lambda d: hf_configs(base, layout, d))
+        dtype = _model_dtype(base, ident, tp_tensors)
+        layout.configs.append(lambda d: hf_configs(base, dtype, d))
         layout.total_parameters = _parameters(base)
     return layout
+
+
+def _model_dtype(model: nn.Module, ident: dict[int, str], tp_tensors: dict[str, torch.Tensor]
+                 ) -> Optional[torch.dtype]:
+    """`model.dtype` as transformers reads it (its first floating parameter), of tp's tensor."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            t = tp_tensors.get(ident.get(id(p), ""))
+            return t.dtype if t is not None else p.dtype
+    return None
 
 
 def _parameters(model: nn.Module) -> int:
@@ -274,14 +286,17 @@ def index_json(layout: Layout) -> str:
 # ---------------------------------------------------------------------------------------------
 # configs
 
-def hf_configs(model: nn.Module, layout: Layout, directory: str) -> None:
-    """config.json as `save_pretrained` writes it (the dtype written and the class name), and
-    the generation config of a model that generates. The skeleton's own config is not changed."""
+def hf_configs(model: nn.Module, dtype: Optional[torch.dtype], directory: str) -> None:
+    """config.json as `save_pretrained` writes it (the model's dtype and class name), and the
+    generation config of a model that generates. The skeleton's own config is not changed."""
     config = copy.deepcopy(model.config)
-    floating = [e.dtype for f in layout.files for e in f.entries if e.dtype.is_floating_point]
-    if floating:
-        config.dtype = str(max(set(floating), key=floating.count)).split(".")[1]
+    if dtype is not None:
+        config.dtype = str(dtype).split(".")[1]
     config.architectures = [type(model).__name__]
+    if getattr(model, "_auto_class", None) is not None:    # remote code: its files too
+        from transformers.dynamic_module_utils import custom_object_save
+
+        custom_object_save(model, directory, config=config)
     config.save_pretrained(directory)
     can_generate = getattr(model, "can_generate", lambda: False)()
     if can_generate and getattr(model, "generation_config", None) is not None:
