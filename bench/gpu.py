@@ -756,6 +756,18 @@ def _nccl_worker(rank: int, ws: int, port: int, shape: Shape, dtype: str, n_new:
             # every rank runs the same sequence, so the TP forwards' collectives line up
             t = rounds({"model": lambda: model(input_ids=ids, attention_mask=mask),
                         "tp": lambda: tp(input_ids=ids, attention_mask=mask)}, repeats, 3, dev)
+        # fxtp.save over this backend (point-to-point exchanges of the slices), compared on
+        # rank 0 with the untouched model's save_pretrained
+        saved, ref_dir = f"/tmp/fxtp_gpu_bench_save_{port}", f"/tmp/fxtp_gpu_bench_ref_{port}"
+        t0 = time.perf_counter()
+        fxtp.save(tp, saved)
+        save_s = time.perf_counter() - t0
+        same_saved = None
+        if rank == 0:
+            model.save_pretrained(ref_dir)
+            same_saved = _same_checkpoints(saved, ref_dir)
+            shutil.rmtree(saved, ignore_errors=True)
+            shutil.rmtree(ref_dir, ignore_errors=True)
         del tp
         gen = make_generator(model, ws, shape.prompt + n_new, 1)
         p_ids, p_mask = prompt(shape, 1, dev)
@@ -768,7 +780,7 @@ def _nccl_worker(rank: int, ws: int, port: int, shape: Shape, dtype: str, n_new:
         queue.put((rank, {
             "same_weights": same_weights, "err": err,
             "model_ms": med(t["model"]) * 1e3, "tp_ms": med(t["tp"]) * 1e3,
-            "speedup": paired(t["model"], t["tp"]),
+            "speedup": paired(t["model"], t["tp"]), "save_s": save_s, "same_saved": same_saved,
             "rate": statistics.median((n_new - 1) / max(x - y, 1e-9)
                                       for x, y in zip(td["n"], td["1"])),
             "tokens": (first_difference(tokens, reference_tokens, shape.prompt)
@@ -846,6 +858,9 @@ def section_nccl(b: Bench) -> None:
                f"{r0['rate']:.1f} / " + (f"{base:.1f} tokens/s = {r0['rate'] / base:.2f}x"
                                          if base else "n/a (no world-1 decode in this run)"))
         figure(f"TP={ws} NCCL: greedy tokens vs world 1", r0["tokens"])
+        figure(f"TP={ws} NCCL: fxtp.save, tensors vs save_pretrained's",
+               f"{r0['save_s']:.1f} s, equal: {r0['same_saved']}", "equal",
+               r0["same_saved"] is True)
         note(f"TP={ws}: {time.perf_counter() - t0:.1f} s")
 
 

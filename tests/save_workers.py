@@ -82,6 +82,7 @@ def train_and_save(rank: int, name: str, group, root: str) -> dict[str, Any]:
     report = fxtp.save(tp, out)
     result = {"files": report.files, "written": report.written, "kind": report.kind,
               "bytes_written": report.bytes_written, "tensors": report.tensors,
+              "largest": report.largest_tensor, "staged": report.peak_staged,
               "shard_bytes": sum(p.numel() * p.element_size() for p in tp.parameters())}
     dist.barrier(group)
     if rank == 0:

@@ -61,6 +61,9 @@ def test_each_rank_writes_about_its_share(results, name):
     r0, r1 = _pair(results, f"w2/{name}")
     total = r0["bytes_written"] + r1["bytes_written"]
     assert 0.35 * total <= r0["bytes_written"] <= 0.65 * total
+    # beyond its shard a rank holds the slices of one tensor it writes and a block of rows
+    for r in (r0, r1):
+        assert 0 < r["largest"] and r["staged"] <= 1.5 * r["largest"], r
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -195,6 +198,12 @@ def test_a_plain_module_saves_its_state_dict_for_load_model(tmp_path):
     tp = fxtp.transform(model, 1, example_inputs=(torch.randn(2, 16),))
     report = fxtp.save(tp, tmp_path / "plain")
     assert report.kind == "state_dict" and os.listdir(tmp_path / "plain") == ["model.safetensors"]
+    # the state_dict's tensors: the persistent buffer, not the other; the tied weight once,
+    # under the first of its names (what safetensors.torch.save_model keeps)
+    from safetensors.torch import load_file
+
+    assert sorted(load_file(tmp_path / "plain" / "model.safetensors")) == [
+        "a.weight", "b.weight", "base.bias", "base.weight", "head.weight", "scale"]
     other = HandLora()
     missing, unexpected = load_model(other, str(tmp_path / "plain" / "model.safetensors"))
     assert not unexpected
