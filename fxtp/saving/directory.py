@@ -9,19 +9,24 @@ import os
 import shutil
 from typing import Any, Callable
 
+import torch.distributed as dist
 from torch import fx
 
 from ..errors import FxtpError, NotTransformedError, SaveError
 from ..rewrite.record import META_KEY
-from ..runtime.agreement import gather_objects
+from ..runtime.agreement import gather_objects, resolve
 
 SHOWN = 5
 
 
 def transformed(tp: Any, what: str):
-    """`tp` and its TPInfo, when `tp` is the result of fxtp.transform."""
+    """`tp`, its TPInfo and its process group (None at world size 1), when `tp` is the
+    result of fxtp.transform."""
     if isinstance(tp, fx.GraphModule) and META_KEY in tp.meta:
-        return tp, tp.meta[META_KEY]
+        info = tp.meta[META_KEY]
+        group = (resolve(info.group_name) if info.world_size > 1 and dist.is_initialized()
+                 else None)
+        return tp, info, group
     hint = (": a Generator's graph is its decode step; save the tp it was made from, or the "
             "model" if hasattr(tp, "load_weights") else "")
     raise NotTransformedError(f"{what} takes the result of fxtp.transform, not "

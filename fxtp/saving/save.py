@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
-import torch.distributed as dist
 from torch import fx
 
 from ..errors import (
@@ -39,7 +38,6 @@ from ..errors import (
 )
 from ..graph.tensors import meta_tensors
 from ..rewrite.lora_fold import merged_weights
-from ..runtime.agreement import resolve
 from .assemble import Assembler
 from .directory import (
     begin,
@@ -61,7 +59,7 @@ class SaveReport:
 
     path: str
     kind: str                     # "model", "adapter", "merged" or "state_dict"
-    files: list[str] = field(default_factory=list)       # every file of the checkpoint
+    files: list[str] = field(default_factory=list)       # its tensor files and index
     written: list[str] = field(default_factory=list)     # the files this rank wrote
     tensors: int = 0              # tensors this rank wrote
     bytes_written: int = 0        # tensor bytes this rank wrote
@@ -91,9 +89,8 @@ def save(tp: fx.GraphModule, path: Union[str, os.PathLike], *, merged: bool = Fa
     failure (a full disk, a lost rank) leaves nothing at `path`. LoRA folded into the weights
     (`fxtp.fold_lora`) raises `LoraStateError` (call `fxtp.unfold_lora` first), except for
     a PEFT model's adapters (unchanged by folding) and `merged=True` (folded is merged)."""
-    gm, info = transformed(tp, "fxtp.save")
-    rank, world = info.rank, info.world_size
-    group = resolve(info.group_name) if world > 1 and dist.is_initialized() else None
+    gm, info, group = transformed(tp, "fxtp.save")
+    rank = info.rank
     made: dict[str, Any] = {}
 
     def prepare() -> dict:

@@ -29,14 +29,12 @@ import warnings
 from typing import Any, Iterator, Optional, Union
 
 import torch
-import torch.distributed as dist
 from torch import fx
 
 from ..errors import CheckpointError, LoraStateError, MetaTensorError
 from ..graph.devices import resolve_device, retarget_devices
 from ..graph.nodes import get_tensor_attr, set_tensor_attr
 from ..graph.tensors import meta_tensors, tensor_attrs
-from ..runtime.agreement import resolve
 from .directory import (
     agree,
     begin,
@@ -61,9 +59,8 @@ def save_state(tp: fx.GraphModule, path: Union[str, os.PathLike], *,
     `fxtp.save`: a filesystem every rank sees, a non-empty directory only with
     `overwrite=True`, nothing left at `path` when any rank fails."""
     what = "fxtp.save_state"
-    gm, info = transformed(tp, what)
+    gm, info, group = transformed(tp, what)
     rank = info.rank
-    group = _group(info)
     made: dict[str, Any] = {}
 
     def prepare() -> dict:
@@ -119,9 +116,8 @@ def load_state(tp: fx.GraphModule, path: Union[str, os.PathLike], *,
     `load_state(tp, path, optimizer=opt)`. Raises `CheckpointError` (nothing changed) for a
     snapshot of another world size or plan, or one without optimizer state."""
     what = "fxtp.load_state"
-    gm, info = transformed(tp, what)
+    gm, info, group = transformed(tp, what)
     rank = info.rank
-    group = _group(info)
     made: dict[str, Any] = {}
 
     def prepare() -> dict:
@@ -184,10 +180,6 @@ def _single_process_quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
         yield
-
-
-def _group(info) -> "Optional[dist.ProcessGroup]":
-    return resolve(info.group_name) if info.world_size > 1 and dist.is_initialized() else None
 
 
 def layout_digest(gm: fx.GraphModule) -> str:
