@@ -92,8 +92,9 @@ def _hf_model(skel: nn.Module) -> bool:
     return isinstance(skel, PreTrainedModel)
 
 
-def hf_names(model: nn.Module) -> tuple[list[str], list[str]]:
-    """The names `model.save_pretrained` writes (of `model`'s own state_dict names), and notes."""
+def hf_names(model: nn.Module) -> tuple[list[tuple[str, str]], list[str]]:
+    """The names `model.save_pretrained` writes, each with the state_dict name of `model` it
+    holds (the same but where transformers renames on saving), and notes."""
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     sd = model.state_dict(keep_vars=True)
@@ -101,15 +102,16 @@ def hf_names(model: nn.Module) -> tuple[list[str], list[str]]:
         sd.pop(key, None)
     kept = remove_tied_weights_from_state_dict(dict(sd), model)
     names = [k for k in sd if k in kept]
+    same = [(k, k) for k in names]
     notes: list[str] = []
     try:
         from transformers.core_model_loading import revert_weight_conversion
 
         reverted = revert_weight_conversion(model, {k: sd[k] for k in names})
     except ImportError:
-        return names, notes
+        return same, notes
     if list(reverted) == names:
-        return names, notes
+        return same, notes
     by_id = {id(sd[k]): k for k in names}
     if all(id(v) in by_id for v in reverted.values()) and len(reverted) == len(names):
         return [(k, by_id[id(v)]) for k, v in reverted.items()], notes   # renames only
@@ -117,25 +119,24 @@ def hf_names(model: nn.Module) -> tuple[list[str], list[str]]:
                  "(fused or split tensors): written in the model's own layout, as "
                  "save_pretrained(save_original_format=False) does; from_pretrained and "
                  "fxtp.load read it")
-    return names, notes
+    return same, notes
 
 
-def _state_dict_names(module: nn.Module) -> list[str]:
+def _state_dict_names(module: nn.Module) -> list[tuple[str, str]]:
     """Every state_dict tensor once: tied ones under the first of their names, sorted."""
     groups: dict[int, list[str]] = {}
     sd = module.state_dict(keep_vars=True)
     for k, v in sd.items():
         groups.setdefault(id(v), []).append(k)
     first = {min(names) for names in groups.values()}
-    return [k for k in sd if k in first]
+    return [(k, k) for k in sd if k in first]
 
 
-def _entries(pairs: list, skel_sd: dict[str, torch.Tensor], tp_tensors: dict[str, torch.Tensor],
-             what: str) -> list[Entry]:
-    """Entries for (file name, skeleton name) pairs (or bare names: the same)."""
+def _entries(pairs: list[tuple[str, str]], skel_sd: dict[str, torch.Tensor],
+             tp_tensors: dict[str, torch.Tensor], what: str) -> list[Entry]:
+    """Entries for (name in the file, skeleton name) pairs; a skeleton name is tp's too."""
     out, missing = [], []
-    for pair in pairs:
-        name, src = pair if isinstance(pair, tuple) else (pair, pair)
+    for name, src in pairs:
         skel_t = skel_sd[src]
         t = tp_tensors.get(src)
         if t is not None:
@@ -168,10 +169,7 @@ def plan_tensors(tp: fx.GraphModule, skel: nn.Module, merged: bool, world_size: 
         names, notes = hf_names(skel)
         layout = shard(_entries(names, skel_sd, tp_tensors, "model"), world_size, max_shard_bytes)
         layout.notes += notes
-        dtype = _model_dtype(skel, ident, tp_tensors)
-        layout.configs.append(lambda d: hf_configs(skel, dtype, d))
-        layout.total_parameters = _parameters(skel)
-        return layout
+        return _with_hf_configs(layout, skel, ident, tp_tensors)
     layout = shard(_entries(_state_dict_names(skel), skel_sd, tp_tensors, "module"), world_size,
                    max_shard_bytes)
     layout.kind = "state_dict"
@@ -209,8 +207,7 @@ def _merged_layout(skel, skel_sd, ident, tp_tensors, world_size, max_shard_bytes
     names, notes = hf_names(base) if _hf_model(base) else (_state_dict_names(base), [])
     base_sd = base.state_dict(keep_vars=True)
     pairs = []
-    for pair in names:
-        name, own = pair if isinstance(pair, tuple) else (pair, pair)
+    for name, own in names:
         t = base_sd[own]
         if id(t) not in ident:
             raise SaveError(f"fxtp.save(merged=True): PEFT's merged model has a new tensor "
@@ -218,10 +215,15 @@ def _merged_layout(skel, skel_sd, ident, tp_tensors, world_size, max_shard_bytes
         pairs.append((name, ident[id(t)]))
     layout = shard(_entries(pairs, skel_sd, tp_tensors, "model"), world_size, max_shard_bytes)
     layout.kind, layout.notes = "merged", notes
-    if _hf_model(base):
-        dtype = _model_dtype(base, ident, tp_tensors)
-        layout.configs.append(lambda d: hf_configs(base, dtype, d))
-        layout.total_parameters = _parameters(base)
+    return _with_hf_configs(layout, base, ident, tp_tensors) if _hf_model(base) else layout
+
+
+def _with_hf_configs(layout: Layout, model: nn.Module, ident: dict[int, str],
+                     tp_tensors: dict[str, torch.Tensor]) -> Layout:
+    """The layout with the configs `save_pretrained` writes for `model` and its parameter count."""
+    dtype = _model_dtype(model, ident, tp_tensors)
+    layout.configs.append(lambda d: hf_configs(model, dtype, d))
+    layout.total_parameters = sum(p.numel() for p in model.parameters())
     return layout
 
 
@@ -233,10 +235,6 @@ def _model_dtype(model: nn.Module, ident: dict[int, str], tp_tensors: dict[str, 
             t = tp_tensors.get(ident.get(id(p), ""))
             return t.dtype if t is not None else p.dtype
     return None
-
-
-def _parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------
