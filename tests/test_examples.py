@@ -44,7 +44,24 @@ def test_gpu_bench_cpu_smoke():
     assert "skipped: no CUDA" in out                      # the NCCL section
     for label in ("eager forward, with attention_mask: fxtp / model",
                   "batch 1 eager tokens: fxtp vs HF", "batch 1 compiled: fxtp generator",
-                  "no recompile per token", "loaded graph vs the model that wrote the checkpoint"):
+                  "no recompile per token", "loaded graph vs the model that wrote the checkpoint",
+                  "fxtp.save(tp) of the loaded graph"):
         assert label in out, label
+    saved = next(line for line in out.splitlines() if "fxtp.save(tp) of the loaded graph" in line)
+    assert "save_pretrained's: True   [goal equal: met]" in saved, saved
     tokens = next(line for line in out.splitlines() if "batch 1 eager tokens: fxtp vs HF" in line)
     assert "equal   [goal equal: met]" in tokens, tokens
+
+
+def test_sweep_shrinks_any_config_and_prints_a_row_per_model():
+    """bench/sweep.py on two model types: the generic shrink rule makes both tiny (GPT-J's
+    rotary width follows its head), each gets a row and the totals add up."""
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "sweep.py"), "--only", "llama,gptj",
+           "--kinds", "causal", "--examples", "1", "--timeout", "120"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:] if line.strip()}
+    assert rows["llama"].split()[2] == "pass", rows["llama"]
+    assert rows["gptj"].split()[2] in ("pass", "under-sharded"), rows["gptj"]
+    assert "2 model types at world 2" in r.stdout.splitlines()[-1]
