@@ -48,6 +48,7 @@ SHRINK = {
     **dict.fromkeys(("vocab_size",), 256),
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx"), 512),
 }
+LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 KV_HEADS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num")
 HEAD_DIMS = ("head_dim", "kv_channels", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 ROTARY_DIMS = ("rotary_dim",)        # rotated features per head: at most the head dim
@@ -56,11 +57,22 @@ TOL = 1e-4
 
 def shrunk_overrides(cfg) -> dict:
     """The overrides that make `cfg` tiny: SHRINK's fields, kv heads 2 (1 where they were 1),
-    head dims 16, rotary dims 8; applied to nested configs (text_config, ...) as dicts."""
+    head dims 16, rotary dims 8, special token ids inside the vocab, per-layer lists cut to
+    the layers kept; applied to nested configs (text_config, ...) as dicts."""
     from transformers import PretrainedConfig
 
     out = {}
+    layers = next((v for k, v in vars(cfg).items() if k in LAYER_COUNTS and isinstance(v, int)),
+                  None)
+    vocab = min(getattr(cfg, "vocab_size", None) or SHRINK["vocab_size"], SHRINK["vocab_size"])
     for key, value in vars(cfg).items():
+        if key.endswith("token_id") and isinstance(value, int) and value >= vocab:
+            out[key] = vocab - 1            # special tokens inside the smaller vocab
+            continue
+        if (isinstance(value, list) and layers and len(value) == layers
+                and key not in SHRINK and layers > SHRINK["num_hidden_layers"]):
+            out[key] = value[:SHRINK["num_hidden_layers"]]     # one entry per layer
+            continue
         if key in SHRINK and isinstance(value, int) and not isinstance(value, bool):
             out[key] = min(value, SHRINK[key])
         elif key in KV_HEADS and isinstance(value, int) and value > 0:
