@@ -280,7 +280,7 @@ def load(tp: Any, path: str, *, device: Union[str, torch.device, None] = None,
                              "fxtp.unfold_lora(tp) before loading")
     if reader not in ("direct", "safetensors"):
         raise CheckpointError(f"fxtp.load: reader must be 'direct' or 'safetensors', not {reader!r}")
-    target = _target_device(gm, device)
+    target = target_device(gm, device)
     _check_dtype(gm, dtype)
     files = _files(path, "model.safetensors.index.json", "model.safetensors")
     if adapter is not None:
@@ -402,18 +402,19 @@ class _Staging:
         self._buf = torch.empty(0, dtype=torch.uint8, device="cpu")
 
 
-def _target_device(gm: fx.GraphModule, device: Union[str, torch.device, None]) -> torch.device:
+def target_device(gm: fx.GraphModule, device: Union[str, torch.device, None],
+                  what: str = "fxtp.load") -> torch.device:
     """`device`, or where the graph's real tensors already are (the model's computed buffers),
-    or the CPU."""
+    or the CPU (fxtp.load and fxtp.load_state)."""
     if device is None:
         real = [t.device for t in tensor_attrs(gm).values() if t.device.type != "meta"]
         return real[0] if real else torch.device("cpu")
     try:
         target = resolve_device(device)
     except (RuntimeError, TypeError) as e:
-        raise CheckpointError(f"fxtp.load: device={device!r} is not a device: {e}") from e
+        raise CheckpointError(f"{what}: device={device!r} is not a device: {e}") from e
     if target.type == "meta":
-        raise CheckpointError("fxtp.load: device='meta' holds no values; name the device the "
+        raise CheckpointError(f"{what}: device='meta' holds no values; name the device the "
                               "weights go to (e.g. f'cuda:{local_rank}' or 'cpu')")
     return target
 

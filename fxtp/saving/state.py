@@ -31,8 +31,9 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from torch import fx
 
+from .._load import target_device
 from ..errors import CheckpointError, LoraStateError, MetaTensorError
-from ..graph.devices import resolve_device, retarget_devices
+from ..graph.devices import retarget_devices
 from ..graph.nodes import get_tensor_attr, set_tensor_attr
 from ..graph.tensors import meta_tensors, tensor_attrs
 from .directory import (
@@ -40,6 +41,7 @@ from .directory import (
     begin,
     check_target,
     finish,
+    raise_for_others,
     target_path,
     temporary_dir,
     transformed,
@@ -146,7 +148,7 @@ def load_state(tp: fx.GraphModule, path: Union[str, os.PathLike], *,
                     "first, build the optimizer on tp.parameters(), then call "
                     "fxtp.load_state(tp, path, optimizer=opt).")
             _check_optimizer(gm, optimizer, what)
-        made["target"] = _target(gm, device)
+        made["target"] = target_device(gm, device, what)
         return {}
 
     begin(prepare, group, what, CheckpointError, "before reading anything")
@@ -160,14 +162,10 @@ def load_state(tp: fx.GraphModule, path: Union[str, os.PathLike], *,
                      storage_reader=dcp.FileSystemReader(made["path"]))
     except Exception as e:      # noqa: BLE001 - reported on every rank, nothing swapped in
         error = f"{what}: rank {rank} could not read its part: {type(e).__name__}: {str(e)[:500]}"
-    rows = [{"ok": not error, "error": error}]
-    if group is not None:
-        rows = agree(rows[0], group, f"the agreement step of {what}")
+    rows = agree({"ok": not error, "error": error}, group, f"the agreement step of {what}")
     if error:
         raise CheckpointError(error + "; nothing was loaded")
-    if not all(r["ok"] for r in rows):
-        raise CheckpointError(f"{what}: another rank could not read its part (see its error); "
-                              "nothing was loaded")
+    raise_for_others(rows, "to read its part; nothing was loaded", what, CheckpointError)
     _swap_in(gm, state, optimizer, target)
     info.state.unloaded = meta_tensors(gm)
 
@@ -222,12 +220,7 @@ def _empty_like_state(gm: fx.GraphModule, optimizer, target: torch.device) -> di
         return torch.empty(v.shape, dtype=v.dtype, device=target) if isinstance(
             v, torch.Tensor) else v
 
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    state: dict = {"model": {n: fresh(t) for n, t in get_model_state_dict(gm).items()}}
-    if optimizer is not None:
-        state["optimizer"] = tree_map(fresh, _state(gm, optimizer)["optimizer"])
-    return state
+    return tree_map(fresh, _state(gm, optimizer))
 
 
 def _swap_in(gm: fx.GraphModule, state: dict, optimizer, target: torch.device) -> None:
@@ -264,10 +257,3 @@ def _record(path: Optional[str], given: Any, what: str) -> dict:
         raise CheckpointError(f"{what}: {given} is not a snapshot written by fxtp.save_state (no "
                               f"readable {FILE}: {type(e).__name__}: {e}). A checkpoint written "
                               "by fxtp.save or save_pretrained loads with fxtp.load.") from e
-
-
-def _target(gm: fx.GraphModule, device) -> torch.device:
-    if device is not None:
-        return resolve_device(device)
-    real = [t.device for t in tensor_attrs(gm).values() if t.device.type != "meta"]
-    return real[0] if real else torch.device("cpu")
