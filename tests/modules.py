@@ -70,14 +70,15 @@ class PlainMLP(nn.Module):
 
 
 class ReducesFeatures(nn.Module):
-    """A linear whose features are summed: sharding it would need a gather, so it stays replicated."""
+    """A linear whose features are maximised over: a max is no partial sum, sharding it would
+    need a gather, so it stays replicated."""
 
     def __init__(self, dim: int = 16):
         super().__init__()
         self.fc = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x).sum(-1, keepdim=True) * x
+        return self.fc(x).amax(-1, keepdim=True) * x
 
 
 class DataDependent(nn.Module):

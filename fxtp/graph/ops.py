@@ -24,6 +24,19 @@ REDUCTIONS = {
     aten.var.correction, aten.std.correction, aten.var.dim, aten.std.dim,
 }
 NORMS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
+# reductions over a sharded dim that a partial sum computes: each rank reduces its part
+PARTIAL_STATISTICS = {aten.mean.dim, aten.sum.dim_IntList}
+# (x, dim, keepdim) selections and reductions that return values (and indices) along one dim
+SELECT_ALONG = {aten.max.dim, aten.min.dim, aten.argmax.default, aten.argmin.default,
+                aten.logsumexp.default}
+# (x, ..., dim) ops that keep the shape and run along one dim
+RUN_ALONG = {aten.topk.default: 2, aten.sort.default: 1, aten.cumsum.default: 1,
+             aten.cumprod.default: 1}
+# a new tensor with the shape (and so the placement) of the first operand
+LIKE = {aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
+        aten.full_like.default}
+# identity ops reading a second tensor for its dtype only
+DTYPE_OF = {aten.type_as.default}
 SDPA = {
     aten.scaled_dot_product_attention.default,
     aten._scaled_dot_product_flash_attention_for_cpu.default,

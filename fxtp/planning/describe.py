@@ -29,6 +29,19 @@ def build_plan(captured: Captured, world_size: int, model_name: str,
                 replicate_modules=frozenset(m for m, c in overrides.items() if c == "replicate"))
     check_shard_overrides(linears, sol, overrides)
     plan = describe(captured, sol, model_name, overrides)
+    if plan.statistics:
+        # the other choice: those norms' regions kept whole, no statistic all-reduced
+        whole = solve(captured.gm, world_size, linears,
+                      override_reasons(captured, linears, overrides),
+                      vocab_parallel=vocab_parallel, partial_statistics=False,
+                      replicate_modules=frozenset(m for m, c in overrides.items()
+                                                  if c == "replicate"))
+        other = describe(captured, whole, model_name, overrides)
+        costs = {"with": [plan.all_reduced_bytes_per_token, max(plan.local_param_bytes)],
+                 "without": [other.all_reduced_bytes_per_token, max(other.local_param_bytes)]}
+        if costs["without"][1] <= costs["with"][1]:
+            plan = other       # the statistics would save no weight bytes: not worth a collective
+        plan.statistics_costs = {**costs, "chosen": "with" if plan.statistics else "without"}
     plan.vocab_parallel = vocab_parallel
     return plan
 
@@ -77,11 +90,15 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
 
     sites = []
     per_layer: dict[str, int] = {}
+    statistics: list[str] = []
     for value in act.reduces:
-        mod = module_path(_partial_producer(nodes, act, value))
+        producer = _partial_producer(nodes, act, value)
+        mod = module_path(producer)
         sites.append((mod, value))
         layer = layer_of(mod) or OUTSIDE_LAYERS
         per_layer[layer] = per_layer.get(layer, 0) + 1
+        if producer.name in act.statistics and mod not in statistics:
+            statistics.append(mod)
     entries = []
     replicated = {}
     not_div = []
@@ -133,7 +150,21 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
     return Plan(model_name=model_name, world_size=ws, entries=entries, all_reduces=per_layer,
                 all_reduce_sites=sites, replicated=replicated, not_divisible=not_div,
                 overrides=overrides, full_param_bytes=full_bytes, local_param_bytes=local_bytes,
-                param_shares=shares, live=PlanSource(captured, sol, _replan))
+                param_shares=shares, statistics=statistics,
+                all_reduced_bytes_per_token=sum(_bytes_per_token(nodes[v]) for _, v in sites),
+                live=PlanSource(captured, sol, _replan))
+
+
+def _bytes_per_token(value: fx.Node) -> int:
+    """Bytes an all-reduce of `value` moves per token: its static dims (the dynamic ones are
+    batch and sequence) times the element size."""
+    val = value.meta.get("val")
+    if val is None:
+        return 0
+    numel = 1
+    for size in val.shape:
+        numel *= size if isinstance(size, int) else 1
+    return numel * val.element_size()
 
 
 def _sizes(gm: fx.GraphModule, weight: str, numel: int, spec, ws: int) -> tuple:

@@ -89,6 +89,13 @@ class Plan:
     # bytes of all model parameters (a tied tensor counted once): full, and held by each rank
     full_param_bytes: int = 0
     local_param_bytes: tuple[int, ...] = ()
+    # norms/means over sharded features computed from partial statistics (module paths)
+    statistics: list[str] = field(default_factory=list)
+    # bytes the forward's all-reduces move per token (batch x sequence element)
+    all_reduced_bytes_per_token: int = 0
+    # when partial statistics were possible: "with"/"without" -> [all-reduced bytes per token,
+    # the largest rank's parameter bytes], and "chosen" (the fewer parameter bytes)
+    statistics_costs: Optional[dict] = None
     # parameter name -> elements each rank keeps, for the split ones (not serialised)
     param_shares: dict = field(default_factory=dict, repr=False, compare=False)
     # the live side (graph, solution, how to plan again); None for a plan loaded from JSON
@@ -171,6 +178,9 @@ class Plan:
             "param_fraction_layers": self.param_fraction(),
             "full_param_bytes": self.full_param_bytes,
             "local_param_bytes": list(self.local_param_bytes),
+            "statistics": list(self.statistics),
+            "all_reduced_bytes_per_token": self.all_reduced_bytes_per_token,
+            "statistics_costs": self.statistics_costs,
         }
 
     def to_json(self) -> str:
@@ -192,7 +202,10 @@ class Plan:
                        overrides=dict(data.get("overrides", {})),
                        vocab_parallel=bool(data.get("vocab_parallel", False)),
                        full_param_bytes=int(data.get("full_param_bytes", 0)),
-                       local_param_bytes=tuple(data.get("local_param_bytes", ())))
+                       local_param_bytes=tuple(data.get("local_param_bytes", ())),
+                       statistics=list(data.get("statistics", ())),
+                       all_reduced_bytes_per_token=int(data.get("all_reduced_bytes_per_token", 0)),
+                       statistics_costs=data.get("statistics_costs"))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PlanOverrideError(f"not an fxtp plan ({type(e).__name__}: {e}); save one with "
                                     "plan.to_json()") from e
@@ -253,6 +266,20 @@ class Plan:
             lines.append(f"parameter bytes per rank (every parameter, replicated ones included): "
                          f"{held} of {_human(self.full_param_bytes)} "
                          f"({self.memory_fraction():.3f})")
+        if self.all_reduces:
+            lines.append(f"all-reduced per token (forward): {_human(self.all_reduced_bytes_per_token)}")
+        if self.statistics:
+            lines.append(f"partial statistics: {len(self.statistics)} norm(s) over sharded features "
+                         f"all-reduce a per-token statistic instead of keeping their layers' "
+                         f"weights whole ({', '.join(self.statistics[:3])}"
+                         f"{', ...' if len(self.statistics) > 3 else ''})")
+        if self.statistics_costs:
+            c = self.statistics_costs
+            lines.append("costs with partial statistics vs their regions kept whole: "
+                         + "; ".join(f"{k} {_human(c[k][0])}/token all-reduced, "
+                                     f"{_human(c[k][1])} parameters per rank"
+                                     for k in ("with", "without"))
+                         + f"; chosen: {c['chosen']} (fewer parameter bytes per rank)")
         for module, why in self.replicated.items():
             lines.append(f"replicated: {module}: {why}")
         return lines

@@ -66,7 +66,7 @@ class Propagation:
     def __init__(self, gm: fx.GraphModule, world_size: int, linears: dict[str, LinearMatch],
                  blocked: dict[str, Reason], source_specs: dict[str, DimShard],
                  vocab_parallel: bool = False, replicate_modules: frozenset = frozenset(),
-                 eager_reduce: frozenset = frozenset()):
+                 eager_reduce: frozenset = frozenset(), partial_statistics: bool = True):
         self.gm, self.ws, self.linears = gm, world_size, linears
         self.eager_reduce = eager_reduce
         self.vocab_parallel = vocab_parallel
@@ -85,7 +85,7 @@ class Propagation:
         self.embedding_reasons: dict[str, Reason] = {}
         self.replicate_modules = replicate_modules   # user overrides, by module path
         self.ctx = RuleContext(gm, world_size, self.actions, self.placement, self.refine,
-                               self.single_head)
+                               self.single_head, partial_statistics)
 
     # -- helpers ---------------------------------------------------------------------------
     def placement(self, x: Any) -> Any:

@@ -101,6 +101,13 @@ class Rank0Add(NamedTuple):
     partial: str
 
 
+class Rescale(NamedTuple):
+    """The mean `node` over a sharded dim is multiplied by `factor` (one float, or one per rank):
+    this rank's share of the elements, so that the partial means sum to the full one."""
+    node: str
+    factor: Any
+
+
 class Gather(NamedTuple):
     """The vocab-sharded `value` is all-gathered on `dim` for `users` (the model output)."""
     value: str
@@ -120,6 +127,8 @@ class Actions:
     rank0_adds: list[Rank0Add] = field(default_factory=list)
     vocab_embeddings: dict[str, DimShard] = field(default_factory=dict)  # embedding -> row split
     gathers: list[Gather] = field(default_factory=list)
+    rescales: list[Rescale] = field(default_factory=list)
+    statistics: list[str] = field(default_factory=list)   # reductions over a sharded dim
     placements: dict[str, Placement] = field(default_factory=dict)
     regions: dict[str, frozenset] = field(default_factory=dict)    # node -> sources feeding it
 

@@ -45,7 +45,8 @@ class RuleContext:
     narrows. `refine(spec, dim, make)`: asks for the source behind `dim` of `spec` to be split as
     `make` says; True if that changes its split. `single_head`: sources seen viewed as a single
     head (the solver tries keeping just them replicated first). `gm`: the graph module, to read
-    constant index tensors.
+    constant index tensors. `partial_statistics`: a sum or mean over a sharded dim may give a
+    partial sum (else it fails, and its region stays replicated).
     """
 
     gm: fx.GraphModule
@@ -54,6 +55,7 @@ class RuleContext:
     placement: Callable[[Any], Any]
     refine: Callable[[Sharded, int, MakeSplit], bool]
     single_head: set
+    partial_statistics: bool = True
 
     def sharded(self, x: Any) -> Sharded:
         """The placement of `x`, which must be sharded."""

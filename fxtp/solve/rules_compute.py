@@ -10,17 +10,21 @@ from torch import fx
 
 from ..graph.ops import (
     NORMS,
+    PARTIAL_STATISTICS,
     REDUCTIONS,
+    RUN_ALONG,
     SDPA,
+    SELECT_ALONG,
     SOFTMAX,
     aten,
     functional_twin,
     is_pointwise,
 )
 from .align import align
-from .placements import Sharded
+from .placements import DimShard, Partial, Sharded
+from .records import Narrow, Rescale
 from .registry import SHARDED_RULES, RuleContext, RuleFailure
-from .shapes import node_shape, norm_dim
+from .shapes import node_shape, norm_dim, per_rank, static_prod
 
 rule = SHARDED_RULES.rule
 
@@ -117,7 +121,7 @@ def softmax(ctx: RuleContext, n: fx.Node) -> Sharded:
 
 
 @rule(*REDUCTIONS)
-def reduction(ctx: RuleContext, n: fx.Node) -> Sharded:
+def reduction(ctx: RuleContext, n: fx.Node) -> Any:
     x, sp, src = ctx.sharded_input(n)
     r = len(src)
     dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
@@ -127,11 +131,71 @@ def reduction(ctx: RuleContext, n: fx.Node) -> Sharded:
     dims = {norm_dim(d, r) for d in dims}
     keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
     if any(d in dims for d, _ in sp.dims):
-        raise RuleFailure(f"{n.target} reduces over a sharded dim")
+        return partial_statistic(ctx, n, sp, src, dims)
+    return _reduced(sp, dims, keep)
+
+
+def _reduced(sp: Sharded, dims: set, keep: bool) -> Sharded:
+    """`sp` after reducing `dims` (none of them sharded)."""
     if keep:
         return sp
     shift = lambda d: d - sum(1 for g in dims if g < d)
     return Sharded.of({shift(d): s for d, s in sp.dims})
+
+
+def partial_statistic(ctx: RuleContext, n: fx.Node, sp: Sharded, src: list, dims: set) -> Partial:
+    """A sum or mean over the sharded dims (an RMSNorm's mean of squares over the heads a
+    column-parallel linear split): each rank reduces its own elements and the result is a
+    partial sum, all-reduced where it is used (a `[b, s, 1]` statistic, not the weights kept
+    whole). A mean is rescaled by this rank's share of the elements. Elements that several
+    ranks hold (kv heads replicated per group) are first narrowed to one holder each."""
+    if n.target not in PARTIAL_STATISTICS or not ctx.partial_statistics:
+        raise RuleFailure(f"{n.target} reduces over a sharded dim")
+    if any(d not in dims for d, _ in sp.dims):
+        raise RuleFailure(f"{n.target} reduces over one sharded dim and keeps another")
+    counts = [1] * ctx.world_size
+    for d, ds in sp.dims:
+        if ds.outer:
+            raise RuleFailure(f"{n.target} reduces over a dim holding a sharded block")
+        if not ds.disjoint(ctx.world_size):
+            want = DimShard(ctx.world_size, 1, ds.chunks)
+            if not (want.valid() and ds.covers(want, ctx.world_size)):
+                raise RuleFailure(f"{n.target} reduces over a sharded dim whose {ds.size} "
+                                  f"elements cannot be split into {ctx.world_size} disjoint "
+                                  "parts inside what each rank holds")
+            ctx.actions.narrows.append(Narrow(n.name, (0,), d, ds, want))
+            ds = want
+        counts = [c * ds.local_size_of(r) for r, c in enumerate(counts)]
+    if n.target == aten.mean.dim:
+        full = static_prod([src[d] for d, _ in sp.dims])
+        ctx.actions.rescales.append(Rescale(n.name, per_rank([c / full for c in counts])))
+    ctx.actions.statistics.append(n.name)
+    return Partial()
+
+
+@rule(*SELECT_ALONG)
+def select_along(ctx: RuleContext, n: fx.Node) -> Any:
+    """max/min/argmax/logsumexp along whole dims (an attention sink's max over the keys)."""
+    x, sp, src = ctx.sharded_input(n)
+    dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    if dims is None:
+        raise RuleFailure(f"{n.target} over all dims of a sharded tensor")
+    dims = {norm_dim(d, len(src)) for d in ([dims] if isinstance(dims, int) else dims)}
+    if any(d in dims for d, _ in sp.dims):
+        raise RuleFailure(f"{n.target} runs along a sharded dim")
+    out = _reduced(sp, dims, n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False))
+    return [out, out] if isinstance(n.meta.get("val"), (list, tuple)) else out
+
+
+@rule(*RUN_ALONG)
+def run_along(ctx: RuleContext, n: fx.Node) -> Any:
+    """topk/sort/cumsum along a whole dim: the shape's other dims keep their placement."""
+    x, sp, src = ctx.sharded_input(n)
+    at = RUN_ALONG[n.target]
+    dim = n.args[at] if len(n.args) > at else n.kwargs.get("dim", -1)
+    if sp.get(norm_dim(dim, len(src))) is not None:
+        raise RuleFailure(f"{n.target} runs along a sharded dim")
+    return [sp, sp] if isinstance(n.meta.get("val"), (list, tuple)) else sp
 
 
 @rule(*NORMS)

@@ -10,6 +10,7 @@ from torch import fx
 
 from ..graph.ops import (
     DROPOUT,
+    DTYPE_OF,
     NO_OUTPUT,
     PARTIAL_LINEAR_IN_FIRST,
     PARTIAL_SHAPE_OPS,
@@ -47,6 +48,8 @@ def metadata(ctx: RuleContext, n: fx.Node) -> Any:
 def shape_op(ctx: RuleContext, n: fx.Node) -> Any:
     if len(_tensors(n)) == 1 and Sharded not in _kinds(ctx, n):
         return Partial()
+    if n.target in DTYPE_OF and _first_is_partial(ctx, n) and Sharded not in _kinds(ctx, n):
+        return Partial()     # x.type_as(other): other gives its dtype only
     return DECLINED
 
 

@@ -12,15 +12,18 @@ from torch import fx
 
 from ..graph.ops import (
     DROPOUT,
+    DTYPE_OF,
     IDENTITY,
+    LIKE,
     NO_OUTPUT,
     TRANSPOSES,
     VIEWS,
     aten,
     dropout_active,
 )
+from .align import align
 from .placements import REPLICATE, DimShard, Sharded, group_dims
-from .records import IntArg, ReasonKind, SymSize
+from .records import IntArg, Narrow, ReasonKind, SymSize
 from .registry import DECLINED, SHARDED_RULES, RuleContext, RuleFailure
 from .shapes import node_shape, norm_dim, per_rank, static_int, static_prod
 from .splits import split_in_heads
@@ -53,9 +56,17 @@ def getitem(ctx: RuleContext, n: fx.Node) -> Any:
 
 @rule(*IDENTITY)
 def identity(ctx: RuleContext, n: fx.Node) -> Any:
+    if n.target in DTYPE_OF:       # x.type_as(other): other gives its dtype only
+        return ctx.placement(n.args[0])
     if len(n.all_input_nodes) == 1:
         return ctx.sharded(n.args[0] if n.args else None)
     return DECLINED
+
+
+@rule(*LIKE)
+def like(ctx: RuleContext, n: fx.Node) -> Any:
+    """zeros_like(x) and kin: a new tensor of x's local shape, so of x's placement."""
+    return ctx.sharded(n.args[0])
 
 
 @rule(*DROPOUT)
@@ -72,6 +83,31 @@ def view(ctx: RuleContext, n: fx.Node) -> Sharded:
 @rule(aten.flatten.using_ints, aten.unflatten.int)
 def flatten(ctx: RuleContext, n: fx.Node) -> Sharded:
     return view_placement(ctx, n, size_arg=None)
+
+
+@rule(aten.view_as.default, aten.reshape_as.default)
+def view_as(ctx: RuleContext, n: fx.Node) -> Sharded:
+    """x.view_as(other): the view's local shape is other's, so other must be sharded as the
+    view of x would be."""
+    out = view_placement(ctx, n, size_arg=None)
+    if ctx.placement(n.args[1]) != out:
+        raise RuleFailure("views a sharded value as the shape of a value sharded otherwise")
+    return out
+
+
+@rule(aten.view_as_complex.default)
+def view_as_complex(ctx: RuleContext, n: fx.Node) -> Sharded:
+    """[..., 2] real pairs -> [...] complex (rotary written with complex numbers)."""
+    x, sp, src = ctx.sharded_input(n)
+    if sp.get(len(src) - 1) is not None:
+        raise RuleFailure("views the sharded dim of (real, imaginary) pairs as complex")
+    return sp
+
+
+@rule(aten.view_as_real.default)
+def view_as_real(ctx: RuleContext, n: fx.Node) -> Sharded:
+    """[...] complex -> [..., 2]: the sharded dims stay where they are."""
+    return ctx.sharded(n.args[0])
 
 
 def view_placement(ctx: RuleContext, n: fx.Node, size_arg: Optional[int]) -> Sharded:
@@ -135,6 +171,10 @@ def _view_inner(ctx: RuleContext, sp: Sharded, d: int, ds: DimShard, gi: list, g
     if org is not None:
         u = Fraction(org[1], inner_in) * inner_out
         unit = int(u) if u.denominator == 1 else None
+    if (new is None or not new.valid()) and flat is not None:
+        moved = _chunks_as_dim(flat, dst, go, j)
+        if moved is not None:
+            return moved
     if new is None or not new.valid():
         heads = static_int(dst[j])
         # whole heads: split the source at head boundaries (unevenly if the count does not
@@ -145,6 +185,23 @@ def _view_inner(ctx: RuleContext, sp: Sharded, d: int, ds: DimShard, gi: list, g
         raise RuleFailure(f"splits a dim of {ds.size} into {dst[j]} x {inner_out}: {heads} heads "
                           f"cannot be shared out over {ds.parts} ranks", ReasonKind.NOT_DIVISIBLE)
     return j, new, unit
+
+
+def _chunks_as_dim(flat: DimShard, dst: list, go: list,
+                   j: int) -> Optional[tuple[int, DimShard, None]]:
+    """k equal chunks split alike, viewed as [k, *chunk dims] (`qkv.view(b, s, 3, h, d)`):
+    the chunk dim is whole on every rank and the split moves into the chunk's own dims."""
+    k = static_int(dst[j])
+    if k is None or k < 2 or len(flat.splits) != k or len(set(flat.splits)) != 1:
+        return None
+    rest = [i for i in go if i > j and static_int(dst[i]) != 1]
+    if not rest:
+        return None
+    inner = static_prod([dst[i] for i in go if i > rest[0]])
+    one = flat.with_splits(flat.splits[:1]).scaled(1, inner) if inner else None
+    if one is None or not one.valid():
+        return None
+    return rest[0], one, None
 
 
 def _view_outer(d: int, ds: DimShard, gi: list, go: list,
@@ -229,6 +286,56 @@ def squeeze(ctx: RuleContext, n: fx.Node) -> Sharded:
     shift = lambda d: d - sum(1 for g in gone if g < d)
     return Sharded.of({shift(d): s for d, s in sp.dims},
                       {shift(d): o for d, o in sp.origin_dict().items()})
+
+
+@rule(aten.stack.default)
+def stack(ctx: RuleContext, n: fx.Node) -> Sharded:
+    """Equal-shaped values stacked on a new dim (rotary's interleaved pairs,
+    `stack((-x2, x1), -1)`): the sharded dims must agree; replicated operands are narrowed."""
+    tensors = n.args[0]
+    d0 = norm_dim(n.args[1] if len(n.args) > 1 else 0, len(node_shape(n)))
+    specs = [ctx.placement(t) for t in tensors]
+    sharded = [s for s in specs if isinstance(s, Sharded)]
+    if any(not isinstance(s, Sharded) and s is not REPLICATE for s in specs) or \
+            any(s.dims != sharded[0].dims for s in sharded):
+        raise RuleFailure("stacks differently placed values")
+    first = sharded[0]
+    for i, s in enumerate(specs):
+        if s is REPLICATE:
+            for d, ds in first.dims:
+                ctx.actions.narrows.append(Narrow(n.name, (0, i), d, None, ds))
+    shift = lambda d: d + 1 if d >= d0 else d
+    return Sharded.of({shift(d): s for d, s in first.dims},
+                      {shift(d): o for d, o in first.origin_dict().items()})
+
+
+@rule(aten.unbind.int)
+def unbind(ctx: RuleContext, n: fx.Node) -> list:
+    """The values along a whole dim (q, k, v of `qkv.view(b, s, 3, h, d).unbind(2)`)."""
+    x, sp, src = ctx.sharded_input(n)
+    d0 = norm_dim(n.args[1] if len(n.args) > 1 else 0, len(src))
+    ds = sp.get(d0)
+    if ds is not None:
+        # each value is a chunk of the source (q | k | v): split every chunk on its own
+        k = ds.size
+
+        def make(cur: DimShard, unit: int) -> Optional[DimShard]:
+            if cur.size != k * unit or len(cur.splits) != 1:
+                return None
+            c = cur.splits[0]
+            return DimShard(c.parts, c.stride, (unit,) * k)
+        ctx.refine_or_fail(sp, d0, make)
+        raise RuleFailure("unbinds a sharded dim")
+    shift = lambda d: d - 1 if d > d0 else d
+    out = Sharded.of({shift(d): s for d, s in sp.dims},
+                     {shift(d): o for d, o in sp.origin_dict().items()})
+    return [out for _ in n.meta.get("val", ())]
+
+
+@rule(aten.expand_as.default)
+def expand_as(ctx: RuleContext, n: fx.Node) -> Sharded:
+    """x.expand_as(other): broadcast like a pointwise op of x and other."""
+    return align(ctx, n, [(0,), (1,)], node_shape(n))
 
 
 @rule(aten.expand.default, aten.broadcast_to.default)

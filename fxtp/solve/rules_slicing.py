@@ -177,6 +177,17 @@ def split(ctx: RuleContext, n: fx.Node) -> list:
     return result
 
 
+@rule(aten.pad.default, aten.constant_pad_nd.default)
+def pad(ctx: RuleContext, n: fx.Node) -> Sharded:
+    """Padding (pairs from the last dim backwards) of dims that are whole on every rank."""
+    x, sp, src = ctx.sharded_input(n)
+    amounts = list(n.args[1])
+    padded = {len(src) - 1 - i // 2 for i, a in enumerate(amounts) if not isinstance(a, int) or a}
+    if any(d in padded for d, _ in sp.dims):
+        raise RuleFailure("pads a sharded dim")
+    return sp
+
+
 # -- pieces joined --------------------------------------------------------------------------------
 @rule(aten.cat.default)
 def cat(ctx: RuleContext, n: fx.Node) -> Sharded:

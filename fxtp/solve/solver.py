@@ -41,12 +41,15 @@ __all__ = ["Actions", "sliced_in_place", "solve"]
 
 def solve(gm: fx.GraphModule, world_size: int, linears: dict[str, LinearMatch],
           overrides: Optional[dict[str, Reason]] = None, max_iterations: int = 200,
-          vocab_parallel: bool = False, replicate_modules: frozenset = frozenset()) -> Solution:
+          vocab_parallel: bool = False, replicate_modules: frozenset = frozenset(),
+          partial_statistics: bool = True) -> Solution:
     """Finds the sharding: runs propagation passes until no region fails or needs refining.
 
     A pass that asks for refined source splits only applies those (its failures may stem from
     the old splits and are found again if real). Otherwise each failed region is blocked, whole,
     except that sources seen as a single head are first tried replicated on their own.
+    `partial_statistics=False` keeps every sum/mean over a sharded dim replicated (the plan
+    solves that way too, to print what the partial statistics save).
     """
     blocked: dict[str, Reason] = dict(overrides or {})
     source_specs: dict[str, DimShard] = {}
@@ -54,7 +57,7 @@ def solve(gm: fx.GraphModule, world_size: int, linears: dict[str, LinearMatch],
     refined_count: dict[str, int] = {}
     for it in range(1, max_iterations + 1):
         p = Propagation(gm, world_size, linears, blocked, source_specs, vocab_parallel,
-                        replicate_modules, frozenset(eager_reduce))
+                        replicate_modules, frozenset(eager_reduce), partial_statistics)
         p.run()
         real = [(reg, why) for reg, why in p.failures if why.kind != ReasonKind.REFINE]
         if not real and not p.refines and not set(p.actions.reduces) <= eager_reduce:
