@@ -255,6 +255,115 @@ class FusedMultiQuery(nn.Module):
         return self.o((att @ v).transpose(1, 2).reshape(b, s, d))
 
 
+def _rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class NormedRotaryAttention(nn.Module):
+    """q and k RMS-normed over all heads together (one statistic over heads x head_dim, OLMo-2
+    style), rotated by interleaved pairs on part of each head (the rotated halves stacked, then
+    flattened: GPT-J style), and the attention output normed over the whole width before o (a
+    sub-norm): each norm is a partial statistic, all-reduced, instead of replicated attention."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, rot: int = 4):
+        super().__init__()
+        self.heads, self.hd, self.rot = heads, dim // heads, rot
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.q_w, self.k_w, self.sub_w = (nn.Parameter(torch.rand(dim) + 0.5) for _ in range(3))
+        self.register_buffer("inv_freq", 1.0 / 100 ** (torch.arange(0, rot, 2) / rot))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q = _rms(self.q(x)) * self.q_w
+        k = _rms(self.k(x)) * self.k_w
+        q, k, v = (t.view(b, s, self.heads, self.hd).transpose(1, 2) for t in (q, k, self.v(x)))
+        freqs = torch.arange(s, dtype=x.dtype, device=x.device)[:, None] * self.inv_freq
+        cos, sin = freqs.cos().repeat_interleave(2, -1), freqs.sin().repeat_interleave(2, -1)
+
+        def rotate(t: torch.Tensor) -> torch.Tensor:
+            r, rest = t[..., :self.rot], t[..., self.rot:]
+            turned = torch.stack((-r[..., 1::2], r[..., ::2]), dim=-1).flatten(-2)
+            return torch.cat([r * cos + turned * sin, rest], dim=-1)
+
+        y = F.scaled_dot_product_attention(rotate(q), rotate(k), v, is_causal=True)
+        return x + self.o(_rms(y.transpose(1, 2).reshape(b, s, d)) * self.sub_w)
+
+
+class ComplexRotaryAttention(nn.Module):
+    """Rotary written with complex numbers (view_as_complex, then view_as_real viewed back as
+    the heads: Llama-4 style), a causal mask broadcast with expand_as, a zeros_like bias and
+    the result cast back with type_as."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.hd = heads, dim // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.register_buffer("inv_freq", 1.0 / 100 ** (torch.arange(0, self.hd, 2) / self.hd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        pos = torch.arange(s, dtype=torch.float32, device=x.device)[:, None] * self.inv_freq
+        turn = torch.polar(torch.ones_like(pos), pos)[None, :, None, :]      # [1, s, 1, hd/2]
+
+        def rotate(t: torch.Tensor) -> torch.Tensor:
+            pairs = torch.view_as_complex(t.float().reshape(b, s, self.heads, -1, 2))
+            return torch.view_as_real(pairs * turn).view_as(t).type_as(t)
+
+        q = rotate(self.q(x).view(b, s, self.heads, self.hd)).transpose(1, 2)
+        k = rotate(self.k(x).view(b, s, self.heads, self.hd)).transpose(1, 2)
+        v = self.v(x).view(b, s, self.heads, self.hd).transpose(1, 2)
+        scores = q @ k.transpose(-1, -2) * self.hd ** -0.5
+        scores = scores + torch.zeros_like(scores)
+        future = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
+        scores = scores.masked_fill(future.expand_as(scores), float("-inf"))
+        return x + self.o((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, d))
+
+
+class SinkTopkAttention(nn.Module):
+    """Per-head attention-sink logits joined to the scores, their max over the keys subtracted
+    (GPT-OSS style), and each query keeping only its top-2 keys (topk along the keys): the
+    selections run along whole dims while the heads stay sharded."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.hd = heads, dim // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.sinks = nn.Parameter(torch.randn(heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = (lin(x).view(b, s, self.heads, self.hd).transpose(1, 2)
+                   for lin in (self.q, self.k, self.v))
+        scores = q @ k.transpose(-1, -2) * self.hd ** -0.5
+        scores = scores.masked_fill(
+            torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        second = scores.topk(min(2, s), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < second, float("-inf"))
+        sinks = self.sinks.view(1, -1, 1, 1).expand(b, -1, s, 1)
+        joined = torch.cat([scores, sinks], dim=-1)
+        joined = joined - joined.max(dim=-1, keepdim=True).values
+        probs = joined.softmax(-1)[..., :-1]
+        return x + self.o((probs @ v).transpose(1, 2).reshape(b, s, d))
+
+
+class FusedQkvUnbind(nn.Module):
+    """One linear makes q|k|v, viewed as [b, s, 3, heads, d] and unbound (ModernBERT style);
+    the head dim padded for the attention kernel and cut back after it."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.hd = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.o = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, self.hd).transpose(1, 3).unbind(dim=2)
+        q, k, v = (F.pad(t, (0, 8)) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, scale=self.hd ** -0.5)[..., :self.hd]
+        return x + self.o(y.transpose(1, 2).reshape(b, s, d))
+
+
 STRUCTURES = {
     "fused_thirds": (FusedThirds, [(2, 5, 32)]),
     "interleaved_heads": (InterleavedHeads, [(2, 5, 32)]),
@@ -263,6 +372,10 @@ STRUCTURES = {
     "cross_attention": (CrossAttention, [(2, 5, 32), (2, 7, 32)]),
     "heads_in_batch": (HeadsInBatch, [(2, 5, 32)]),
     "fused_multi_query": (FusedMultiQuery, [(2, 5, 32)]),
+    "normed_rotary": (NormedRotaryAttention, [(2, 5, 32)]),
+    "complex_rotary": (ComplexRotaryAttention, [(2, 5, 32)]),
+    "sink_topk": (SinkTopkAttention, [(2, 5, 32)]),
+    "fused_qkv_unbind": (FusedQkvUnbind, [(2, 5, 32)]),
 }
 
 

@@ -16,7 +16,9 @@ TOL = 1e-4
 NAMES = tuple(FAMILIES)
 # all-reduces per layer: 2 for a dense layer, 1 for a parallel attention+MLP block, 3 for a
 # decoder layer with cross-attention
-PARALLEL_BLOCKS = {"phi", "gpt_neox", "falcon", "falcon_mqa"}
+PARALLEL_BLOCKS = {"phi", "gpt_neox", "falcon", "falcon_mqa", "gptj"}
+# all-reduces of partial statistics per layer (norms over the features a linear split)
+STATISTICS = {"olmo2": 2}
 _cache: dict[int, list] = {}
 
 
@@ -26,7 +28,8 @@ _cache: dict[int, list] = {}
 # others slice the same way at any world size (their world-2 run covers them; 4 ranks share
 # this machine's 2 CPU cores, ~11 s a family); tests/test_multirank.py runs Llama, GPT-2 and
 # BERT at world 4 as well
-AT_4 = ("llama_bias", "phi3_gqa", "falcon", "llama_uneven", "gpt2_3heads")
+AT_4 = ("llama_bias", "phi3_gqa", "falcon", "llama_uneven", "gpt2_3heads", "gptj", "olmo2",
+        "llama4_text", "modernbert")
 
 
 def sizes(*names: str) -> list[tuple[int, str]]:
@@ -84,7 +87,7 @@ def test_family_all_reduces_and_local_parameters(ws, name):
         expected = {f"{side}.block.{i}": n for side, n in (("encoder", 2), ("decoder", 3))
                     for i in range(2)}
     else:
-        per_layer = 1 if name in PARALLEL_BLOCKS else 2
+        per_layer = (1 if name in PARALLEL_BLOCKS else 2) + STATISTICS.get(name, 0)
         expected = {layer: per_layer for layer in layers}
         assert len(layers) == 2, layers
     assert layers == expected

@@ -82,7 +82,89 @@ def test_uneven_heads_name_each_rank_size():
     assert qkv.placement == "column" and "uneven: rank sizes [48, 24, 24]" in qkv.shard
 
 
+def _attention_sharded(plan: fxtp.Plan, qkv=("q", "k", "v")) -> None:
+    for lin in qkv:
+        assert plan.placement_of(lin) == "column", (lin, plan.replicated)
+    assert plan.placement_of("o") == "row"
+    assert plan.param_fraction(layers_only=False) == 1 / plan.world_size
+    assert not plan.replicated
+
+
+@pytest.mark.parametrize("ws", (2, 4))
+def test_norms_over_the_sharded_width_are_partial_statistics(ws):
+    """q/k norms over all heads and a sub-norm before o: three [b, s, 1] statistics
+    all-reduced, the attention sharded; interleaved rotary (stack + flatten) on part of each
+    head keeps the heads sharded."""
+    plan = plan_of("normed_rotary", ws)
+    _attention_sharded(plan)
+    assert plan.statistics == ["mean", "mean_1", "mean_2"]
+    assert plan.total_all_reduces == 4
+    costs = plan.statistics_costs
+    assert costs["chosen"] == "with"
+    # with: o's output (32 floats) and 3 statistics (1 float each) per token
+    assert costs["with"] == [(32 + 3) * 4, plan.local_param_bytes[0]]
+    # without: everything replicated, nothing all-reduced, every weight whole
+    assert costs["without"] == [0, plan.full_param_bytes]
+    text = str(plan)
+    assert "partial statistics: 3 norm(s)" in text and "chosen: with" in text
+    again = fxtp.Plan.from_json(plan.to_json())
+    assert again.statistics == plan.statistics and again.statistics_costs == costs
+
+
+def test_partial_statistics_off_keeps_the_region_whole():
+    from fxtp.capture.linear import find_linears
+    from fxtp.solve.solver import solve
+
+    plan = plan_of("normed_rotary")
+    gm = plan.captured.gm
+    sol = solve(gm, 2, find_linears(gm), partial_statistics=False)
+    assert not sol.actions.columns and not sol.actions.statistics
+    assert any("reduces over a sharded dim" in r.text for r in sol.replicated.values())
+
+
+def test_statistics_that_save_no_weights_are_not_chosen():
+    """A sum over features whose linear stays whole anyway (it reaches the output): no
+    statistic, no collective."""
+    import torch
+    from torch import nn
+
+    class Scored(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return h, h.sum(-1)
+
+    plan = fxtp.plan(Scored(), 2, example_inputs=(torch.randn(2, 3, 16),))
+    assert plan.placement_of("fc") == "replicate" and not plan.statistics
+    assert plan.total_all_reduces == 0
+
+
+@pytest.mark.parametrize("ws", (2, 4))
+def test_complex_rotary_and_broadcast_helpers(ws):
+    _attention_sharded(plan_of("complex_rotary", ws))
+
+
+@pytest.mark.parametrize("ws", (2, 4))
+def test_selections_along_the_keys_keep_heads_sharded(ws):
+    plan = plan_of("sink_topk", ws)
+    _attention_sharded(plan)
+    # the per-head sink logits are narrowed to this rank's heads
+    assert plan.total_all_reduces == 1
+
+
+@pytest.mark.parametrize("ws", (2, 4))
+def test_fused_qkv_unbound_splits_each_chunk(ws):
+    plan = plan_of("fused_qkv_unbind", ws)
+    _attention_sharded(plan, qkv=("qkv",))
+    qkv = {e.module: e for e in plan.entries}["qkv"]
+    assert f"{ws} parts, 3 fused chunks" in qkv.shard
+
+
 def test_every_structure_is_listed():
     assert set(STRUCTURES) == {"fused_thirds", "interleaved_heads", "grouped_query",
                                "parallel_block", "cross_attention", "heads_in_batch",
-                               "fused_multi_query"}
+                               "fused_multi_query", "normed_rotary", "complex_rotary",
+                               "sink_topk", "fused_qkv_unbind"}

@@ -226,8 +226,9 @@ def dropout_case(ws: int) -> dict[str, Any]:
 
 
 # sharding structures whose gradients need more than the Llama/GPT-2 cases show: uneven heads,
-# kv chunks kept whole on every rank, heads merged into the batch dim
-FAMILY_GRADS = ("llama_uneven", "falcon_mqa", "bloom")
+# kv chunks kept whole on every rank, heads merged into the batch dim, norms over the heads
+# computed from partial statistics (at world 4 over kv heads held by pairs of ranks)
+FAMILY_GRADS = ("llama_uneven", "falcon_mqa", "bloom", "olmo2")
 
 
 # at world 4 only the cases whose layout differs from world 2's: Llama's kv heads held by
@@ -236,7 +237,7 @@ FAMILY_GRADS = ("llama_uneven", "falcon_mqa", "bloom")
 # the same slicing at any world size), GPT-2's LoRA and the dropout refusal run at world 2
 # only (4 ranks share this machine's 2 cores; each case costs ~8 s there)
 AT_4 = ("train_grad_llama", "lora_llama", "train_grad_gpt2_vocab", "train_grad_llama_uneven",
-        "train_grad_falcon_mqa")
+        "train_grad_falcon_mqa", "train_grad_olmo2")
 
 
 def cases(ws: int) -> dict[str, Any]:

@@ -97,8 +97,8 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
         sites.append((mod, value))
         layer = layer_of(mod) or OUTSIDE_LAYERS
         per_layer[layer] = per_layer.get(layer, 0) + 1
-        if producer.name in act.statistics and mod not in statistics:
-            statistics.append(mod)
+        if producer.name in act.statistics and (mod or producer.name) not in statistics:
+            statistics.append(mod or producer.name)
     entries = []
     replicated = {}
     not_div = []

@@ -322,8 +322,8 @@ def unbind(ctx: RuleContext, n: fx.Node) -> list:
         def make(cur: DimShard, unit: int) -> Optional[DimShard]:
             if cur.size != k * unit or len(cur.splits) != 1:
                 return None
-            c = cur.splits[0]
-            return DimShard(c.parts, c.stride, (unit,) * k)
+            new = DimShard(ctx.world_size, 1, (unit,) * k)
+            return new if new.valid() else None
         ctx.refine_or_fail(sp, d0, make)
         raise RuleFailure("unbinds a sharded dim")
     shift = lambda d: d - 1 if d > d0 else d

@@ -61,17 +61,43 @@ FAMILIES: dict[str, dict[str, Any]] = {
                          num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3,
                          max_position_embeddings=256),
     "gpt2_3heads": dict(model_type="gpt2", n_embd=48, n_layer=2, n_head=3, n_positions=256),
+    # interleaved rotary on part of each head (stack of the rotated pairs, then flatten),
+    # parallel attention + MLP block
+    "gptj": dict(model_type="gptj", n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
+                 n_positions=256, bos_token_id=127, eos_token_id=127),
+    # q/k RMSNorm over all heads together: a partial statistic all-reduced per norm
+    "olmo2": dict(model_type="olmo2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  eos_token_id=127, pad_token_id=127),
+    # rotary with complex numbers (view_as_complex), MoE experts with a shared expert
+    "llama4_text": dict(model_type="llama4_text", hidden_size=64, intermediate_size=128,
+                        intermediate_size_mlp=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                        num_local_experts=4, num_experts_per_tok=1, moe_layers=[0, 1],
+                        no_rope_layers=[1, 1], layer_types=["chunked_attention"] * 2,
+                        pad_token_id=127, eos_token_id=127, bos_token_id=127),
+    # an encoder: fused qkv viewed as [b, s, 3, heads, d] and unbound into q, k, v
+    "modernbert": dict(model_type="modernbert", hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
+                       layer_types=["full_attention", "sliding_attention"], pad_token_id=127,
+                       eos_token_id=127, bos_token_id=127, cls_token_id=127, sep_token_id=127),
     "t5": dict(model_type="t5", d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2,
                num_heads=4, decoder_start_token_id=0),
 }
 
 
 def family_model(name: str, seed: int = 0) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoModelForSeq2SeqLM,
+    )
 
     kwargs = {**_COMMON, **FAMILIES[name]}
     model_type = kwargs.pop("model_type")
     cfg = AutoConfig.for_model(model_type, **kwargs)
     torch.manual_seed(seed)
-    cls = AutoModelForSeq2SeqLM if model_type == "t5" else AutoModelForCausalLM
+    cls = {"t5": AutoModelForSeq2SeqLM, "modernbert": AutoModelForMaskedLM}.get(
+        model_type, AutoModelForCausalLM)
     return cls.from_config(cfg).eval()
