@@ -364,6 +364,36 @@ class FusedQkvUnbind(nn.Module):
         return x + self.o(y.transpose(1, 2).reshape(b, s, d))
 
 
+class InterleavedGateUp(nn.Module):
+    """One linear makes gate and up interleaved feature by feature, read back with strided
+    slices (`h[..., ::2]`, `h[..., 1::2]`, as GPT-OSS's experts do)."""
+
+    def __init__(self, dim: int = 32, hidden: int = 64):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden)
+        self.down = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.gate_up(x)
+        return x + self.down(F.silu(h[..., ::2]) * h[..., 1::2])
+
+
+class StraySource(nn.Module):
+    """A linear added straight to the residual stream, then a norm over the stream: sharding
+    the linear would cut the residual stream to its features (a partial statistic over an
+    activation met by a stray source), so it stays whole."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(x.shape[0], x.shape[1], 32)      # a static feature size
+        h = x + self.proj(x)
+        return self.out(_rms(h))
+
+
 STRUCTURES = {
     "fused_thirds": (FusedThirds, [(2, 5, 32)]),
     "interleaved_heads": (InterleavedHeads, [(2, 5, 32)]),
@@ -376,6 +406,7 @@ STRUCTURES = {
     "complex_rotary": (ComplexRotaryAttention, [(2, 5, 32)]),
     "sink_topk": (SinkTopkAttention, [(2, 5, 32)]),
     "fused_qkv_unbind": (FusedQkvUnbind, [(2, 5, 32)]),
+    "interleaved_gate_up": (InterleavedGateUp, [(2, 5, 32)]),
 }
 
 

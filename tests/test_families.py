@@ -29,7 +29,7 @@ _cache: dict[int, list] = {}
 # this machine's 2 CPU cores, ~11 s a family); tests/test_multirank.py runs Llama, GPT-2 and
 # BERT at world 4 as well
 AT_4 = ("llama_bias", "phi3_gqa", "falcon", "llama_uneven", "gpt2_3heads", "gptj", "olmo2",
-        "llama4_text", "modernbert")
+        "llama4_text", "modernbert", "gpt_oss")
 
 
 def sizes(*names: str) -> list[tuple[int, str]]:
@@ -100,20 +100,25 @@ def test_family_all_reduces_and_local_parameters(ws, name):
         assert held == planned
 
 
-@pytest.mark.parametrize("ws, name", sizes("mixtral", "qwen2_moe"))
+@pytest.mark.parametrize("ws, name", sizes("mixtral", "qwen2_moe", "gpt_oss"))
 def test_moe_experts_sharded_router_replicated(ws, name):
     r = family(ws, name)[0]
     p = r["param_placements"]
     assert p["model.layers.0.mlp.experts.gate_up_proj"] == "column"   # fused, split in two
     assert p["model.layers.0.mlp.experts.down_proj"] == "row"
-    assert r["placements"]["model.layers.0.mlp.gate"] == "replicate"
-    assert "softmax" in r["replicated"]["model.layers.0.mlp.gate"]
+    router = "router" if name == "gpt_oss" else "gate"
+    assert r["placements"][f"model.layers.0.mlp.{router}"] == "replicate"
+    # the router's scores are normalised or selected over all experts
+    assert ("topk" if name == "gpt_oss" else "softmax") in \
+        r["replicated"][f"model.layers.0.mlp.{router}"]
     shapes = r["local_shapes"]
     gate_up = shapes["model.layers.0.mlp.experts.gate_up_proj"]
     down = shapes["model.layers.0.mlp.experts.down_proj"]
     inter = FAMILIES[name].get("moe_intermediate_size", FAMILIES[name]["intermediate_size"])
-    assert gate_up == (4, 2 * inter // ws, 64)
-    assert down == (4, 64, inter // ws)
+    if name == "gpt_oss":    # stored [experts, in, out], used without a transpose
+        assert gate_up == (4, 64, 2 * inter // ws) and down == (4, inter // ws, 64)
+    else:
+        assert gate_up == (4, 2 * inter // ws, 64) and down == (4, 64, inter // ws)
 
 
 @pytest.mark.parametrize("ws", worlds_of("llama_tied"))

@@ -198,7 +198,7 @@ def test_hand_built_structures_equivalent(ws):
     expected_all_reduces = {"fused_thirds": 2, "interleaved_heads": 1, "grouped_query": 1,
                             "parallel_block": 1, "cross_attention": 1, "heads_in_batch": 1,
                             "fused_multi_query": 1, "normed_rotary": 4, "complex_rotary": 1,
-                            "sink_topk": 1, "fused_qkv_unbind": 1}
+                            "sink_topk": 1, "fused_qkv_unbind": 1, "interleaved_gate_up": 1}
     for r in case(ws, "structures"):
         for name, facts in r.items():
             assert facts["max_error"] <= TOL, name

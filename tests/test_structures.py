@@ -163,8 +163,25 @@ def test_fused_qkv_unbound_splits_each_chunk(ws):
     assert f"{ws} parts, 3 fused chunks" in qkv.shard
 
 
+@pytest.mark.parametrize("ws", (2, 4))
+def test_gate_and_up_interleaved_read_with_strided_slices(ws):
+    plan = plan_of("interleaved_gate_up", ws)
+    assert plan.placement_of("gate_up") == "column" and plan.placement_of("down") == "row"
+    assert plan.total_all_reduces == 1
+
+
+def test_a_stray_source_does_not_shard_the_residual_stream():
+    import torch
+
+    from .modules import StraySource
+
+    plan = fxtp.plan(StraySource(), 2, example_inputs=(torch.randn(2, 3, 32),))
+    assert plan.placement_of("proj") == "replicate" and not plan.statistics
+    assert "mixes a replicated activation" in plan.replicated["proj"]
+
+
 def test_every_structure_is_listed():
     assert set(STRUCTURES) == {"fused_thirds", "interleaved_heads", "grouped_query",
                                "parallel_block", "cross_attention", "heads_in_batch",
                                "fused_multi_query", "normed_rotary", "complex_rotary",
-                               "sink_topk", "fused_qkv_unbind"}
+                               "sink_topk", "fused_qkv_unbind", "interleaved_gate_up"}

@@ -148,11 +148,18 @@ def partial_statistic(ctx: RuleContext, n: fx.Node, sp: Sharded, src: list, dims
     column-parallel linear split): each rank reduces its own elements and the result is a
     partial sum, all-reduced where it is used (a `[b, s, 1]` statistic, not the weights kept
     whole). A mean is rescaled by this rank's share of the elements. Elements that several
-    ranks hold (kv heads replicated per group) are first narrowed to one holder each."""
+    ranks hold (kv heads replicated per group) are first narrowed to one holder each. The
+    reduced dims must trace back to column-parallel sources (their `origin`): features that
+    met a replicated activation cut to match them are a residual stream, which stays whole."""
     if n.target not in PARTIAL_STATISTICS or not ctx.partial_statistics:
         raise RuleFailure(f"{n.target} reduces over a sharded dim")
     if any(d not in dims for d, _ in sp.dims):
         raise RuleFailure(f"{n.target} reduces over one sharded dim and keeps another")
+    if any(sp.origin_of(d) is None for d, _ in sp.dims):
+        # not the features of one column-parallel source (a replicated activation was cut
+        # to meet them: a residual stream sharded by a stray source is not worth it)
+        raise RuleFailure(f"{n.target} reduces over a sharded dim that mixes a replicated "
+                          "activation")
     counts = [1] * ctx.world_size
     for d, ds in sp.dims:
         if ds.outer:

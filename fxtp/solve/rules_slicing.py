@@ -125,9 +125,11 @@ def slice_(ctx: RuleContext, n: fx.Node) -> Sharded:
     start = n.args[2] if len(n.args) > 2 else 0
     end = n.args[3] if len(n.args) > 3 else None
     step = n.args[4] if len(n.args) > 4 else 1
-    if step != 1 or not isinstance(start, (int, type(None))) or not isinstance(end, (int, type(None))):
-        raise RuleFailure("strided or dynamic slice of a sharded dim")
+    if not isinstance(start, (int, type(None))) or not isinstance(end, (int, type(None))):
+        raise RuleFailure("dynamic slice of a sharded dim")
     size = ds.size
+    if step != 1:
+        return _strided(ctx, n, sp, dim, start or 0, end, step)
     start = 0 if start is None else (start + size if start < 0 else min(start, size))
     end = size if end is None else (end + size if end < 0 else min(end, size))
     piece, = _cut(ctx, sp, dim, [start, end])
@@ -140,6 +142,26 @@ def slice_(ctx: RuleContext, n: fx.Node) -> Sharded:
     dims = sp.as_dict()
     dims[dim] = piece
     return Sharded.of(dims, sp.origin_dict())
+
+
+def _strided(ctx: RuleContext, n: fx.Node, sp: Sharded, dim: int, start: int,
+             end: Optional[int], step: int) -> Sharded:
+    """x[..., start::step] of a sharded dim (gate and up interleaved, `h[..., ::2]` and
+    `h[..., 1::2]`): when every rank's piece starts on a multiple of `step`, each rank takes
+    the same slice of its piece and holds every step-th element of what it held."""
+    ds = sp.get(dim)
+    whole = end is None or end >= ds.size
+    picked = ds.scaled(1, step)
+    if ds.outer or not 0 <= start < step or not whole or picked is None or any(
+            s % step or n_ % step for r in range(ctx.world_size)
+            for s, n_ in ds.local_ranges(r)):
+        raise RuleFailure(f"slices a sharded dim with step {step} across its shards")
+    if end is not None and end < 2 ** 62:
+        ctx.actions.int_args.append(
+            IntArg(n.name, (3,), per_rank(list(ds.local_sizes(ctx.world_size)))))
+    dims = sp.as_dict()
+    dims[dim] = picked
+    return Sharded.of(dims, {d: o for d, o in sp.origin_dict().items() if d != dim})
 
 
 @rule(*SPLITS)

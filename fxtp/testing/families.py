@@ -81,6 +81,14 @@ FAMILIES: dict[str, dict[str, Any]] = {
                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
                        layer_types=["full_attention", "sliding_attention"], pad_token_id=127,
                        eos_token_id=127, bos_token_id=127, cls_token_id=127, sep_token_id=127),
+    # attention sinks (a max over the keys with per-head sink logits), experts stored as 3-D
+    # parameters with gate and up interleaved (`h[..., ::2]`, `h[..., 1::2]`), a topk router
+    "gpt_oss": dict(model_type="gpt_oss", hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                    max_position_embeddings=4096, layer_types=["sliding_attention",
+                                                              "full_attention"],
+                    pad_token_id=127, eos_token_id=127, bos_token_id=127),
     "t5": dict(model_type="t5", d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2,
                num_heads=4, decoder_start_token_id=0),
 }
