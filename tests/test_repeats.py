@@ -118,3 +118,19 @@ def test_a_70b_architecture_plans_on_the_meta_device():
     layer = sum(e.full_bytes for e in plan.entries if e.module.startswith("model.layers."))
     whole = plan.full_param_bytes - layer
     assert plan.local_param_bytes[0] == pytest.approx(layer / 8 + whole, rel=1e-3)
+
+
+def test_probe_plan_with_partial_statistics_equals_the_whole_plan():
+    """OLMo-2's q/k norms over all heads in 6 layers: the probe's statistics and their costs
+    (with and without) expanded to every layer equal a capture of the whole model."""
+    from fxtp.testing.families import FAMILIES, family_model
+
+    FAMILIES["olmo2_deep"] = {**FAMILIES["olmo2"], "num_hidden_layers": 6}
+    try:
+        model = family_model("olmo2_deep")
+    finally:
+        del FAMILIES["olmo2_deep"]
+    probed, whole = fxtp.plan(model, 2), fxtp.plan(model, 2, probe=False)
+    assert probed.probe and not whole.probe
+    assert probed == whole
+    assert len(probed.statistics) == 12 and probed.statistics_costs["chosen"] == "with"

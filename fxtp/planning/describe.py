@@ -36,14 +36,22 @@ def build_plan(captured: Captured, world_size: int, model_name: str,
                       vocab_parallel=vocab_parallel, partial_statistics=False,
                       replicate_modules=frozenset(m for m, c in overrides.items()
                                                   if c == "replicate"))
-        other = describe(captured, whole, model_name, overrides)
-        costs = {"with": [plan.all_reduced_bytes_per_token, max(plan.local_param_bytes)],
-                 "without": [other.all_reduced_bytes_per_token, max(other.local_param_bytes)]}
-        if costs["without"][1] <= costs["with"][1]:
-            plan = other       # the statistics would save no weight bytes: not worth a collective
-        plan.statistics_costs = {**costs, "chosen": "with" if plan.statistics else "without"}
+        plan = choose_statistics(plan, describe(captured, whole, model_name, overrides))
     plan.vocab_parallel = vocab_parallel
     return plan
+
+
+def choose_statistics(with_: Plan, without: Plan) -> Plan:
+    """Of a plan using partial statistics and the plan keeping their regions whole, the one
+    whose ranks hold fewer parameter bytes (a statistic is a collective worth paying only for
+    sharded weights); it records both costs and keeps the other plan as `alternative`."""
+    costs = {"with": [with_.all_reduced_bytes_per_token, max(with_.local_param_bytes)],
+             "without": [without.all_reduced_bytes_per_token, max(without.local_param_bytes)]}
+    chosen, other = ((without, with_) if costs["without"][1] <= costs["with"][1]
+                     else (with_, without))
+    chosen.statistics_costs = {**costs, "chosen": "with" if chosen is with_ else "without"}
+    chosen.alternative = other
+    return chosen
 
 
 def _replan(plan: Plan, world_size: int, overrides: dict[str, str], vocab_parallel: bool) -> Plan:
@@ -151,7 +159,7 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
                 all_reduce_sites=sites, replicated=replicated, not_divisible=not_div,
                 overrides=overrides, full_param_bytes=full_bytes, local_param_bytes=local_bytes,
                 param_shares=shares, statistics=statistics,
-                all_reduced_bytes_per_token=sum(_bytes_per_token(nodes[v]) for _, v in sites),
+                site_bytes={v: _bytes_per_token(nodes[v]) for _, v in sites},
                 live=PlanSource(captured, sol, _replan))
 
 

@@ -96,10 +96,19 @@ class Plan:
     # when partial statistics were possible: "with"/"without" -> [all-reduced bytes per token,
     # the largest rank's parameter bytes], and "chosen" (the fewer parameter bytes)
     statistics_costs: Optional[dict] = None
+    # all-reduced value -> its bytes per token (not serialised: the total above is)
+    site_bytes: dict = field(default_factory=dict, repr=False, compare=False)
+    # the plan not chosen between partial statistics and whole regions (not serialised)
+    alternative: Optional["Plan"] = field(default=None, repr=False, compare=False)
     # parameter name -> elements each rank keeps, for the split ones (not serialised)
     param_shares: dict = field(default_factory=dict, repr=False, compare=False)
     # the live side (graph, solution, how to plan again); None for a plan loaded from JSON
     live: Optional[PlanSource] = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.site_bytes:
+            self.all_reduced_bytes_per_token = sum(
+                self.site_bytes.get(v, 0) for _, v in self.all_reduce_sites)
 
     # -- the live side -----------------------------------------------------------------------
     @property

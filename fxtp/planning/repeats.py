@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 
 from ..capture.linear import module_path
+from .describe import choose_statistics
 from .plan import PlanEntry
 
 MIN_ENTRIES = 4          # fewer: capturing them all costs no more than the probe
@@ -222,12 +223,18 @@ def expand_plan(plan, model: nn.Module, repeats: list[Repeat], example_inputs: A
     not_div = _in_layer_order(plan.not_divisible, lambda r: r.module,
                               lambda r, swap: replace(r, module=swap(r.module),
                                                       node=swap(r.node)), repeats)
+    statistics = _in_layer_order(plan.statistics, lambda m: m, lambda m, swap: swap(m), repeats)
     full, local = _model_bytes(model, plan, repeats)
-    return replace(plan, entries=entries, all_reduces=all_reduces, all_reduce_sites=sites,
-                   replicated=replicated, not_divisible=not_div, full_param_bytes=full,
-                   local_param_bytes=local,
-                   live=replace(plan.live, probe=tuple(repeats), model=model,
-                                example_inputs=example_inputs, replanner=replanner))
+    whole = replace(plan, entries=entries, all_reduces=all_reduces, all_reduce_sites=sites,
+                    replicated=replicated, not_divisible=not_div, full_param_bytes=full,
+                    local_param_bytes=local, statistics=statistics, statistics_costs=None,
+                    alternative=None,
+                    live=replace(plan.live, probe=tuple(repeats), model=model,
+                                 example_inputs=example_inputs, replanner=replanner))
+    if plan.alternative is None:
+        return whole
+    other = expand_plan(plan.alternative, model, repeats, example_inputs, replanner)
+    return choose_statistics(*((whole, other) if plan.statistics else (other, whole)))
 
 
 def _model_bytes(model: nn.Module, plan, repeats: list[Repeat]) -> tuple[int, tuple]:

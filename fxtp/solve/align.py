@@ -66,11 +66,6 @@ def align(ctx: RuleContext, n: fx.Node, paths: list[tuple], out: list, forbid=()
             if have is None and not s.outer and static_int(shp[d]) != s.size:
                 raise RuleFailure(f"operand size {shp[d]} does not match the sharded dim")
             ctx.actions.narrows.append(Narrow(n.name, path, d, have, s))
-            if have is None and getattr(node, "op", None) != "get_attr":
-                # a replicated activation cut to this rank's part (a position bias, or a
-                # residual stream met by a stray column source): the dim no longer traces
-                # back to its source alone, so no refine or partial statistic relies on it
-                origin.pop(od, None)
     return Sharded.of(want, origin)
 
 

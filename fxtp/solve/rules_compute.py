@@ -24,7 +24,7 @@ from .align import align
 from .placements import DimShard, Partial, Sharded
 from .records import Narrow, Rescale
 from .registry import SHARDED_RULES, RuleContext, RuleFailure
-from .shapes import node_shape, norm_dim, per_rank, static_prod
+from .shapes import arg_at, node_shape, norm_dim, per_rank, static_prod
 
 rule = SHARDED_RULES.rule
 
@@ -149,15 +149,15 @@ def partial_statistic(ctx: RuleContext, n: fx.Node, sp: Sharded, src: list, dims
     partial sum, all-reduced where it is used (a `[b, s, 1]` statistic, not the weights kept
     whole). A mean is rescaled by this rank's share of the elements. Elements that several
     ranks hold (kv heads replicated per group) are first narrowed to one holder each. The
-    reduced dims must trace back to column-parallel sources (their `origin`): features that
-    met a replicated activation cut to match them are a residual stream, which stays whole."""
+    sharded values must come from column-parallel sources alone: features that met a
+    replicated activation cut to match them are a residual stream, which stays whole."""
     if n.target not in PARTIAL_STATISTICS or not ctx.partial_statistics:
         raise RuleFailure(f"{n.target} reduces over a sharded dim")
     if any(d not in dims for d, _ in sp.dims):
         raise RuleFailure(f"{n.target} reduces over one sharded dim and keeps another")
-    if any(sp.origin_of(d) is None for d, _ in sp.dims):
-        # not the features of one column-parallel source (a replicated activation was cut
-        # to meet them: a residual stream sharded by a stray source is not worth it)
+    if _mixes_an_activation(ctx, n.args[0]):
+        # a replicated activation was cut to meet these features: a residual stream sharded
+        # by a stray column source, not worth a statistic (it stays whole, as in Megatron)
         raise RuleFailure(f"{n.target} reduces over a sharded dim that mixes a replicated "
                           "activation")
     counts = [1] * ctx.world_size
@@ -178,6 +178,27 @@ def partial_statistic(ctx: RuleContext, n: fx.Node, sp: Sharded, src: list, dims
         ctx.actions.rescales.append(Rescale(n.name, per_rank([c / full for c in counts])))
     ctx.actions.statistics.append(n.name)
     return Partial()
+
+
+def _mixes_an_activation(ctx: RuleContext, x: fx.Node) -> bool:
+    """Whether a replicated run-time value (not a parameter or buffer) was narrowed to meet
+    the sharded values `x` is computed from, back to the column sources."""
+    cut = set()
+    for nw in ctx.actions.narrows:
+        if nw.have is None:
+            user = next((u for u in ctx.gm.graph.nodes if u.name == nw.user), None)
+            if user is not None and getattr(arg_at(user, nw.path), "op", None) != "get_attr":
+                cut.add(nw.user)
+    seen, stack = set(), [x]
+    while stack:
+        node = stack.pop()
+        if node in seen or not isinstance(ctx.placement(node), Sharded):
+            continue
+        seen.add(node)
+        if node.name in cut:
+            return True
+        stack.extend(node.all_input_nodes)
+    return False
 
 
 @rule(*SELECT_ALONG)
