@@ -192,3 +192,20 @@ def test_ranks_see_the_callers_environment_and_directory_of_now(tmp_path, monkey
 def test_verify_of_a_plain_module_without_a_strategy_is_refused_before_any_rank_starts():
     with pytest.raises(fxtp.InputError, match="strategy_factory=.*tensor_inputs"):
         fxtp.verify(torch.nn.Linear(4, 4), 2, timeout=5)
+
+
+def test_a_capture_that_fixes_the_sequence_length_is_refused_naming_the_line():
+    """Mamba's slow path loops over the positions in Python: torch.export keeps the example's
+    sequence length. The transform raises then, naming the line, instead of leaving a graph
+    that fails on the next length."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                         state_size=4, expand=2)).eval()
+    with pytest.raises(fxtp.CaptureError) as info:
+        fxtp.plan(model, 2)
+    text = str(info.value)
+    assert "fixed the sequence length to 8 (input_ids dim 1)" in text
+    assert "modeling_mamba.py" in text and "for index in range(seq_len)" in text
+    assert "(in backbone.layers.0.mixer)" in text

@@ -19,6 +19,7 @@ from torch.export import Dim
 
 from ..errors import CaptureError
 from .no_ops import drop_no_ops
+from .specialised import cause, fixed_token_dims, recording
 
 
 @dataclass
@@ -111,7 +112,7 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
         cfg.use_cache = False
     dyn_args, dyn_kwargs = _dynamic_shapes(args, kwargs, hf)
     try:
-        with _named_forward(model, args, kwargs):
+        with _named_forward(model, args, kwargs), recording(model) as fixed:
             ep = torch.export.export(model, args, kwargs, strict=False,
                                      dynamic_shapes=_dyn_for(model, dyn_args, dyn_kwargs, args, kwargs))
     except Exception as e:  # torch raises many types here; all mean "cannot capture"
@@ -125,12 +126,32 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
         if had_cache and "use_cache" not in kwargs:
             cfg.use_cache = had_cache
     gm = ep.module()
+    if hf:
+        _refuse_fixed_sizes(model, gm, fixed)
     drop_no_ops(gm)
     defaults = {}
     if hf:
         if "use_cache" in kwargs:
             defaults["use_cache"] = False
     return Captured(gm=gm, arg_count=len(args), kwarg_names=tuple(kwargs), defaults=defaults, hf=hf)
+
+
+def _refuse_fixed_sizes(model: nn.Module, gm: fx.GraphModule, fixed: list) -> None:
+    """A batch or sequence size the capture made a constant: the graph would fail on the next
+    input of another size, so the capture fails now, naming the model's line."""
+    dims = fixed_token_dims(gm)
+    if not dims:
+        return
+    name, dim, size = dims[0]
+    why = cause(fixed, size)
+    what = "batch size" if dim == 0 else "sequence length"
+    at = (f" at {why.where}" + (f" (in {why.module})" if why.module else "")) if why else ""
+    raise CaptureError(
+        f"fxtp: capturing {type(model).__name__} fixed the {what} to {size} ({name} dim {dim})"
+        f"{at}: Python code that loops or branches on the {what} makes torch.export keep "
+        f"that size, and the graph would fail on the next input of another {what}. Make that "
+        "code independent of the size (a tensor op instead of a Python loop) to transform "
+        "this model.")
 
 
 @contextlib.contextmanager
