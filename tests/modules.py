@@ -394,6 +394,42 @@ class StraySource(nn.Module):
         return self.out(_rms(h))
 
 
+class LoopedExperts(nn.Module):
+    """A mixture of experts that loops, in Python, over the experts its tokens hit: a
+    data-dependent loop torch.export cannot capture."""
+
+    def __init__(self, dim: int = 32, experts: int = 4, hidden: int = 32):
+        super().__init__()
+        self.router = nn.Linear(dim, experts, bias=False)
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+            for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        choice = self.router(flat).argmax(-1)
+        out = torch.zeros_like(flat)
+        for e in choice.unique().tolist():
+            rows = (choice == e).nonzero().squeeze(-1)
+            out[rows] = self.experts[e](flat[rows])
+        return out.view_as(x)
+
+
+class AttentionThenLoopedExperts(nn.Module):
+    """Attention fxtp shards, then experts it cannot capture: the experts become an opaque
+    call, replicated, and the attention is still sharded."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = TinyAttention(dim, heads)
+        self.moe = LoopedExperts(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm(x))
+        return x + self.moe(x)
+
+
 STRUCTURES = {
     "fused_thirds": (FusedThirds, [(2, 5, 32)]),
     "interleaved_heads": (InterleavedHeads, [(2, 5, 32)]),
@@ -407,6 +443,7 @@ STRUCTURES = {
     "sink_topk": (SinkTopkAttention, [(2, 5, 32)]),
     "fused_qkv_unbind": (FusedQkvUnbind, [(2, 5, 32)]),
     "interleaved_gate_up": (InterleavedGateUp, [(2, 5, 32)]),
+    "looped_experts": (AttentionThenLoopedExperts, [(2, 5, 32)]),
 }
 
 

@@ -13,7 +13,7 @@ import torch
 import fxtp
 from fxtp.planning.plan import layer_of
 from fxtp.runtime.collectives import all_gather_dim0, all_reduce_sum
-from fxtp.testing.checks import check_equivalence
+from fxtp.testing.checks import check_equivalence, check_gradients
 from fxtp.testing.strategies import hf_inputs, tensor_inputs
 
 HF_CASES = ("llama", "gpt2", "bert", "llama_mqa")
@@ -232,6 +232,12 @@ def _structures_case(ws: int) -> dict[str, Any]:
         rep = check_equivalence(model, tp, tensor_inputs(shapes, dynamic_dims=(0, 1)),
                                 max_examples=4)
         out[name] = {"max_error": rep.worst, "all_reduces": len(_all_reduce_nodes(tp))}
+        if name == "looped_experts":   # the opaque experts train: their backward runs again
+            tp = fxtp.transform(model, ws, example_inputs={"x": inputs[0]})   # by keyword
+            grads = check_gradients(model, tp, tensor_inputs(shapes, dynamic_dims=(0, 1)).map(
+                lambda t: {"x": t[0]}), max_examples=3, loss_fn=lambda y, _: y.pow(2).mean())
+            out[name].update(grad_error=grads.max_error, grads_compared=grads.compared,
+                             grads_missing=grads.missing)
     return out
 
 
@@ -298,6 +304,7 @@ def _family_case(name: str, ws: int, compile_check: bool) -> dict[str, Any]:
         "placements": {e.module: e.placement for e in plan.entries},
         "param_placements": {e.parameter: e.placement for e in plan.entries},
         "replicated": dict(plan.replicated),
+        "opaque": dict(plan.opaque),
         "plan_all_reduces": dict(plan.all_reduces),
         "linear_fraction": plan.param_fraction(),
         "shards": {e.module: e.shard for e in plan.entries},

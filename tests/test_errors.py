@@ -194,18 +194,42 @@ def test_verify_of_a_plain_module_without_a_strategy_is_refused_before_any_rank_
         fxtp.verify(torch.nn.Linear(4, 4), 2, timeout=5)
 
 
-def test_a_capture_that_fixes_the_sequence_length_is_refused_naming_the_line():
-    """Mamba's slow path loops over the positions in Python: torch.export keeps the example's
-    sequence length. The transform raises then, naming the line, instead of leaving a graph
-    that fails on the next length."""
-    from transformers import MambaConfig, MambaForCausalLM
+def test_a_submodule_that_fixes_the_sequence_length_is_an_opaque_call():
+    """Mamba's slow path loops over the positions in Python, so torch.export would keep the
+    example's sequence length: each mixer is called whole instead, and the plan names the
+    line."""
+    from fxtp.testing.families import family_model
 
-    torch.manual_seed(0)
-    model = MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
-                                         state_size=4, expand=2)).eval()
+    plan = fxtp.plan(family_model("mamba"), 2)
+    assert list(plan.opaque) == ["backbone.layers.0.mixer", "backbone.layers.1.mixer"]
+    why = plan.opaque["backbone.layers.0.mixer"]
+    assert "fixed the batch or sequence size" in why
+    assert "modeling_mamba.py" in why and "for index in range(seq_len)" in why
+
+
+def test_a_size_fixed_by_the_model_itself_is_refused_naming_the_line():
+    """The loop is in the model's own forward: nothing smaller to call whole, so the capture
+    fails at transform time, naming the line, instead of a graph failing on the next length."""
+    from torch import nn
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    class LoopConfig(PretrainedConfig):
+        model_type = "fxtp_loop_test"
+
+    class Looping(PreTrainedModel):
+        config_class = LoopConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.embed, self.head = nn.Embedding(16, 8), nn.Linear(8, 16)
+
+        def forward(self, input_ids, attention_mask=None):
+            h = self.embed(input_ids)
+            steps = [h[:, i] for i in range(input_ids.shape[1])]
+            return self.head(torch.stack(steps, 1).cumsum(1))
+
     with pytest.raises(fxtp.CaptureError) as info:
-        fxtp.plan(model, 2)
+        fxtp.plan(Looping(LoopConfig(vocab_size=16)), 2)
     text = str(info.value)
     assert "fixed the sequence length to 8 (input_ids dim 1)" in text
-    assert "modeling_mamba.py" in text and "for index in range(seq_len)" in text
-    assert "(in backbone.layers.0.mixer)" in text
+    assert "for i in range(input_ids.shape[1])" in text and "test_errors.py" in text

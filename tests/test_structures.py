@@ -180,8 +180,25 @@ def test_a_stray_source_does_not_shard_the_residual_stream():
     assert "mixes a replicated activation" in plan.replicated["proj"]
 
 
+@pytest.mark.parametrize("ws", (2, 4))
+def test_an_uncapturable_submodule_is_an_opaque_call(ws):
+    """The experts' data-dependent loop stops torch.export: the rest is captured, the experts
+    are one opaque op, listed with the line that stopped the capture; the attention is
+    sharded all the same."""
+    plan = plan_of("looped_experts", ws)
+    for lin in ("attn.q", "attn.k", "attn.v"):
+        assert plan.placement_of(lin) == "column"
+    assert plan.placement_of("attn.o") == "row"
+    assert list(plan.opaque) == ["moe"]
+    assert "choice.unique().tolist()" in plan.opaque["moe"]
+    assert not any(e.module.startswith("moe") for e in plan.entries)   # not seen as linears
+    assert "opaque (not captured, called whole on every rank): moe:" in str(plan)
+    assert fxtp.Plan.from_json(plan.to_json()).opaque == plan.opaque
+
+
 def test_every_structure_is_listed():
     assert set(STRUCTURES) == {"fused_thirds", "interleaved_heads", "grouped_query",
                                "parallel_block", "cross_attention", "heads_in_batch",
                                "fused_multi_query", "normed_rotary", "complex_rotary",
-                               "sink_topk", "fused_qkv_unbind", "interleaved_gate_up"}
+                               "sink_topk", "fused_qkv_unbind", "interleaved_gate_up",
+                               "looped_experts"}

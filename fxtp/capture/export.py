@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.utils._pytree as pytree
@@ -19,6 +19,7 @@ from torch.export import Dim
 
 from ..errors import CaptureError
 from .no_ops import drop_no_ops
+from .opaque import OpaqueShapeError, culprit, opaque_forwards, record_calls, same_class
 from .specialised import cause, fixed_token_dims, recording
 
 
@@ -31,6 +32,8 @@ class Captured:
     kwarg_names: tuple[str, ...]
     defaults: dict[str, Any] = field(default_factory=dict)   # filled in when the caller omits them
     hf: bool = False
+    # submodules torch.export could not capture, called as one replicated op: name -> why
+    opaque: dict[str, str] = field(default_factory=dict)
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -78,6 +81,9 @@ def hf_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> dict[st
     return kwargs
 
 
+MAX_OPAQUE = 16    # submodule classes called as opaque parts before the capture gives up
+
+
 def _dynamic_shapes(args: tuple, kwargs: dict, hf: bool) -> tuple:
     def spec(x: Any, name: str = "") -> Any:
         if isinstance(x, torch.Tensor):
@@ -111,21 +117,33 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
     if had_cache and "use_cache" not in kwargs:
         cfg.use_cache = False
     dyn_args, dyn_kwargs = _dynamic_shapes(args, kwargs, hf)
+    dynamic = _dyn_for(model, dyn_args, dyn_kwargs, args, kwargs)
+    opaque: dict[str, str] = {}     # submodules called as one op: name -> why
     try:
-        with _named_forward(model, args, kwargs), recording(model) as fixed:
-            ep = torch.export.export(model, args, kwargs, strict=False,
-                                     dynamic_shapes=_dyn_for(model, dyn_args, dyn_kwargs, args, kwargs))
-    except Exception as e:  # torch raises many types here; all mean "cannot capture"
-        raise CaptureError(
-            f"fxtp could not capture {type(model).__name__} with torch.export: "
-            f"{type(e).__name__}: {_first_line(e)}{_user_code(e)}. Make the forward traceable (no data-dependent "
-            "Python control flow on tensor values) or pass example_inputs that match its signature."
-        ) from e
+        while True:
+            gm, error, fixed = _export(model, args, kwargs, hf, dynamic, opaque)
+            if error is None:
+                dims = fixed_token_dims(gm) if hf else []
+                why = cause(fixed, dims[0][2]) if dims else None
+                if not dims or not (why and why.module and why.module not in opaque):
+                    break
+                error_text = f"it fixed the batch or sequence size at {why.where}"
+                name = why.module
+            else:
+                name = culprit(error, model)
+                error_text = f"{type(error).__name__}: {_first_line(error)}{_user_code(error)}"
+                if name is None or name in opaque or len(opaque) >= MAX_OPAQUE:
+                    raise CaptureError(
+                        f"fxtp could not capture {type(model).__name__} with torch.export: "
+                        f"{error_text}. Make the forward traceable (no data-dependent Python "
+                        "control flow on tensor values) or pass example_inputs that match its "
+                        "signature." + (f" ({', '.join(opaque)} already called as opaque "
+                                        "parts)" if opaque else "")) from error
+            opaque.update(dict.fromkeys(same_class(model, name), error_text))
     finally:
         model.train(was_training)
         if had_cache and "use_cache" not in kwargs:
             cfg.use_cache = had_cache
-    gm = ep.module()
     if hf:
         _refuse_fixed_sizes(model, gm, fixed)
     drop_no_ops(gm)
@@ -133,7 +151,44 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
     if hf:
         if "use_cache" in kwargs:
             defaults["use_cache"] = False
-    return Captured(gm=gm, arg_count=len(args), kwarg_names=tuple(kwargs), defaults=defaults, hf=hf)
+    return Captured(gm=gm, arg_count=len(args), kwarg_names=tuple(kwargs), defaults=defaults,
+                    hf=hf, opaque=dict(opaque))
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, hf: bool, dynamic: Any,
+            opaque: dict[str, str]) -> tuple[Optional[fx.GraphModule], Optional[Exception], list]:
+    """One torch.export attempt with the submodules `opaque` called as opaque ops: the graph,
+    or the exception it raised; and the sizes it fixed."""
+    recorded = _recorded_calls(model, opaque, args, kwargs, hf) if opaque else []
+    try:
+        with _named_forward(model, args, kwargs), recording(model) as fixed, \
+                opaque_forwards(model, opaque, recorded):
+            ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
+    except OpaqueShapeError as e:
+        raise CaptureError(f"fxtp could not capture {type(model).__name__}: {e}, so it cannot "
+                           "be called as an opaque part") from e
+    except Exception as e:  # torch raises many types here; all mean "cannot capture"
+        return None, e, []
+    return ep.module(), None, fixed
+
+
+def _recorded_calls(model: nn.Module, opaque: dict[str, str], args: tuple, kwargs: dict,
+                    hf: bool) -> list:
+    """The opaque submodules' calls in eager runs of the model: two batch and sequence
+    sizes for a Hugging Face model, the example inputs otherwise."""
+    if hf and not args:
+        inputs = [hf_example_inputs(model, 2, 8), hf_example_inputs(model, 3, 5)]
+        runs = [lambda kw=kw: model(**kw) for kw in inputs]
+    else:
+        runs = [lambda: model(*args, **kwargs)]
+    try:
+        return record_calls(model, set(opaque), runs)
+    except Exception as e:  # noqa: BLE001 - the model's own eager failure, reported as such
+        raise CaptureError(
+            f"fxtp could not capture {', '.join(sorted(opaque))} of {type(model).__name__} "
+            f"({next(iter(opaque.values()))}), and calling it as an opaque part needs an eager "
+            f"run of the model, which failed: {type(e).__name__}: {_first_line(e)} (a model "
+            "built on meta cannot run: build it with its weights)") from e
 
 
 def _refuse_fixed_sizes(model: nn.Module, gm: fx.GraphModule, fixed: list) -> None:

@@ -158,7 +158,7 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
     return Plan(model_name=model_name, world_size=ws, entries=entries, all_reduces=per_layer,
                 all_reduce_sites=sites, replicated=replicated, not_divisible=not_div,
                 overrides=overrides, full_param_bytes=full_bytes, local_param_bytes=local_bytes,
-                param_shares=shares, statistics=statistics,
+                param_shares=shares, statistics=statistics, opaque=dict(captured.opaque),
                 site_bytes={v: _bytes_per_token(nodes[v]) for _, v in sites},
                 live=PlanSource(captured, sol, _replan))
 

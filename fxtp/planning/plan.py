@@ -89,6 +89,8 @@ class Plan:
     # bytes of all model parameters (a tied tensor counted once): full, and held by each rank
     full_param_bytes: int = 0
     local_param_bytes: tuple[int, ...] = ()
+    # submodules torch.export could not capture, called whole on every rank: name -> why
+    opaque: dict[str, str] = field(default_factory=dict)
     # norms/means over sharded features computed from partial statistics (module paths)
     statistics: list[str] = field(default_factory=list)
     # bytes the forward's all-reduces move per token (batch x sequence element)
@@ -187,6 +189,7 @@ class Plan:
             "param_fraction_layers": self.param_fraction(),
             "full_param_bytes": self.full_param_bytes,
             "local_param_bytes": list(self.local_param_bytes),
+            "opaque": dict(self.opaque),
             "statistics": list(self.statistics),
             "all_reduced_bytes_per_token": self.all_reduced_bytes_per_token,
             "statistics_costs": self.statistics_costs,
@@ -212,6 +215,7 @@ class Plan:
                        vocab_parallel=bool(data.get("vocab_parallel", False)),
                        full_param_bytes=int(data.get("full_param_bytes", 0)),
                        local_param_bytes=tuple(data.get("local_param_bytes", ())),
+                       opaque=dict(data.get("opaque", {})),
                        statistics=list(data.get("statistics", ())),
                        all_reduced_bytes_per_token=int(data.get("all_reduced_bytes_per_token", 0)),
                        statistics_costs=data.get("statistics_costs"))
@@ -289,6 +293,8 @@ class Plan:
                                      f"{_human(c[k][1])} parameters per rank"
                                      for k in ("with", "without"))
                          + f"; chosen: {c['chosen']} (fewer parameter bytes per rank)")
+        for module, why in self.opaque.items():
+            lines.append(f"opaque (not captured, called whole on every rank): {module}: {why}")
         for module, why in self.replicated.items():
             lines.append(f"replicated: {module}: {why}")
         return lines

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..capture.export import Captured, capture
 from ..capture.linear import split_biases
+from ..errors import CaptureError
 from ..runtime.group import check_world_size
 from .describe import build_plan
 from .overrides import check_overrides
@@ -37,8 +38,18 @@ def plan_model(model: nn.Module, world_size: int, *, example_inputs: Any = None,
     repeats = find_repeats(model) if probe else []
     if any(_inside_repeat(module, repeats) for module in overrides or {}):
         repeats = []             # a decision for one repeated layer: capture them all
-    with probe_layers(model, repeats):
-        captured = capture(model, example_inputs)
+    try:
+        with probe_layers(model, repeats):
+            captured = capture(model, example_inputs)
+    except CaptureError:
+        if not repeats:
+            raise
+        captured = None
+    if repeats and (captured is None or captured.opaque):
+        # opaque parts run the model's own code, which a probe's cut lists can break (an
+        # expert index past the list): capture every layer
+        return plan_model(model, world_size, example_inputs=example_inputs, overrides=overrides,
+                          vocab_parallel=vocab_parallel, probe=False)
     split_biases(captured.gm)
     if not repeats:
         return build_plan(captured, world_size, model_name(model), overrides, vocab_parallel)

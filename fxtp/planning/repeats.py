@@ -224,10 +224,13 @@ def expand_plan(plan, model: nn.Module, repeats: list[Repeat], example_inputs: A
                               lambda r, swap: replace(r, module=swap(r.module),
                                                       node=swap(r.node)), repeats)
     statistics = _in_layer_order(plan.statistics, lambda m: m, lambda m, swap: swap(m), repeats)
+    opaque = dict(_in_layer_order(list(plan.opaque.items()), lambda kv: kv[0],
+                                  lambda kv, swap: (swap(kv[0]), kv[1]), repeats))
     full, local = _model_bytes(model, plan, repeats)
     whole = replace(plan, entries=entries, all_reduces=all_reduces, all_reduce_sites=sites,
                     replicated=replicated, not_divisible=not_div, full_param_bytes=full,
-                    local_param_bytes=local, statistics=statistics, statistics_costs=None,
+                    local_param_bytes=local, statistics=statistics, opaque=opaque,
+                    statistics_costs=None,
                     alternative=None,
                     live=replace(plan.live, probe=tuple(repeats), model=model,
                                  example_inputs=example_inputs, replanner=replanner))

@@ -89,6 +89,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
                     max_position_embeddings=4096, layer_types=["sliding_attention",
                                                               "full_attention"],
                     pad_token_id=127, eos_token_id=127, bos_token_id=127),
+    # a loop over the sequence positions in each mixer (its slow path): every mixer is an
+    # opaque call, replicated, and the rest of the model is captured around it
+    "mamba": dict(model_type="mamba", hidden_size=32, num_hidden_layers=2, state_size=4,
+                  expand=2, pad_token_id=127, eos_token_id=127, bos_token_id=127),
     "t5": dict(model_type="t5", d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2,
                num_heads=4, decoder_start_token_id=0),
 }
