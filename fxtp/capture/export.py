@@ -117,11 +117,10 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
     if had_cache and "use_cache" not in kwargs:
         cfg.use_cache = False
     dyn_args, dyn_kwargs = _dynamic_shapes(args, kwargs, hf)
-    dynamic = _dyn_for(model, dyn_args, dyn_kwargs, args, kwargs)
     opaque: dict[str, str] = {}     # submodules called as one op: name -> why
     try:
         while True:
-            gm, error, fixed = _export(model, args, kwargs, hf, dynamic, opaque)
+            gm, error, fixed = _export(model, args, kwargs, hf, (dyn_args, dyn_kwargs), opaque)
             if error is None:
                 dims = fixed_token_dims(gm) if hf else []
                 why = cause(fixed, dims[0][2]) if dims else None
@@ -155,7 +154,7 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
                     hf=hf, opaque=dict(opaque))
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict, hf: bool, dynamic: Any,
+def _export(model: nn.Module, args: tuple, kwargs: dict, hf: bool, dynamic: tuple,
             opaque: dict[str, str]) -> tuple[Optional[fx.GraphModule], Optional[Exception], list]:
     """One torch.export attempt with the submodules `opaque` called as opaque ops: the graph,
     or the exception it raised; and the sizes it fixed."""
@@ -163,7 +162,11 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, hf: bool, dynamic: Any,
     try:
         with _named_forward(model, args, kwargs), recording(model) as fixed, \
                 opaque_forwards(model, opaque, recorded):
-            ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
+            # keyed by the names of the forward in place (the stand-in's, for a pass-through)
+            shapes = _dyn_for(model, *dynamic, args, kwargs)
+            ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
+    except CaptureError:
+        raise
     except OpaqueShapeError as e:
         raise CaptureError(f"fxtp could not capture {type(model).__name__}: {e}, so it cannot "
                            "be called as an opaque part") from e
