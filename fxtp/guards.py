@@ -162,7 +162,8 @@ def install_input_defaults(gm: fx.GraphModule, captured: Captured) -> None:
             raise InputError(f"fxtp: inputs {unknown} were not part of the capture; the "
                              f"transformed model takes {list(names)}. Pass example_inputs with "
                              "them to fxtp.plan/transform to capture them.")
-        if not torch.compiler.is_compiling():    # a compiled graph guards its inputs itself
+        compiling = torch.compiler.is_compiling()   # a compiled graph guards its inputs itself
+        if not compiling:
             first = next(module.parameters(), None)
             captured_inputs.check(specs, args, kwargs,
                                   first.device if first is not None else None, captured.hf)
@@ -177,6 +178,33 @@ def install_input_defaults(gm: fx.GraphModule, captured: Captured) -> None:
                 else:
                     raise InputError(f"fxtp: input {k!r} is required (the model was captured "
                                      "with it)")
+        if not compiling:
+            check_recorded_conditions(module, args, kwargs)
         return args, kwargs
 
     gm.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def check_recorded_conditions(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
+    """The conditions on input sizes torch.export recorded (the model's code took one path for
+    sizes that meet them: a sequence at most a window), checked before the graph runs: a call
+    that breaks one raises `InputError` quoting it, instead of the graph's bare
+    `AssertionError` (and before any rank reaches a collective)."""
+    guards = getattr(gm, "_guards_fn", None)
+    node = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"),
+                None)
+    spec = getattr(gm, "_in_spec", None)
+    if guards is None or node is None or spec is None:
+        return
+    import torch.fx._pytree as fx_pytree
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    flat = fx_pytree.tree_flatten_spec((args, kwargs), spec)
+    values = {p: v for p, v in zip(placeholders, flat)}
+    try:
+        guards(*[values.get(a, a) for a in node.args])
+    except AssertionError as e:
+        raise InputError(f"fxtp: these inputs break a condition the capture recorded ({e}): "
+                         "the model's code takes another path for such sizes than for the "
+                         "example it was captured with. Pass inputs that meet it, or capture "
+                         "with example_inputs of this size.") from e

@@ -233,3 +233,26 @@ def test_a_size_fixed_by_the_model_itself_is_refused_naming_the_line():
     text = str(info.value)
     assert "fixed the sequence length to 8 (input_ids dim 1)" in text
     assert "for i in range(input_ids.shape[1])" in text and "test_errors.py" in text
+
+
+def test_a_size_condition_the_capture_recorded_is_an_input_error():
+    """The model takes another path for short inputs: the capture records the condition, and
+    a call that breaks it raises InputError quoting it (not the graph's AssertionError)."""
+    from torch import nn
+
+    class Windowed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            if x.shape[1] > 4:             # longer inputs keep their last 4 positions
+                return self.fc(x[:, -4:])
+            return self.fc(x)
+
+    model = Windowed().eval()
+    tp = fxtp.transform(model, 1, example_inputs=(torch.randn(2, 6, 8),))
+    x = torch.randn(3, 9, 8)
+    assert torch.allclose(tp(x), model(x))
+    with pytest.raises(fxtp.InputError, match="condition the capture recorded"):
+        tp(torch.randn(2, 3, 8))

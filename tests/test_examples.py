@@ -54,14 +54,18 @@ def test_gpu_bench_cpu_smoke():
 
 
 def test_sweep_shrinks_any_config_and_prints_a_row_per_model():
-    """bench/sweep.py on two model types: the generic shrink rule makes both tiny (GPT-J's
-    rotary width follows its head), each gets a row and the totals add up."""
-    cmd = [sys.executable, os.path.join(ROOT, "bench", "sweep.py"), "--only", "llama,gptj",
+    """bench/sweep.py on three model types: the generic shrink rule makes them tiny (GPT-J's
+    rotary width follows its head), each gets a row (Mamba's mixers are opaque parts) and the
+    totals add up."""
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "sweep.py"), "--only", "llama,gptj,mamba",
            "--kinds", "causal", "--examples", "1", "--timeout", "120"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:] if line.strip()}
     assert rows["llama"].split()[2] == "pass", rows["llama"]
-    assert rows["gptj"].split()[2] in ("pass", "under-sharded"), rows["gptj"]
-    assert "2 model types at world 2" in r.stdout.splitlines()[-1]
+    assert rows["gptj"].split()[2] == "pass", rows["gptj"]
+    assert rows["mamba"].split()[2] == "opaque", rows["mamba"]
+    assert "opaque: backbone.layers.0.mixer, backbone.layers.1.mixer" in rows["mamba"]
+    assert "3 model types at world 2" in r.stdout.splitlines()[-1]
+    assert "2 pass, 1 opaque" in r.stdout.splitlines()[-1]
