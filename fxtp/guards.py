@@ -137,6 +137,7 @@ def install_input_defaults(gm: fx.GraphModule, captured: Captured) -> None:
     defaults = dict(captured.defaults)
     slots = input_check.slot_names(captured.arg_count, names)
     specs = captured_inputs.specs(captured)
+    conditions = recorded_conditions(gm)
 
     def hook(module, args, kwargs):
         info = module.meta[META_KEY]
@@ -178,33 +179,36 @@ def install_input_defaults(gm: fx.GraphModule, captured: Captured) -> None:
                 else:
                     raise InputError(f"fxtp: input {k!r} is required (the model was captured "
                                      "with it)")
-        if not compiling:
-            check_recorded_conditions(module, args, kwargs)
+        if conditions is not None and not compiling:
+            conditions(module, args, kwargs)
         return args, kwargs
 
     gm.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def check_recorded_conditions(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
-    """The conditions on input sizes torch.export recorded (the model's code took one path for
-    sizes that meet them: a sequence at most a window), checked before the graph runs: a call
-    that breaks one raises `InputError` quoting it, instead of the graph's bare
-    `AssertionError` (and before any rank reaches a collective)."""
-    guards = getattr(gm, "_guards_fn", None)
+def recorded_conditions(gm: fx.GraphModule):
+    """A check of the conditions on input sizes torch.export recorded (the model's code took one
+    path for sizes that meet them: a sequence at most a window), to run before the graph: a
+    call that breaks one raises `InputError` quoting it, instead of the graph's bare
+    `AssertionError` (and before any rank reaches a collective). None when the graph records
+    none. The graph is read once, here, not on every call."""
     node = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"),
                 None)
     spec = getattr(gm, "_in_spec", None)
-    if guards is None or node is None or spec is None:
-        return
+    if node is None or spec is None:
+        return None
     import torch.fx._pytree as fx_pytree
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    flat = fx_pytree.tree_flatten_spec((args, kwargs), spec)
-    values = {p: v for p, v in zip(placeholders, flat)}
-    try:
-        guards(*[values.get(a, a) for a in node.args])
-    except AssertionError as e:
-        raise InputError(f"fxtp: these inputs break a condition the capture recorded ({e}): "
-                         "the model's code takes another path for such sizes than for the "
-                         "example it was captured with. Pass inputs that meet it, or capture "
-                         "with example_inputs of this size.") from e
+    at = [placeholders.index(a) if a in placeholders else None for a in node.args]
+
+    def check(module: fx.GraphModule, args: tuple, kwargs: dict) -> None:
+        flat = fx_pytree.tree_flatten_spec((args, kwargs), spec)
+        try:
+            module._guards_fn(*[flat[i] if i is not None else a for i, a in zip(at, node.args)])
+        except AssertionError as e:
+            raise InputError(f"fxtp: these inputs break a condition the capture recorded ({e}): "
+                             "the model's code takes another path for such sizes than for the "
+                             "example it was captured with. Pass inputs that meet it, or "
+                             "capture with example_inputs of this size.") from e
+    return check

@@ -183,19 +183,18 @@ def partial_statistic(ctx: RuleContext, n: fx.Node, sp: Sharded, src: list, dims
 def _mixes_an_activation(ctx: RuleContext, x: fx.Node) -> bool:
     """Whether a replicated run-time value (not a parameter or buffer) was narrowed to meet
     the sharded values `x` is computed from, back to the column sources."""
-    cut = set()
+    narrowed: dict[str, list] = {}
     for nw in ctx.actions.narrows:
         if nw.have is None:
-            user = next((u for u in ctx.gm.graph.nodes if u.name == nw.user), None)
-            if user is not None and getattr(arg_at(user, nw.path), "op", None) != "get_attr":
-                cut.add(nw.user)
+            narrowed.setdefault(nw.user, []).append(nw.path)
     seen, stack = set(), [x]
     while stack:
         node = stack.pop()
         if node in seen or not isinstance(ctx.placement(node), Sharded):
             continue
         seen.add(node)
-        if node.name in cut:
+        if any(getattr(arg_at(node, path), "op", None) != "get_attr"
+               for path in narrowed.get(node.name, ())):
             return True
         stack.extend(node.all_input_nodes)
     return False
