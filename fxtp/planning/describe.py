@@ -24,19 +24,19 @@ def build_plan(captured: Captured, world_size: int, model_name: str,
     """Solves the sharding of a captured (bias-split) graph and describes it."""
     overrides = check_overrides(overrides)
     linears = find_linears(captured.gm)
-    sol = solve(captured.gm, world_size, linears, override_reasons(captured, linears, overrides),
-                vocab_parallel=vocab_parallel,
-                replicate_modules=frozenset(m for m, c in overrides.items() if c == "replicate"))
+    reasons = override_reasons(captured, linears, overrides)
+    replicated = frozenset(m for m, c in overrides.items() if c == "replicate")
+
+    def solved(partial_statistics: bool):
+        return solve(captured.gm, world_size, linears, reasons, vocab_parallel=vocab_parallel,
+                     replicate_modules=replicated, partial_statistics=partial_statistics)
+
+    sol = solved(True)
     check_shard_overrides(linears, sol, overrides)
     plan = describe(captured, sol, model_name, overrides)
     if plan.statistics:
         # the other choice: those norms' regions kept whole, no statistic all-reduced
-        whole = solve(captured.gm, world_size, linears,
-                      override_reasons(captured, linears, overrides),
-                      vocab_parallel=vocab_parallel, partial_statistics=False,
-                      replicate_modules=frozenset(m for m, c in overrides.items()
-                                                  if c == "replicate"))
-        plan = choose_statistics(plan, describe(captured, whole, model_name, overrides))
+        plan = choose_statistics(plan, describe(captured, solved(False), model_name, overrides))
     plan.vocab_parallel = vocab_parallel
     return plan
 

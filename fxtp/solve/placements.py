@@ -248,6 +248,12 @@ class Sharded:
         org = tuple(sorted((d, s, u) for d, (s, u) in (origin or {}).items() if d in dims))
         return Sharded(tuple(sorted(dims.items())), org)
 
+    def moved(self, where) -> "Sharded":
+        """The same split with each dim `d` at `where(d)` (a dim inserted or removed before
+        it), origins kept."""
+        return Sharded.of({where(d): s for d, s in self.dims},
+                          {where(d): o for d, o in self.origin_dict().items()})
+
     def as_dict(self) -> dict[int, DimShard]:
         return dict(self.dims)
 

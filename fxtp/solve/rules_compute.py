@@ -123,16 +123,19 @@ def softmax(ctx: RuleContext, n: fx.Node) -> Sharded:
 @rule(*REDUCTIONS)
 def reduction(ctx: RuleContext, n: fx.Node) -> Any:
     x, sp, src = ctx.sharded_input(n)
-    r = len(src)
-    dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
-    if dims is None:
-        raise RuleFailure("reduces over all dims of a sharded tensor")
-    dims = [dims] if isinstance(dims, int) else list(dims)
-    dims = {norm_dim(d, r) for d in dims}
-    keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+    dims, keep = _dims_and_keep(n, len(src))
     if any(d in dims for d, _ in sp.dims):
         return partial_statistic(ctx, n, sp, src, dims)
     return _reduced(sp, dims, keep)
+
+
+def _dims_and_keep(n: fx.Node, rank: int) -> tuple[set, bool]:
+    """The dims an `(x, dim, keepdim)` op reduces (non-negative) and its keepdim."""
+    dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    if dims is None:
+        raise RuleFailure(f"{n.target} over all dims of a sharded tensor")
+    dims = {norm_dim(d, rank) for d in ([dims] if isinstance(dims, int) else dims)}
+    return dims, bool(n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False))
 
 
 def _reduced(sp: Sharded, dims: set, keep: bool) -> Sharded:
@@ -204,13 +207,10 @@ def _mixes_an_activation(ctx: RuleContext, x: fx.Node) -> bool:
 def select_along(ctx: RuleContext, n: fx.Node) -> Any:
     """max/min/argmax/logsumexp along whole dims (an attention sink's max over the keys)."""
     x, sp, src = ctx.sharded_input(n)
-    dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
-    if dims is None:
-        raise RuleFailure(f"{n.target} over all dims of a sharded tensor")
-    dims = {norm_dim(d, len(src)) for d in ([dims] if isinstance(dims, int) else dims)}
+    dims, keep = _dims_and_keep(n, len(src))
     if any(d in dims for d, _ in sp.dims):
         raise RuleFailure(f"{n.target} runs along a sharded dim")
-    out = _reduced(sp, dims, n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False))
+    out = _reduced(sp, dims, keep)
     return [out, out] if isinstance(n.meta.get("val"), (list, tuple)) else out
 
 

@@ -271,9 +271,7 @@ def permute(ctx: RuleContext, n: fx.Node) -> Sharded:
 def unsqueeze(ctx: RuleContext, n: fx.Node) -> Sharded:
     x, sp, src = ctx.sharded_input(n)
     d0 = norm_dim(n.args[1], len(src) + 1)
-    shift = lambda d: d + 1 if d >= d0 else d
-    return Sharded.of({shift(d): s for d, s in sp.dims},
-                      {shift(d): o for d, o in sp.origin_dict().items()})
+    return sp.moved(lambda d: d + 1 if d >= d0 else d)
 
 
 @rule(aten.squeeze.dim, aten.squeeze.dims)
@@ -283,9 +281,7 @@ def squeeze(ctx: RuleContext, n: fx.Node) -> Sharded:
     gone = {norm_dim(d, len(src)) for d in dims if static_int(src[norm_dim(d, len(src))]) == 1}
     if any(d in gone for d, _ in sp.dims):
         raise RuleFailure("squeezes a sharded dim")
-    shift = lambda d: d - sum(1 for g in gone if g < d)
-    return Sharded.of({shift(d): s for d, s in sp.dims},
-                      {shift(d): o for d, o in sp.origin_dict().items()})
+    return sp.moved(lambda d: d - sum(1 for g in gone if g < d))
 
 
 @rule(aten.stack.default)
@@ -304,9 +300,7 @@ def stack(ctx: RuleContext, n: fx.Node) -> Sharded:
         if s is REPLICATE:
             for d, ds in first.dims:
                 ctx.actions.narrows.append(Narrow(n.name, (0, i), d, None, ds))
-    shift = lambda d: d + 1 if d >= d0 else d
-    return Sharded.of({shift(d): s for d, s in first.dims},
-                      {shift(d): o for d, o in first.origin_dict().items()})
+    return first.moved(lambda d: d + 1 if d >= d0 else d)
 
 
 @rule(aten.unbind.int)
@@ -326,9 +320,7 @@ def unbind(ctx: RuleContext, n: fx.Node) -> list:
             return new if new.valid() else None
         ctx.refine_or_fail(sp, d0, make)
         raise RuleFailure("unbinds a sharded dim")
-    shift = lambda d: d - 1 if d > d0 else d
-    out = Sharded.of({shift(d): s for d, s in sp.dims},
-                     {shift(d): o for d, o in sp.origin_dict().items()})
+    out = sp.moved(lambda d: d - 1 if d > d0 else d)
     return [out for _ in n.meta.get("val", ())]
 
 
