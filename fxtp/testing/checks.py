@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
@@ -21,6 +22,7 @@ from .._transform import transform
 from ..capture.export import is_hf_model, model_device
 from ..errors import InputError
 from ..graph.nodes import runs_index
+from ..runtime.agreement import resolve
 from .ranks import run_ranks
 from .strategies import hf_inputs_for
 
@@ -95,6 +97,7 @@ def check_equivalence(model: nn.Module, tp: nn.Module, strategy, max_examples: i
               phases=[Phase.generate], suppress_health_check=list(HealthCheck))
     @given(strategy)
     def run(inputs):
+        inputs = _first_ranks_draw(inputs, tp)
         args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
         # drawn on the host; run where the model is (a CUDA model gets CUDA inputs)
         args, kwargs = tree_map_only(torch.Tensor, lambda t: t.to(device), (args, kwargs))
@@ -108,6 +111,22 @@ def check_equivalence(model: nn.Module, tp: nn.Module, strategy, max_examples: i
     torch.manual_seed(seed)
     run()
     return report
+
+
+def _first_ranks_draw(inputs: Any, tp: nn.Module) -> Any:
+    """The inputs the group's first rank drew, on every rank of `tp`'s group. Hypothesis mixes
+    constants from the local modules a process has imported into its draws, so ranks that ran
+    different code before draw different examples, and a collective would then sum the
+    shards of different inputs: a wrong answer, or a hang on different shapes."""
+    graph = getattr(tp, "_orig_mod", tp)        # a torch.compile'd tp
+    info = getattr(graph, "meta", {}).get("fxtp") if isinstance(getattr(graph, "meta", None),
+                                                                 dict) else None
+    if info is None or info.world_size <= 1 or not dist.is_initialized():
+        return inputs
+    group = resolve(info.group_name)
+    box = [inputs]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
 
 
 def _verify_rank(rank: int, world_size: int, model: nn.Module, example_inputs: Any,
