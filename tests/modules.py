@@ -430,6 +430,64 @@ class AttentionThenLoopedExperts(nn.Module):
         return x + self.moe(x)
 
 
+class StateSpaceMixer(nn.Module):
+    """A Mamba-2 style mixer written by hand: one in_proj makes gate | x B C | dt, a depthwise
+    causal conv1d runs along time over x B C, B and C (`groups` groups of `state` features)
+    are repeated for the heads of their group, a quadratic (SSD) scan mixes the positions
+    with einsums under a causal `tril`, and a gated RMSNorm over each group's width feeds
+    out_proj. With one group B and C are the same on every rank and the norm runs over the
+    whole sharded width (a partial statistic)."""
+
+    def __init__(self, dim: int = 32, heads: int = 8, head_dim: int = 8, groups: int = 1,
+                 state: int = 4, kernel: int = 4):
+        super().__init__()
+        self.heads, self.head_dim, self.groups, self.state = heads, head_dim, groups, state
+        self.inner = heads * head_dim
+        self.conv_dim = self.inner + 2 * groups * state
+        self.in_proj = nn.Linear(dim, self.inner + self.conv_dim + heads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel, groups=self.conv_dim,
+                                padding=kernel - 1)
+        self.dt_bias = nn.Parameter(torch.rand(heads))
+        self.A_log = nn.Parameter(torch.rand(heads))
+        self.D = nn.Parameter(torch.ones(heads))
+        self.norm_weight = nn.Parameter(1 + 0.1 * torch.randn(self.inner))
+        self.out_proj = nn.Linear(self.inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, length, _ = x.shape
+        gate, xbc, dt = self.in_proj(x).split([self.inner, self.conv_dim, self.heads], dim=-1)
+        xbc = F.silu(self.conv1d(xbc.transpose(1, 2))[..., :length].transpose(1, 2))
+        h, B, C = xbc.split([self.inner, self.groups * self.state, self.groups * self.state],
+                            dim=-1)
+        h = h.view(b, length, self.heads, self.head_dim)
+        per_group = self.heads // self.groups
+        B = B.view(b, length, self.groups, self.state).repeat_interleave(per_group, dim=2)
+        C = C.view(b, length, self.groups, self.state).repeat_interleave(per_group, dim=2)
+        dt = F.softplus(dt + self.dt_bias)                                  # [b, l, h]
+        decay = torch.cumsum(-torch.exp(self.A_log) * dt, dim=1).transpose(1, 2)   # [b, h, l]
+        gaps = decay[..., :, None] - decay[..., None, :]                   # [b, h, l, s]
+        causal = torch.tril(torch.ones_like(gaps)).bool()
+        weights = torch.exp(gaps.masked_fill(~causal, float("-inf")))
+        scores = torch.einsum("blhn,bshn->blsh", C, B) * weights.permute(0, 2, 3, 1)
+        y = torch.einsum("blsh,bshp->blhp", scores, h * dt[..., None])
+        y = (y + self.D[:, None] * h).reshape(b, length, self.inner)
+        y = (y * F.silu(gate)).view(b, length, self.groups, self.inner // self.groups)
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.out_proj(self.norm_weight * y.reshape(b, length, self.inner))
+
+
+class StateSpaceBlock(nn.Module):
+    """A pre-norm residual block around `StateSpaceMixer`."""
+
+    def __init__(self, groups: int = 1):
+        super().__init__()
+        self.norm = nn.LayerNorm(32)
+        self.mixer = StateSpaceMixer(groups=groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mixer(self.norm(x))
+
+
 STRUCTURES = {
     "fused_thirds": (FusedThirds, [(2, 5, 32)]),
     "interleaved_heads": (InterleavedHeads, [(2, 5, 32)]),
@@ -444,6 +502,8 @@ STRUCTURES = {
     "fused_qkv_unbind": (FusedQkvUnbind, [(2, 5, 32)]),
     "interleaved_gate_up": (InterleavedGateUp, [(2, 5, 32)]),
     "looped_experts": (AttentionThenLoopedExperts, [(2, 5, 32)]),
+    "ssm_one_group": (StateSpaceBlock, [(2, 5, 32)]),
+    "ssm_groups": (lambda: StateSpaceBlock(groups=4), [(2, 5, 32)]),
 }
 
 

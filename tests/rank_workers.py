@@ -44,8 +44,8 @@ def _graph_facts(model, tp) -> dict[str, Any]:
         per_layer[layer_of(module_path(src))] = per_layer.get(layer_of(module_path(src)), 0) + 1
         # walk back through the ops a partial sum may flow through to the producing linear
         linears = tp.meta["fxtp"].plan.solution.linears
-        while src.op == "call_function" and src.name not in linears:
-            src = src.args[0]
+        while src.op == "call_function" and src.name not in linears and src.all_input_nodes:
+            src = src.all_input_nodes[0]
         producers.append(linears[src.name].weight if src.name in linears else str(src))
     full = dict(model.named_parameters(remove_duplicate=False))
     local = dict(tp.named_parameters(remove_duplicate=False))
@@ -232,7 +232,9 @@ def _structures_case(ws: int) -> dict[str, Any]:
         rep = check_equivalence(model, tp, tensor_inputs(shapes, dynamic_dims=(0, 1)),
                                 max_examples=4)
         out[name] = {"max_error": rep.worst, "all_reduces": len(_all_reduce_nodes(tp))}
-        if name == "looped_experts":   # the opaque experts train: their backward runs again
+        if name in ("looped_experts", "ssm_one_group"):
+            # the opaque experts train (their backward runs again), and so does the mixer
+            # (the conv's cut weight, the einsums, the statistic's all-reduce in backward)
             tp = fxtp.transform(model, ws, example_inputs={"x": inputs[0]})   # by keyword
             grads = check_gradients(model, tp, tensor_inputs(shapes, dynamic_dims=(0, 1)).map(
                 lambda t: {"x": t[0]}), max_examples=3, loss_fn=lambda y, _: y.pow(2).mean())

@@ -199,7 +199,7 @@ def test_hand_built_structures_equivalent(ws):
                             "parallel_block": 1, "cross_attention": 1, "heads_in_batch": 1,
                             "fused_multi_query": 1, "normed_rotary": 4, "complex_rotary": 1,
                             "sink_topk": 1, "fused_qkv_unbind": 1, "interleaved_gate_up": 1,
-                            "looped_experts": 1}
+                            "looped_experts": 1, "ssm_one_group": 2, "ssm_groups": 1}
     for r in case(ws, "structures"):
         for name, facts in r.items():
             assert facts["max_error"] <= TOL, name
@@ -207,6 +207,9 @@ def test_hand_built_structures_equivalent(ws):
         experts = r["looped_experts"]     # every parameter, the opaque experts' included
         assert experts["grad_error"] <= TOL and not experts["grads_missing"]
         assert experts["grads_compared"] >= 14      # norm, attention, the experts hit
+        mixer = r["ssm_one_group"]     # every parameter of the norm and the mixer
+        assert mixer["grad_error"] <= TOL and not mixer["grads_missing"]
+        assert mixer["grads_compared"] == 10
 
 
 @pytest.mark.parametrize("ws, name", [(2, "compile_llama"), (4, "compile_llama"),

@@ -6,7 +6,14 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from fxtp.solve.placements import REPLICATE, DimShard, Partial, Sharded, group_dims
+from fxtp.solve.placements import (
+    REPLICATE,
+    DimShard,
+    Origin,
+    Partial,
+    Sharded,
+    group_dims,
+)
 
 # ---------------------------------------------------------------------------------------------
 # DimShard
@@ -296,17 +303,26 @@ def test_sharded_of_sorts_dims_and_get():
 def test_sharded_origin_of():
     a = DimShard(4, 1, (64,))
     sp = Sharded.of({1: a, 3: a}, {3: ("linear_1", 16), 1: ("linear", 1)})
-    assert sp.origin == ((1, "linear", 1), (3, "linear_1", 16))
-    assert sp.origin_of(1) == ("linear", 1)
-    assert sp.origin_of(3) == ("linear_1", 16)
+    assert sp.origin == ((1, Origin("linear", 1)), (3, Origin("linear_1", 16)))
+    assert sp.origin_of(1) == ("linear", 1, 0)
+    assert sp.origin_of(3) == ("linear_1", 16, 0) and sp.origin_of(3).unit == 16
     assert sp.origin_of(0) is None
-    assert sp.origin_dict() == {1: ("linear", 1), 3: ("linear_1", 16)}
+    assert sp.origin_dict() == {1: ("linear", 1, 0), 3: ("linear_1", 16, 0)}
+
+
+def test_a_piece_records_where_it_starts_in_its_source():
+    """A split or slice of a source's dim keeps the origin with the piece's offset (in the
+    source's features), so that a refine asked for the piece re-cuts just that part."""
+    a = DimShard(2, 1, (64, 32))
+    sp = Sharded.of({2: a}, {2: ("in_proj", 4)})
+    assert sp.piece_origin(2, 8)[2] == Origin("in_proj", 4, 32)
+    assert sp.piece_origin(1, 8) == sp.origin_dict()       # another dim: unchanged
 
 
 def test_sharded_of_drops_origin_of_unsharded_dims():
     a = DimShard(4, 1, (64,))
     sp = Sharded.of({1: a}, {1: ("linear", 1), 2: ("other", 4)})
-    assert sp.origin == ((1, "linear", 1),)
+    assert sp.origin == ((1, Origin("linear", 1)),)
     assert sp.origin_of(2) is None
 
 

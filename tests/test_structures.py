@@ -196,9 +196,40 @@ def test_an_uncapturable_submodule_is_an_opaque_call(ws):
     assert fxtp.Plan.from_json(plan.to_json()).opaque == plan.opaque
 
 
+@pytest.mark.parametrize("ws", (2, 4))
+def test_a_state_space_mixer_shards_its_inner_width(ws):
+    """Mamba-2's mixer, as Megatron and vLLM shard it: in_proj column-parallel (gate, x and
+    dt split by heads; B and C, one group of states, whole on every rank), the depthwise
+    conv's channels and weight cut with its input, the scan's einsums, tril and repeat per
+    head, the gated norm over the whole width a partial statistic, out_proj row-parallel."""
+    plan = plan_of("ssm_one_group", ws)
+    entries = {e.module: e for e in plan.entries}
+    assert entries["mixer.in_proj"].placement == "column"
+    assert entries["mixer.out_proj"].placement == "row"
+    shard = entries["mixer.in_proj"].shard
+    assert f"64: {ws} parts" in shard and "4: whole" in shard and f"8: {ws} parts" in shard
+    assert plan.statistics == ["mixer"] and plan.total_all_reduces == 2
+    assert not plan.replicated
+    # the conv's weight and bias hold this rank's channels: x's, and B's and C's whole
+    conv = {(w.user, w.path) for w in plan.solution.actions.narrows}
+    assert {("conv1d", (1,)), ("conv1d", (2,))} <= conv
+
+
+@pytest.mark.parametrize("ws", (2, 4))
+def test_state_groups_are_shared_out_with_their_heads(ws):
+    """With as many groups of B and C as there are ranks (or more), each rank holds its
+    heads' groups, and the norm runs per group: no statistic."""
+    plan = plan_of("ssm_groups", ws)
+    shard = {e.module: e for e in plan.entries}["mixer.in_proj"].shard
+    assert shard == f"Shard(0): {ws} parts, 5 fused chunks [64, 64, 16, 16, 8]"
+    assert plan.placement_of("mixer.out_proj") == "row"
+    assert not plan.statistics and plan.total_all_reduces == 1
+    assert plan.param_fraction(layers_only=False) < 1 / ws + 0.05
+
+
 def test_every_structure_is_listed():
     assert set(STRUCTURES) == {"fused_thirds", "interleaved_heads", "grouped_query",
                                "parallel_block", "cross_attention", "heads_in_batch",
                                "fused_multi_query", "normed_rotary", "complex_rotary",
                                "sink_topk", "fused_qkv_unbind", "interleaved_gate_up",
-                               "looped_experts"}
+                               "looped_experts", "ssm_one_group", "ssm_groups"}

@@ -32,11 +32,15 @@ SELECT_ALONG = {aten.max.dim, aten.min.dim, aten.argmax.default, aten.argmin.def
 # (x, ..., dim) ops that keep the shape and run along one dim
 RUN_ALONG = {aten.topk.default: 2, aten.sort.default: 1, aten.cumsum.default: 1,
              aten.cumprod.default: 1}
+# ops that keep (or zero) a triangle of the last two dims (causal masks in chunked scans)
+TRIANGLES = {aten.tril.default, aten.triu.default}
 # a new tensor with the shape (and so the placement) of the first operand
 LIKE = {aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
         aten.full_like.default}
 # identity ops reading a second tensor for its dtype only
 DTYPE_OF = {aten.type_as.default}
+# convolutions along time over [batch, channels, length] (a Mamba mixer's depthwise conv)
+CONVOLUTIONS = {aten.conv1d.default}
 SDPA = {
     aten.scaled_dot_product_attention.default,
     aten._scaled_dot_product_flash_attention_for_cpu.default,

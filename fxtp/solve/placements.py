@@ -14,8 +14,10 @@ in the two ways tensor parallelism of transformers needs:
 """
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -222,14 +224,22 @@ def _rebuild_dimshard(splits, outer):
     return DimShard(splits=splits, outer=outer)
 
 
+class Origin(NamedTuple):
+    """The column-parallel source a sharded dim traces back to one-to-one: the source node's
+    name, its features per element of the dim, and the feature where the dim starts in the
+    source (not 0 for a piece that a split or slice cut from it: Mamba's x|B|C inside the
+    in_proj output), so that a refine asked for a piece re-cuts just that part."""
+    source: str
+    unit: int
+    offset: int = 0
+
+
 @dataclass(frozen=True)
 class Sharded:
     """A tensor sharded along the dims in `dims` (dim index -> DimShard), others replicated."""
 
     dims: tuple[tuple[int, DimShard], ...]
-    # The column-parallel source a dim can be traced back to one-to-one:
-    # dim -> (source node name, source features per element of this dim).
-    origin: tuple[tuple[int, str, int], ...] = field(default=(), compare=False)
+    origin: tuple[tuple[int, Origin], ...] = field(default=(), compare=False)
 
     def get(self, dim: int) -> Optional[DimShard]:
         for d, s in self.dims:
@@ -237,15 +247,15 @@ class Sharded:
                 return s
         return None
 
-    def origin_of(self, dim: int) -> Optional[tuple[str, int]]:
-        for d, src, unit in self.origin:
+    def origin_of(self, dim: int) -> Optional[Origin]:
+        for d, org in self.origin:
             if d == dim:
-                return src, unit
+                return org
         return None
 
     @staticmethod
-    def of(dims: dict[int, DimShard], origin: Optional[dict[int, tuple[str, int]]] = None) -> "Sharded":
-        org = tuple(sorted((d, s, u) for d, (s, u) in (origin or {}).items() if d in dims))
+    def of(dims: dict[int, DimShard], origin: Optional[dict[int, tuple]] = None) -> "Sharded":
+        org = tuple(sorted((d, Origin(*o)) for d, o in (origin or {}).items() if d in dims))
         return Sharded(tuple(sorted(dims.items())), org)
 
     def moved(self, where) -> "Sharded":
@@ -257,8 +267,15 @@ class Sharded:
     def as_dict(self) -> dict[int, DimShard]:
         return dict(self.dims)
 
-    def origin_dict(self) -> dict[int, tuple[str, int]]:
-        return {d: (s, u) for d, s, u in self.origin}
+    def origin_dict(self) -> dict[int, Origin]:
+        return dict(self.origin)
+
+    def piece_origin(self, dim: int, start: int) -> dict[int, Origin]:
+        """The origins of a piece of `dim` starting at element `start` (a split or slice)."""
+        out = self.origin_dict()
+        if dim in out:
+            out[dim] = out[dim]._replace(offset=out[dim].offset + start * out[dim].unit)
+        return out
 
     def describe(self) -> str:
         return "Shard(" + ", ".join(f"dim {d}: {s.describe()}" for d, s in self.dims) + ")"
@@ -284,6 +301,18 @@ REPLICATE = _Replicate()
 Placement = Union[_Replicate, Partial, Sharded]
 
 
+def split_dims_only(p: Placement) -> Placement:
+    """`p` without the dims every rank holds whole (a piece of a fused source that cannot be
+    split: Mamba-2's B with fewer groups than ranks). Such a dim is the same on every rank, so
+    where operands meet it counts as replicated."""
+    if not isinstance(p, Sharded):
+        return p
+    dims = {d: ds for d, ds in p.dims if ds.parts > 1}
+    if len(dims) == len(p.dims):
+        return p
+    return Sharded.of(dims, p.origin_dict()) if dims else REPLICATE
+
+
 def _expr(x):
     import sympy
 
@@ -301,10 +330,59 @@ def group_dims(src: list, dst: list) -> Optional[list[tuple[list[int], list[int]
     Sizes may be ints or symbolic sizes (SymInt); symbolic products are compared with sympy,
     so ``[b, s, 64] -> [b*s, 64]`` groups ``(b, s) -> (b*s,)``. Returns (input dims, output
     dims) groups of equal products, or None when the shapes cannot be aligned that way.
+    Products sympy cannot prove equal (a padded length cut into chunks, `[b, L, h, d] ->
+    [b, L // 128, L // (L // 128), h, d]`) are one group between the leading and trailing dims
+    the two shapes share.
     """
+    groups = _grouped_exprs(tuple(_expr(x) for x in src), tuple(_expr(x) for x in dst))
+    return None if groups is None else [(list(gi), list(go)) for gi, go in groups]
+
+
+@functools.lru_cache(maxsize=4096)
+def _grouped_exprs(a: tuple, b: tuple) -> Optional[list[tuple[list[int], list[int]]]]:
+    """`group_dims` of size expressions, remembered: every solver pass meets the same views,
+    and sympy's simplify of floors and mods is slow."""
+    groups = _grouped(list(a), list(b))
+    return groups if groups is not None else _around_the_middle(list(a), list(b))
+
+
+def _around_the_middle(a: list, b: list) -> Optional[list[tuple[list[int], list[int]]]]:
+    """The dims two shapes share at both ends, one to one, and the rest as one group (the
+    view keeps the numel, so the rest has equal products)."""
+    n, m = len(a), len(b)
+    head = 0
+    while head < min(n, m) and a[head] == b[head]:
+        head += 1
+    tail = 0
+    while tail < min(n, m) - head and a[n - 1 - tail] == b[m - 1 - tail]:
+        tail += 1
+    middle = (list(range(head, n - tail)), list(range(head, m - tail)))
+    if not middle[0] or not middle[1] or not _equal_when_sampled(
+            math.prod(a[k] for k in middle[0]), math.prod(b[k] for k in middle[1])):
+        return None
+    return ([([k], [k]) for k in range(head)] + [middle]
+            + [([n - tail + k], [m - tail + k]) for k in range(tail)])
+
+
+def _equal_when_sampled(x, y) -> bool:
+    """Whether two size expressions agree at sampled sizes (sympy cannot always simplify
+    floors and mods); sizes that differ somewhere are not one view's dims."""
     import sympy
 
-    a, b = [_expr(x) for x in src], [_expr(x) for x in dst]
+    symbols = sorted(x.free_symbols | y.free_symbols, key=str)
+    for base in (1, 2, 3, 7, 64, 127, 128, 129, 1000):
+        values = {s: base + 5 * i for i, s in enumerate(symbols)}
+        try:
+            if sympy.simplify(x.subs(values) - y.subs(values)) != 0:
+                return False
+        except (TypeError, ValueError, ZeroDivisionError):
+            return False
+    return True
+
+
+def _grouped(a: list, b: list) -> Optional[list[tuple[list[int], list[int]]]]:
+    import sympy
+
     one = sympy.Integer(1)
     groups: list[tuple[list[int], list[int]]] = []
     i = j = 0
@@ -322,7 +400,7 @@ def group_dims(src: list, dst: list) -> Optional[list[tuple[list[int], list[int]
             return None
         gi, gj, ps, pd = [i], [j], a[i], b[j]
         i, j = i + 1, j + 1
-        while sympy.simplify(ps - pd) != 0:
+        while ps != pd and sympy.simplify(ps - pd) != 0:
             num, den = sympy.fraction(sympy.cancel(pd / ps))
             if den == 1 and i < n:
                 ps, gi = ps * a[i], gi + [i]

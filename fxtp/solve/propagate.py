@@ -15,7 +15,7 @@ from torch import fx
 
 from ..capture.linear import LinearMatch, module_path, tensor_key
 from ..graph.ops import TRANSPOSES, functional_twin
-from . import rules_compute, rules_partial, rules_shape, rules_slicing
+from . import rules_compute, rules_einsum, rules_partial, rules_shape, rules_slicing
 from .lowrank import bottleneck_failures, joins_partial_sum
 from .placements import REPLICATE, DimShard, Partial, Sharded
 from .records import Actions, Failure, Gather, Narrow, Reason, ReasonKind
@@ -28,11 +28,12 @@ from .registry import (
     sharded_placement,
 )
 from .shapes import node_shape
+from .splits import refine_within
 
 aten = torch.ops.aten
 
 # the modules whose rules fill SHARDED_RULES and PARTIAL_RULES (imported for that)
-RULE_MODULES = (rules_shape, rules_slicing, rules_compute, rules_partial)
+RULE_MODULES = (rules_shape, rules_slicing, rules_compute, rules_einsum, rules_partial)
 
 
 class UnionFind:
@@ -85,7 +86,8 @@ class Propagation:
         self.embedding_reasons: dict[str, Reason] = {}
         self.replicate_modules = replicate_modules   # user overrides, by module path
         self.ctx = RuleContext(gm, world_size, self.actions, self.placement, self.refine,
-                               self.single_head, partial_statistics)
+                               self.single_head, partial_statistics,
+                               lambda source: self._default_spec(source).size)
 
     # -- helpers ---------------------------------------------------------------------------
     def placement(self, x: Any) -> Any:
@@ -111,10 +113,11 @@ class Propagation:
         org = spec.origin_of(dim)
         if org is None:
             return False
-        src, unit = org
+        src = org.source
         # refines asked for earlier in this pass compose (q, k and v slices of one fused qkv)
         current = self.refines.get(src) or self.source_specs.get(src) or self._default_spec(src)
-        new = make(current, unit)
+        new = refine_within(current, org.offset, spec.get(dim).size * org.unit,
+                            lambda part: make(part, org.unit))
         if new is None or new == current:
             return False
         self.refines[src] = new
@@ -194,6 +197,8 @@ class Propagation:
             return
         if all(p is REPLICATE for p in placements):
             self.pl[n] = REPLICATE
+            if any(a in self.ctx.whole_pieces for a in ins):
+                self.ctx.whole_pieces.add(n)
             return
         if n.op != "call_function":
             raise RuleFailure(f"{n.op} {n.target} receives a sharded value and fxtp has no rule "
@@ -221,6 +226,8 @@ class Propagation:
             # a reduced partial sum is a full value here: its region is not joined to this one
             self.regions[n] = self._region_of([a for a in ins if a not in self._reduced_for_current])
         self.pl[n] = sharded_placement(self.ctx, n, target)
+        if self.pl[n] is REPLICATE:
+            self.ctx.whole_pieces.add(n)
 
     # -- vocab parallel (plan option) -------------------------------------------------------
     def _gatherable(self, p: Sharded) -> Optional[int]:

@@ -13,7 +13,7 @@ recorded, the world size, and a way to ask for a source to be split differently.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from torch import fx
@@ -46,7 +46,10 @@ class RuleContext:
     `make` says; True if that changes its split. `single_head`: sources seen viewed as a single
     head (the solver tries keeping just them replicated first). `gm`: the graph module, to read
     constant index tensors. `partial_statistics`: a sum or mean over a sharded dim may give a
-    partial sum (else it fails, and its region stays replicated).
+    partial sum (else it fails, and its region stays replicated). `source_features`: the
+    output features of a column source, by name. `whole_pieces`: replicated values made from
+    sharded ones (Mamba-2's `C @ B` over a state every rank holds whole), not a residual
+    stream.
     """
 
     gm: fx.GraphModule
@@ -56,6 +59,26 @@ class RuleContext:
     refine: Callable[[Sharded, int, MakeSplit], bool]
     single_head: set
     partial_statistics: bool = True
+    source_features: Callable[[str], int] = lambda source: 0
+    whole_pieces: set = field(default_factory=set)
+    _from_inputs: Optional[set] = field(default=None, repr=False)
+
+    def from_inputs(self, value: Any) -> bool:
+        """Whether `value` is computed from the model's inputs (not only from parameters,
+        buffers and constants: `D[:, None]`)."""
+        if self._from_inputs is None:
+            self._from_inputs = set()
+            for n in self.gm.graph.nodes:
+                if n.op == "placeholder" or any(a in self._from_inputs for a in n.all_input_nodes):
+                    self._from_inputs.add(n)
+        return value in self._from_inputs
+
+    def whole_source(self, spec: Sharded, dim: int) -> bool:
+        """Whether `dim` of `spec` is all of its column source's features, not a piece that a
+        split cut from it (B inside Mamba's fused in_proj)."""
+        org = spec.origin_of(dim)
+        return (org is not None and org.offset == 0
+                and spec.get(dim).size * org.unit == self.source_features(org.source))
 
     def sharded(self, x: Any) -> Sharded:
         """The placement of `x`, which must be sharded."""

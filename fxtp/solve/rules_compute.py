@@ -9,6 +9,7 @@ from typing import Any
 from torch import fx
 
 from ..graph.ops import (
+    CONVOLUTIONS,
     NORMS,
     PARTIAL_STATISTICS,
     REDUCTIONS,
@@ -16,15 +17,16 @@ from ..graph.ops import (
     SDPA,
     SELECT_ALONG,
     SOFTMAX,
+    TRIANGLES,
     aten,
     functional_twin,
     is_pointwise,
 )
 from .align import align
-from .placements import DimShard, Partial, Sharded
-from .records import Narrow, Rescale
+from .placements import REPLICATE, DimShard, Partial, Sharded
+from .records import IntArg, Narrow, Rescale
 from .registry import SHARDED_RULES, RuleContext, RuleFailure
-from .shapes import arg_at, node_shape, norm_dim, per_rank, static_prod
+from .shapes import arg_at, node_shape, norm_dim, per_rank, static_int, static_prod
 
 rule = SHARDED_RULES.rule
 
@@ -43,6 +45,13 @@ def pointwise(ctx: RuleContext, n: fx.Node) -> Sharded:
         if isinstance(a, fx.Node) and node_shape(a) is not None:
             paths.append((k,))
     return align(ctx, n, paths, out)
+
+
+@rule(aten.copy.default)
+def copy(ctx: RuleContext, n: fx.Node) -> Sharded:
+    """copy(dst, src): src's values, broadcast, in dst's shape (an in-place slice assignment
+    functionalised): the operands align as in a pointwise op."""
+    return align(ctx, n, [(0,), (1,)], node_shape(n))
 
 
 @rule(*SDPA)
@@ -107,6 +116,35 @@ def index_copy(ctx: RuleContext, n: fx.Node) -> Sharded:
         raise RuleFailure("writes a sharded value in place into a replicated tensor that is "
                           "read elsewhere too (it cannot be sliced in place)")
     return result
+
+
+@rule(*CONVOLUTIONS)
+def depthwise_conv(ctx: RuleContext, n: fx.Node) -> Sharded:
+    """A depthwise convolution along time (`groups` = channels, weight `[C, 1, k]`: Mamba's
+    conv over the inner dim) is a per-channel filter, so it shards with its channels, as
+    Megatron and vLLM shard Mamba: the input `[b, C, L]` split on C, the weight and bias cut
+    to this rank's channels, `groups` the local channel count. The batch and time dims stay
+    whole (the filter runs along time)."""
+    x, sp, src = ctx.sharded_input(n)
+    weight, bias = n.args[1], arg_at(n, (2,)) if len(n.args) > 2 else None
+    channel = len(src) - 2
+    ds = sp.get(channel)
+    groups = n.args[6] if len(n.args) > 6 else n.kwargs.get("groups", 1)
+    wshape = node_shape(weight)
+    if ds is None or len(sp.dims) != 1:
+        raise RuleFailure(f"{n.target} of a value sharded on other dims than its channels")
+    if (wshape is None or str(groups) != str(src[channel]) or len(n.args) < 7
+            or static_int(wshape[1]) != 1):
+        raise RuleFailure(f"{n.target} mixes channels (only a depthwise convolution, groups = "
+                          "channels, shards with its channels)")
+    for path, operand in (((1,), weight), ((2,), bias)):
+        if operand is None:
+            continue
+        if ctx.placement(operand) is not REPLICATE:
+            raise RuleFailure(f"{n.target} with a sharded weight")
+        ctx.actions.narrows.append(Narrow(n.name, path, 0, None, ds))
+    ctx.actions.int_args.append(IntArg(n.name, (6,), per_rank(list(ds.local_sizes(ctx.world_size)))))
+    return sp
 
 
 # -- ops running along dims -----------------------------------------------------------------------
@@ -184,8 +222,9 @@ def partial_statistic(ctx: RuleContext, n: fx.Node, sp: Sharded, src: list, dims
 
 
 def _mixes_an_activation(ctx: RuleContext, x: fx.Node) -> bool:
-    """Whether a replicated run-time value (not a parameter or buffer) was narrowed to meet
-    the sharded values `x` is computed from, back to the column sources."""
+    """Whether a replicated run-time value (not computed from parameters and buffers alone)
+    was narrowed to meet the sharded values `x` is
+    computed from, back to the column sources."""
     narrowed: dict[str, list] = {}
     for nw in ctx.actions.narrows:
         if nw.have is None:
@@ -196,11 +235,17 @@ def _mixes_an_activation(ctx: RuleContext, x: fx.Node) -> bool:
         if node in seen or not isinstance(ctx.placement(node), Sharded):
             continue
         seen.add(node)
-        if any(getattr(arg_at(node, path), "op", None) != "get_attr"
-               for path in narrowed.get(node.name, ())):
+        if any(_activation(ctx, arg_at(node, path)) for path in narrowed.get(node.name, ())):
             return True
         stack.extend(node.all_input_nodes)
     return False
+
+
+def _activation(ctx: RuleContext, value) -> bool:
+    """A replicated value computed at run time from the model's inputs (not `D[:, None]`, nor
+    a piece of a column source that every rank holds whole: Mamba-2's B and C)."""
+    return (ctx.from_inputs(value) and ctx.placement(value) is REPLICATE
+            and value not in ctx.whole_pieces)
 
 
 @rule(*SELECT_ALONG)
@@ -223,6 +268,16 @@ def run_along(ctx: RuleContext, n: fx.Node) -> Any:
     if sp.get(norm_dim(dim, len(src))) is not None:
         raise RuleFailure(f"{n.target} runs along a sharded dim")
     return [sp, sp] if isinstance(n.meta.get("val"), (list, tuple)) else sp
+
+
+@rule(*TRIANGLES)
+def triangle(ctx: RuleContext, n: fx.Node) -> Sharded:
+    """tril/triu work on the last two dims (a chunked scan's causal mask over positions): the
+    other dims (heads) keep their placement."""
+    x, sp, src = ctx.sharded_input(n)
+    if any(d >= len(src) - 2 for d, _ in sp.dims):
+        raise RuleFailure(f"{n.target} of a sharded matrix dim")
+    return sp
 
 
 @rule(*NORMS)

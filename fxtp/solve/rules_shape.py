@@ -22,7 +22,7 @@ from ..graph.ops import (
     dropout_active,
 )
 from .align import align
-from .placements import REPLICATE, DimShard, Sharded, group_dims
+from .placements import REPLICATE, DimShard, Origin, Sharded, group_dims
 from .records import IntArg, Narrow, ReasonKind, SymSize
 from .registry import DECLINED, SHARDED_RULES, RuleContext, RuleFailure
 from .shapes import node_shape, norm_dim, per_rank, static_int, static_prod
@@ -119,7 +119,7 @@ def view_placement(ctx: RuleContext, n: fx.Node, size_arg: Optional[int]) -> Sha
     if groups is None:
         raise RuleFailure(f"cannot relate view shapes {src} -> {dst}")
     dims: dict[int, DimShard] = {}
-    origin: dict[int, tuple[str, int]] = {}
+    origin: dict[int, Origin] = {}
     for gi, go in groups:
         sh = [(d, sp.get(d)) for d in gi if sp.get(d) is not None]
         if not sh:
@@ -133,7 +133,7 @@ def view_placement(ctx: RuleContext, n: fx.Node, size_arg: Optional[int]) -> Sha
             j, new, unit = _view_inner(ctx, sp, d, ds, gi, go, src, dst, groups)
         dims[j] = new
         if unit is not None:
-            origin[j] = (sp.origin_of(d)[0], unit)
+            origin[j] = sp.origin_of(d)._replace(unit=unit)
         if size_arg is not None:
             rewrite_size(ctx, n, size_arg, j, new)
         elif n.target == aten.unflatten.int and \
@@ -160,8 +160,8 @@ def _view_inner(ctx: RuleContext, sp: Sharded, d: int, ds: DimShard, gi: list, g
         return outs[0], flat.with_splits(flat.splits, outer=True), None
     j = outs[0]
     new_unit_dim = j != go[0] or ([], [j - 1]) in groups
-    if new_unit_dim and static_int(dst[j - 1]) == 1 and sp.origin_of(d) is not None:
-        ctx.single_head.add(sp.origin_of(d)[0])
+    if new_unit_dim and static_int(dst[j - 1]) == 1 and ctx.whole_source(sp, d):
+        ctx.single_head.add(sp.origin_of(d).source)
     inner_out = static_prod([dst[k] for k in go if k > j])
     if inner_out is None:
         raise RuleFailure("splits a sharded dim into a dynamic dim")
@@ -169,7 +169,7 @@ def _view_inner(ctx: RuleContext, sp: Sharded, d: int, ds: DimShard, gi: list, g
     org = sp.origin_of(d)
     unit = None
     if org is not None:
-        u = Fraction(org[1], inner_in) * inner_out
+        u = Fraction(org.unit, inner_in) * inner_out
         unit = int(u) if u.denominator == 1 else None
     if (new is None or not new.valid()) and flat is not None:
         moved = _chunks_as_dim(flat, dst, go, j)
@@ -181,7 +181,8 @@ def _view_inner(ctx: RuleContext, sp: Sharded, d: int, ds: DimShard, gi: list, g
         # divide); fewer heads than ranks: groups of ranks hold the same heads (kv heads,
         # as vLLM does), or every rank all of them when no group size fits
         if unit is not None:
-            ctx.refine_or_fail(sp, d, lambda cur, _u: split_in_heads(cur, unit))
+            alone = ctx.whole_source(sp, d)
+            ctx.refine_or_fail(sp, d, lambda cur, _u: split_in_heads(cur, unit, alone))
         raise RuleFailure(f"splits a dim of {ds.size} into {dst[j]} x {inner_out}: {heads} heads "
                           f"cannot be shared out over {ds.parts} ranks", ReasonKind.NOT_DIVISIBLE)
     return j, new, unit
@@ -338,3 +339,29 @@ def expand(ctx: RuleContext, n: fx.Node) -> Sharded:
     for d, s in dims.items():
         rewrite_size(ctx, n, 1, d, s)
     return Sharded.of(dims, {d + off: o for d, o in sp.origin_dict().items()})
+
+
+@rule(aten.repeat_interleave.self_int)
+def repeat_interleave(ctx: RuleContext, n: fx.Node) -> Sharded:
+    """x.repeat_interleave(r, dim): each element r times in a row (Mamba-2's B and C groups
+    repeated for the heads of each group). On a sharded dim each rank repeats the elements it
+    holds, so the split scales by r; `output_size` becomes the local size."""
+    x, sp, src = ctx.sharded_input(n)
+    repeats = n.args[1]
+    dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
+    if dim is None:
+        raise RuleFailure("repeat_interleave of a flattened sharded tensor")
+    dim = norm_dim(dim, len(src))
+    ds = sp.get(dim)
+    if ds is None:
+        return sp
+    new = ds.scaled(repeats) if isinstance(repeats, int) else None
+    if new is None or ds.outer:
+        raise RuleFailure("repeat_interleave of a sharded dim by a run-time count")
+    at = (3,) if len(n.args) > 3 else ("output_size",)
+    if (n.args[3] if len(n.args) > 3 else n.kwargs.get("output_size")) is not None:
+        ctx.actions.int_args.append(
+            IntArg(n.name, at, per_rank(list(new.local_sizes(ctx.world_size)))))
+    dims = sp.as_dict()
+    dims[dim] = new
+    return Sharded.of(dims, {d: o for d, o in sp.origin_dict().items() if d != dim})

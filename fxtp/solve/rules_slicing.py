@@ -79,7 +79,7 @@ def _pick(ctx: RuleContext, sp: Sharded, dim: int, picks: list) -> None:
     whole = all(ds.splits[chunk_of(bounds, g)].parts == 1 for g in glob)
     if not whole:
         def make(cur: DimShard, unit: int) -> Optional[DimShard]:
-            if cur.size != ds.size * unit:   # a piece of the source: offsets unknown
+            if cur.size != ds.size * unit:   # the source viewed otherwise: offsets unknown
                 return None
             return whole_chunks(cur, [(g * unit, (g + 1) * unit) for g in glob])
         ctx.refine_or_fail(sp, dim, make)
@@ -108,7 +108,7 @@ def _cut(ctx: RuleContext, sp: Sharded, dim: int, cuts: list[int]) -> list[DimSh
         return pieces
 
     def make(cur: DimShard, unit: int) -> Optional[DimShard]:
-        if cur.size != ds.size * unit:   # a piece of the source: offsets unknown
+        if cur.size != ds.size * unit:   # the source viewed otherwise: offsets unknown
             return None
         return recut(cur, [c * unit for c in cuts])
     ctx.refine_or_fail(sp, dim, make)
@@ -141,7 +141,7 @@ def slice_(ctx: RuleContext, n: fx.Node) -> Sharded:
     ctx.actions.int_args.append(IntArg(n.name, (3,), per_rank(lend)))
     dims = sp.as_dict()
     dims[dim] = piece
-    return Sharded.of(dims, sp.origin_dict())
+    return Sharded.of(dims, sp.piece_origin(dim, start))
 
 
 def _strided(ctx: RuleContext, n: fx.Node, sp: Sharded, dim: int, start: int,
@@ -192,10 +192,10 @@ def split(ctx: RuleContext, n: fx.Node) -> list:
                 IntArg(n.name, (1,), per_rank([loc[0] for loc in per_rank_sizes])))
     # chunk(n) keeps its count: equal local pieces on every rank
     result = []
-    for p in pieces:
+    for p, start in zip(pieces, cuts):
         dims = sp.as_dict()
         dims[dim] = p
-        result.append(Sharded.of(dims, sp.origin_dict()))
+        result.append(Sharded.of(dims, sp.piece_origin(dim, start)))
     return result
 
 

@@ -67,11 +67,13 @@ def whole_chunks(cur: DimShard, ranges: list[tuple[int, int]]) -> Optional[DimSh
     return cur.with_splits(out)
 
 
-def split_in_heads(cur: DimShard, head: int) -> Optional[DimShard]:
+def split_in_heads(cur: DimShard, head: int, alone: Optional[bool] = None) -> Optional[DimShard]:
     """The source split at whole heads of `head` features: uneven when the head count does not
     divide, groups of ranks sharing heads when there are fewer heads than pieces (as vLLM does
     for kv heads), every rank holding all of them when no group size fits. A lone single-head
-    source is left to the solver (kept replicated: MQA's kv projection)."""
+    source (`alone`: `cur` is all of it; by default when it is one chunk) is left to the
+    solver (kept replicated: MQA's kv projection)."""
+    alone = len(cur.splits) == 1 if alone is None else alone
     out = []
     for c in cur.splits:
         if c.parts == 1:
@@ -87,8 +89,24 @@ def split_in_heads(cur: DimShard, head: int) -> Optional[DimShard]:
         g = math.gcd(units, c.parts)
         if g > 1:
             out.append(ChunkSplit(c.size, g, c.stride * (c.parts // g), u))
-        elif len(cur.splits) > 1 or units > 1:
+        elif not alone or units > 1:
             out.append(ChunkSplit(c.size, 1, c.stride * c.parts, u))
         else:
             return None
     return cur.with_splits(out)
+
+
+def refine_within(cur: DimShard, offset: int, length: int, make) -> Optional[DimShard]:
+    """`make` applied to the part of the source split `cur` that a piece covers (`length`
+    features from `offset`: x inside Mamba's x|B|C inside its in_proj output), the other
+    chunks kept; None when the piece does not start and end on chunk boundaries."""
+    if (offset, length) == (0, cur.size):
+        return make(cur)
+    bounds = boundaries(cur)
+    if offset not in bounds or offset + length not in bounds:
+        return None
+    i, j = bounds.index(offset), bounds.index(offset + length)
+    part = make(cur.with_splits(cur.splits[i:j]))
+    if part is None:
+        return None
+    return cur.with_splits(cur.splits[:i] + part.splits + cur.splits[j:])
