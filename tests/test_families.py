@@ -21,6 +21,9 @@ PARALLEL_BLOCKS = {"phi", "gpt_neox", "falcon", "falcon_mqa", "gptj"}
 OPAQUE = {"mamba": ["backbone.layers.0.mixer", "backbone.layers.1.mixer"]}
 # all-reduces of partial statistics per layer (norms over the features a linear split)
 STATISTICS = {"olmo2": 2}
+# layers unlike the others: the all-reduces of each (Bamba's Mamba-2 layer: out_proj, the gated
+# norm's statistic and the MLP's down_proj; then an attention layer)
+LAYERS = {"bamba": {"model.layers.0": 3, "model.layers.1": 2}}
 _cache: dict[int, list] = {}
 
 
@@ -31,7 +34,7 @@ _cache: dict[int, list] = {}
 # this machine's 2 CPU cores, ~11 s a family); tests/test_multirank.py runs Llama, GPT-2 and
 # BERT at world 4 as well
 AT_4 = ("llama_bias", "phi3_gqa", "falcon", "llama_uneven", "gpt2_3heads", "gptj", "olmo2",
-        "llama4_text", "modernbert", "gpt_oss", "mamba")
+        "llama4_text", "modernbert", "gpt_oss", "mamba", "gpt_bigcode", "bamba")
 
 
 def sizes(*names: str) -> list[tuple[int, str]]:
@@ -91,6 +94,8 @@ def test_family_all_reduces_and_local_parameters(ws, name):
     if name == "t5":
         expected = {f"{side}.block.{i}": n for side, n in (("encoder", 2), ("decoder", 3))
                     for i in range(2)}
+    elif name in LAYERS:
+        expected = LAYERS[name]
     else:
         per_layer = (1 if name in PARALLEL_BLOCKS else 2) + STATISTICS.get(name, 0)
         expected = {layer: per_layer for layer in layers}

@@ -93,6 +93,20 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # opaque call, replicated, and the rest of the model is captured around it
     "mamba": dict(model_type="mamba", hidden_size=32, num_hidden_layers=2, state_size=4,
                   expand=2, pad_token_id=127, eos_token_id=127, bos_token_id=127),
+    # multi-query attention in one fused linear: q heads, then the single k and v heads, split
+    # after an unsqueeze and given to SDPA as one kv head (held whole by every rank)
+    "gpt_bigcode": dict(model_type="gpt_bigcode", n_embd=64, n_layer=2, n_head=4,
+                        multi_query=True, n_positions=256, bos_token_id=127, eos_token_id=127),
+    # a Mamba-2 mixer (layer 0) beside attention (layer 1): one in_proj for gate | x B C | dt,
+    # a depthwise conv1d along time over x B C, a chunked scan of einsums, one group of B and
+    # C (whole on every rank), a gated norm over the whole inner width (a partial statistic).
+    # Chunks of 32 positions: the scan branches on whether the length fills its chunks, so the
+    # graph holds for lengths that are not a multiple of 32 (the tests draw at most 16)
+    "bamba": dict(model_type="bamba", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[1],
+                  mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8,
+                  mamba_chunk_size=32, max_position_embeddings=256, pad_token_id=127,
+                  eos_token_id=127, bos_token_id=127),
     "t5": dict(model_type="t5", d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2,
                num_heads=4, decoder_start_token_id=0),
 }
