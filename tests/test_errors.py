@@ -252,6 +252,10 @@ def test_a_size_condition_the_capture_recorded_is_an_input_error():
 
     model = Windowed().eval()
     tp = fxtp.transform(model, 1, example_inputs=(torch.randn(2, 6, 8),))
+    plan = tp.meta["fxtp"].plan      # listed at transform time, as torch words it
+    assert "x.size()[1] > 4" in plan.conditions and "x.size()[2] == 8" not in plan.conditions
+    assert "input sizes the capture holds for" in str(plan) and "x.size()[1] > 4" in str(plan)
+    assert fxtp.Plan.from_json(plan.to_json()).conditions == plan.conditions
     x = torch.randn(3, 9, 8)
     assert torch.allclose(tp(x), model(x))
     with pytest.raises(fxtp.InputError, match="condition the capture recorded"):

@@ -20,7 +20,7 @@ from torch.export import Dim
 from ..errors import CaptureError
 from .no_ops import drop_no_ops
 from .opaque import OpaqueShapeError, culprit, opaque_forwards, record_calls, same_class
-from .specialised import cause, fixed_token_dims, recording
+from .specialised import cause, fixed_token_dims, recording, size_conditions
 
 
 @dataclass
@@ -34,6 +34,8 @@ class Captured:
     hf: bool = False
     # submodules torch.export could not capture, called as one replicated op: name -> why
     opaque: dict[str, str] = field(default_factory=dict)
+    # conditions on input sizes the graph holds for (`x.size()[1] > 4`), checked at each call
+    conditions: list[str] = field(default_factory=list)
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -151,7 +153,7 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
         if "use_cache" in kwargs:
             defaults["use_cache"] = False
     return Captured(gm=gm, arg_count=len(args), kwarg_names=tuple(kwargs), defaults=defaults,
-                    hf=hf, opaque=dict(opaque))
+                    hf=hf, opaque=dict(opaque), conditions=size_conditions(gm))
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, hf: bool, dynamic: tuple,

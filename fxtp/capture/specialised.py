@@ -110,3 +110,38 @@ def _constant(size) -> bool:
 def cause(fixed: list[Fixed], size: int) -> Optional[Fixed]:
     """The first recorded fixing to `size` that points at model code."""
     return next((f for f in fixed if f.value == size and f.where), None)
+
+
+def size_conditions(gm: fx.GraphModule) -> list[str]:
+    """The conditions on input sizes torch.export recorded in the graph's guard function that
+    are ranges (`x.size()[1] > 4`: the model's code took one path for such sizes), as torch
+    words them; checked at every call (`guards.recorded_conditions`), listed
+    in the plan. Read from the generated function's constants; [] where torch keeps them
+    elsewhere."""
+    guards = getattr(gm, "_guards_fn", None)
+    forward = getattr(guards, "forward", None)
+    texts: list[str] = []
+    for cell in getattr(forward, "__closure__", None) or ():
+        code = getattr(cell.cell_contents, "__code__", None)
+        if code is not None:
+            texts += _strings(code)
+    prefix = "Guard failed: "
+    out = [t[len(prefix):] for t in texts if t.startswith(prefix)]
+    return [c for c in dict.fromkeys(out) if _a_range(c)]
+
+
+def _strings(code) -> list[str]:
+    out = []
+    for c in code.co_consts:
+        if isinstance(c, str):
+            out.append(c)
+        elif hasattr(c, "co_consts"):
+            out += _strings(c)
+    return out
+
+
+def _a_range(condition: str) -> bool:
+    """`x.size()[1] > 4`, `(8 - s % 8) % 8 <= 0`: sizes the model's code branched on. Not the
+    equalities (a static dim, inputs of one batch and length, `use_cache == False`), which the
+    input specs check already."""
+    return any(op in condition for op in ("<", ">", "!="))

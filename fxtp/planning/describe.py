@@ -159,6 +159,7 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
                 all_reduce_sites=sites, replicated=replicated, not_divisible=not_div,
                 overrides=overrides, full_param_bytes=full_bytes, local_param_bytes=local_bytes,
                 param_shares=shares, statistics=statistics, opaque=dict(captured.opaque),
+                conditions=list(captured.conditions),
                 site_bytes={v: _bytes_per_token(nodes[v]) for _, v in sites},
                 live=PlanSource(captured, sol, _replan))
 

@@ -91,6 +91,8 @@ class Plan:
     local_param_bytes: tuple[int, ...] = ()
     # submodules torch.export could not capture, called whole on every rank: name -> why
     opaque: dict[str, str] = field(default_factory=dict)
+    # conditions on input sizes the graph holds for (the model's code took one path for them)
+    conditions: list[str] = field(default_factory=list)
     # norms/means over sharded features computed from partial statistics (module paths)
     statistics: list[str] = field(default_factory=list)
     # bytes the forward's all-reduces move per token (batch x sequence element)
@@ -190,6 +192,7 @@ class Plan:
             "full_param_bytes": self.full_param_bytes,
             "local_param_bytes": list(self.local_param_bytes),
             "opaque": dict(self.opaque),
+            "conditions": list(self.conditions),
             "statistics": list(self.statistics),
             "all_reduced_bytes_per_token": self.all_reduced_bytes_per_token,
             "statistics_costs": self.statistics_costs,
@@ -216,6 +219,7 @@ class Plan:
                        full_param_bytes=int(data.get("full_param_bytes", 0)),
                        local_param_bytes=tuple(data.get("local_param_bytes", ())),
                        opaque=dict(data.get("opaque", {})),
+                       conditions=list(data.get("conditions", ())),
                        statistics=list(data.get("statistics", ())),
                        all_reduced_bytes_per_token=int(data.get("all_reduced_bytes_per_token", 0)),
                        statistics_costs=data.get("statistics_costs"))
@@ -295,6 +299,9 @@ class Plan:
                          + f"; chosen: {c['chosen']} (fewer parameter bytes per rank)")
         for module, why in self.opaque.items():
             lines.append(f"opaque (not captured, called whole on every rank): {module}: {why}")
+        if self.conditions:
+            lines.append("input sizes the capture holds for (other sizes raise InputError at the "
+                         f"call): {'; '.join(self.conditions)}")
         for module, why in self.replicated.items():
             lines.append(f"replicated: {module}: {why}")
         return lines
