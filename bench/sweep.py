@@ -48,6 +48,7 @@ SHRINK = {
     **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4),
     **dict.fromkeys(("num_experts_per_tok", "moe_topk", "num_experts_per_token"), 2),
     **dict.fromkeys(("vocab_size",), 256),
+    **dict.fromkeys(("state_size", "ssm_state_size", "mamba_d_state", "d_state"), 16),
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx"), 512),
 }
 LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -67,13 +68,22 @@ def shrunk_overrides(cfg) -> dict:
     layers = next((v for k, v in vars(cfg).items() if k in LAYER_COUNTS and isinstance(v, int)),
                   None)
     vocab = min(getattr(cfg, "vocab_size", None) or SHRINK["vocab_size"], SHRINK["vocab_size"])
+    keep = _layers_kept(cfg, layers)
+    if isinstance(getattr(cfg, "use_cache", None), bool):
+        out["use_cache"] = False    # the forward is measured; an all-SSM cache cannot answer it
     for key, value in vars(cfg).items():
         if key.endswith("token_id") and isinstance(value, int) and value >= vocab:
             out[key] = vocab - 1            # special tokens inside the smaller vocab
             continue
         if (isinstance(value, list) and layers and len(value) == layers
                 and key not in SHRINK and layers > SHRINK["num_hidden_layers"]):
-            out[key] = value[:SHRINK["num_hidden_layers"]]     # one entry per layer
+            out[key] = [value[i] for i in keep]     # one entry per layer
+            continue
+        if (key.endswith(("layer_period", "layer_offset")) and isinstance(value, int)
+                and layers and layers > SHRINK["num_hidden_layers"]):
+            # hybrids place attention every `period` layers from `offset`: keep one in the cut
+            kept = SHRINK["num_hidden_layers"]
+            out[key] = min(value, kept) if key.endswith("period") else min(value, kept - 1)
             continue
         if key in SHRINK and isinstance(value, int) and not isinstance(value, bool):
             out[key] = min(value, SHRINK[key])
@@ -86,6 +96,19 @@ def shrunk_overrides(cfg) -> dict:
         elif isinstance(value, PretrainedConfig):
             out[key] = {**value.to_dict(), **shrunk_overrides(value)}
     return out
+
+
+def _layers_kept(cfg, layers) -> list[int]:
+    """Which layers the cut keeps: the first few, or, when a per-layer list names layer kinds
+    (a hybrid's "linear_attention" and "full_attention"), the first layer of each kind."""
+    kept = SHRINK["num_hidden_layers"]
+    first = list(range(kept))
+    for value in vars(cfg).values():
+        if (isinstance(value, list) and layers and len(value) == layers
+                and all(isinstance(v, str) for v in value) and len(set(value)) > 1):
+            kinds = sorted({value.index(v) for v in value})[:kept]
+            return sorted(kinds + [i for i in first if i not in kinds][:kept - len(kinds)])
+    return first
 
 
 def build(model_type: str, kind: str):
