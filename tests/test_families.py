@@ -34,7 +34,10 @@ _cache: dict[int, list] = {}
 # this machine's 2 CPU cores, ~11 s a family); tests/test_multirank.py runs Llama, GPT-2 and
 # BERT at world 4 as well
 AT_4 = ("llama_bias", "phi3_gqa", "falcon", "llama_uneven", "gpt2_3heads", "gptj", "olmo2",
-        "llama4_text", "modernbert", "gpt_oss", "mamba", "gpt_bigcode", "bamba")
+        "llama4_text", "modernbert", "gpt_oss", "mamba", "gpt_bigcode")
+# Bamba runs at world 2 only (~60 s at 4 on this machine's 2 cores): its Mamba-2 mixer is
+# checked at world 4 by the hand-built `ssm_one_group` / `ssm_groups` (tests/test_structures.py,
+# tests/test_multirank.py), equivalence and gradients
 
 
 def sizes(*names: str) -> list[tuple[int, str]]:

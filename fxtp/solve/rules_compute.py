@@ -48,7 +48,7 @@ def pointwise(ctx: RuleContext, n: fx.Node) -> Sharded:
 
 
 @rule(aten.copy.default)
-def copy(ctx: RuleContext, n: fx.Node) -> Sharded:
+def copy_into(ctx: RuleContext, n: fx.Node) -> Sharded:
     """copy(dst, src): src's values, broadcast, in dst's shape (an in-place slice assignment
     functionalised): the operands align as in a pointwise op."""
     return align(ctx, n, [(0,), (1,)], node_shape(n))
@@ -223,8 +223,8 @@ def partial_statistic(ctx: RuleContext, n: fx.Node, sp: Sharded, src: list, dims
 
 def _mixes_an_activation(ctx: RuleContext, x: fx.Node) -> bool:
     """Whether a replicated run-time value (not computed from parameters and buffers alone)
-    was narrowed to meet the sharded values `x` is
-    computed from, back to the column sources."""
+    was narrowed to meet the sharded values `x` is computed from, back to the column
+    sources."""
     narrowed: dict[str, list] = {}
     for nw in ctx.actions.narrows:
         if nw.have is None:
