@@ -381,17 +381,19 @@ class InterleavedGateUp(nn.Module):
 class StraySource(nn.Module):
     """A linear added straight to the residual stream, then a norm over the stream: sharding
     the linear would cut the residual stream to its features (a partial statistic over an
-    activation met by a stray source), so it stays whole."""
+    activation met by a stray source), so it stays whole. The norm is written by hand (a
+    mean) or is torch's LayerNorm."""
 
-    def __init__(self, dim: int = 32):
+    def __init__(self, dim: int = 32, layer_norm: bool = False):
         super().__init__()
         self.proj = nn.Linear(dim, dim)
         self.out = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim) if layer_norm else _rms
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.view(x.shape[0], x.shape[1], 32)      # a static feature size
         h = x + self.proj(x)
-        return self.out(_rms(h))
+        return self.out(self.norm(h))
 
 
 class LoopedExperts(nn.Module):
@@ -488,6 +490,38 @@ class StateSpaceBlock(nn.Module):
         return x + self.mixer(self.norm(x))
 
 
+class TorchNormsBlock(nn.Module):
+    """Norms over features a column-parallel linear splits, written with torch's norm modules
+    (`aten.layer_norm`, `aten.rms_norm`), not by hand: q and k LayerNormed over all heads
+    together (OLMo-1's qk norm; q's with a bias), v L2-normalised over all heads
+    (`F.normalize`), an RMSNorm over the attention output before o, and a sub-LayerNorm over
+    the MLP's intermediate width before down (NormFormer's). Each is an fp32 statistic of the
+    local features, all-reduced: attention and MLP stay sharded, the norms' weights and biases
+    cut with their features."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, inter: int = 64):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.q_norm, self.k_norm = nn.LayerNorm(dim), nn.LayerNorm(dim, bias=False)
+        self.sub = nn.RMSNorm(dim)
+        self.up, self.down = nn.Linear(dim, inter), nn.Linear(inter, dim, bias=False)
+        self.mid = nn.LayerNorm(inter)
+        with torch.no_grad():      # weights and biases that tell the features apart
+            for p in (*self.q_norm.parameters(), *self.k_norm.parameters(), self.sub.weight,
+                      *self.mid.parameters()):
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = (t.view(b, s, self.heads, d // self.heads).transpose(1, 2)
+                   for t in (self.q_norm(self.q(x)), self.k_norm(self.k(x)),
+                             4 * F.normalize(self.v(x), dim=-1)))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(self.sub(y.transpose(1, 2).reshape(b, s, d)))
+        return x + self.down(self.mid(F.gelu(self.up(x))))
+
+
 STRUCTURES = {
     "fused_thirds": (FusedThirds, [(2, 5, 32)]),
     "interleaved_heads": (InterleavedHeads, [(2, 5, 32)]),
@@ -504,6 +538,7 @@ STRUCTURES = {
     "looped_experts": (AttentionThenLoopedExperts, [(2, 5, 32)]),
     "ssm_one_group": (StateSpaceBlock, [(2, 5, 32)]),
     "ssm_groups": (lambda: StateSpaceBlock(groups=4), [(2, 5, 32)]),
+    "torch_norms": (TorchNormsBlock, [(2, 5, 32)]),
 }
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 import fxtp
-from fxtp.planning.plan import layer_of
+from fxtp.planning.plan import OUTSIDE_LAYERS, layer_of
 from fxtp.runtime.collectives import all_gather_dim0, all_reduce_sum
 from fxtp.testing.checks import check_equivalence, check_gradients
 from fxtp.testing.strategies import hf_inputs, tensor_inputs
@@ -41,7 +41,8 @@ def _graph_facts(model, tp) -> dict[str, Any]:
         from fxtp.capture.linear import module_path
 
         src = n.args[0]
-        per_layer[layer_of(module_path(src))] = per_layer.get(layer_of(module_path(src)), 0) + 1
+        layer = layer_of(module_path(src)) or OUTSIDE_LAYERS
+        per_layer[layer] = per_layer.get(layer, 0) + 1
         # walk back through the ops a partial sum may flow through to the producing linear
         linears = tp.meta["fxtp"].plan.solution.linears
         while src.op == "call_function" and src.name not in linears and src.all_input_nodes:
@@ -232,7 +233,7 @@ def _structures_case(ws: int) -> dict[str, Any]:
         rep = check_equivalence(model, tp, tensor_inputs(shapes, dynamic_dims=(0, 1)),
                                 max_examples=4)
         out[name] = {"max_error": rep.worst, "all_reduces": len(_all_reduce_nodes(tp))}
-        if name in ("looped_experts", "ssm_one_group"):
+        if name in ("looped_experts", "ssm_one_group", "torch_norms"):
             # the opaque experts train (their backward runs again), and so does the mixer
             # (the conv's cut weight, the einsums, the statistic's all-reduce in backward)
             tp = fxtp.transform(model, ws, example_inputs={"x": inputs[0]})   # by keyword
@@ -240,7 +241,25 @@ def _structures_case(ws: int) -> dict[str, Any]:
                 lambda t: {"x": t[0]}), max_examples=3, loss_fn=lambda y, _: y.pow(2).mean())
             out[name].update(grad_error=grads.max_error, grads_compared=grads.compared,
                              grads_missing=grads.missing)
+        if name == "torch_norms":
+            out[name].update(_bf16_errors(name, ws))
     return out
+
+
+def _bf16_errors(name: str, ws: int) -> dict[str, float]:
+    """The bf16 model's error from the fp32 one, untouched and transformed: the statistics
+    and affines run in fp32 as in torch's norms, so the transform adds no error of its own."""
+    from .modules import structure
+
+    full, inputs = structure(name)
+    model = structure(name)[0].to(torch.bfloat16)
+    tp = fxtp.transform(model, ws, example_inputs=(inputs[0].bfloat16(),))
+    x = torch.randn(3, 7, inputs[0].shape[-1], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = full(x)
+        x = x.bfloat16()
+        return {"bf16_error": float((tp(x).float() - ref).abs().max()),
+                "bf16_untouched_error": float((model(x).float() - ref).abs().max())}
 
 
 def _compile_case(name: str, ws: int) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from fxtp.planning.plan import OUTSIDE_LAYERS
 from fxtp.testing.families import FAMILIES
 from fxtp.testing.ranks import run_ranks
 
@@ -23,7 +24,9 @@ OPAQUE = {"mamba": ["backbone.layers.0.mixer", "backbone.layers.1.mixer"]}
 STATISTICS = {"olmo2": 2}
 # layers unlike the others: the all-reduces of each (Bamba's Mamba-2 layer: out_proj, the gated
 # norm's statistic and the MLP's down_proj; then an attention layer)
-LAYERS = {"bamba": {"model.layers.0": 3, "model.layers.1": 2}}
+LAYERS = {"bamba": {"model.layers.0": 3, "model.layers.1": 2},
+          # the untied MLM head: the decoder's output and head.norm's statistic
+          "modernbert": {"model.layers.0": 2, "model.layers.1": 2, OUTSIDE_LAYERS: 2}}
 _cache: dict[int, list] = {}
 
 

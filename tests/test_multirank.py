@@ -199,7 +199,8 @@ def test_hand_built_structures_equivalent(ws):
                             "parallel_block": 1, "cross_attention": 1, "heads_in_batch": 1,
                             "fused_multi_query": 1, "normed_rotary": 4, "complex_rotary": 1,
                             "sink_topk": 1, "fused_qkv_unbind": 1, "interleaved_gate_up": 1,
-                            "looped_experts": 1, "ssm_one_group": 2, "ssm_groups": 1}
+                            "looped_experts": 1, "ssm_one_group": 2, "ssm_groups": 1,
+                            "torch_norms": 7}
     for r in case(ws, "structures"):
         for name, facts in r.items():
             assert facts["max_error"] <= TOL, name
@@ -210,6 +211,11 @@ def test_hand_built_structures_equivalent(ws):
         mixer = r["ssm_one_group"]     # every parameter of the norm and the mixer
         assert mixer["grad_error"] <= TOL and not mixer["grads_missing"]
         assert mixer["grads_compared"] == 10
+        norms = r["torch_norms"]     # the norms' cut weights and biases, the statistics' backward
+        assert norms["grad_error"] <= TOL and not norms["grads_missing"]
+        assert norms["grads_compared"] == 13
+        # bf16: as far from the fp32 model as the untouched bf16 model is (about 0.03 here)
+        assert norms["bf16_error"] <= 1.25 * norms["bf16_untouched_error"]
 
 
 @pytest.mark.parametrize("ws, name", [(2, "compile_llama"), (4, "compile_llama"),

@@ -111,6 +111,26 @@ def test_norms_over_the_sharded_width_are_partial_statistics(ws):
     assert again.statistics == plan.statistics and again.statistics_costs == costs
 
 
+@pytest.mark.parametrize("ws", (2, 4))
+def test_layer_norms_and_rms_norms_over_sharded_features_all_reduce_a_statistic(ws):
+    """torch's LayerNorm, RMSNorm and L2 norm over split features (q/k norms and v's L2 norm
+    over all heads, a norm before o, a sub-LayerNorm before down): attention and MLP sharded,
+    every parameter cut to 1/N (the norms' weights and biases with their features), one fp32
+    statistic all-reduced per norm: [sum, sum of squares] for a LayerNorm, the sum of squares
+    for an RMSNorm or an L2 norm."""
+    plan = plan_of("torch_norms", ws)
+    _attention_sharded(plan)
+    assert plan.placement_of("up") == "column" and plan.placement_of("down") == "row"
+    assert plan.statistics == ["q_norm", "k_norm", "linalg_vector_norm", "sub", "mid"]
+    assert plan.total_all_reduces == 2 + 5
+    assert plan.local_param_bytes == (plan.full_param_bytes // ws,) * ws
+    costs = plan.statistics_costs
+    # o's and down's outputs (32 floats each); 2 + 2 + 1 + 1 + 2 fp32 statistics per token
+    assert costs["with"] == [(32 + 32) * 4 + (2 + 2 + 1 + 1 + 2) * 4, plan.local_param_bytes[0]]
+    assert costs["without"] == [0, plan.full_param_bytes] and costs["chosen"] == "with"
+    assert "partial statistics: 5 norm(s)" in str(plan)
+
+
 def test_partial_statistics_off_keeps_the_region_whole():
     from fxtp.capture.linear import find_linears
     from fxtp.solve.solver import solve
@@ -170,12 +190,14 @@ def test_gate_and_up_interleaved_read_with_strided_slices(ws):
     assert plan.total_all_reduces == 1
 
 
-def test_a_stray_source_does_not_shard_the_residual_stream():
+@pytest.mark.parametrize("layer_norm", (False, True))
+def test_a_stray_source_does_not_shard_the_residual_stream(layer_norm):
     import torch
 
     from .modules import StraySource
 
-    plan = fxtp.plan(StraySource(), 2, example_inputs=(torch.randn(2, 3, 32),))
+    plan = fxtp.plan(StraySource(layer_norm=layer_norm), 2,
+                     example_inputs=(torch.randn(2, 3, 32),))
     assert plan.placement_of("proj") == "replicate" and not plan.statistics
     assert "mixes a replicated activation" in plan.replicated["proj"]
 
@@ -232,4 +254,4 @@ def test_every_structure_is_listed():
                                "parallel_block", "cross_attention", "heads_in_batch",
                                "fused_multi_query", "normed_rotary", "complex_rotary",
                                "sink_topk", "fused_qkv_unbind", "interleaved_gate_up",
-                               "looped_experts", "ssm_one_group", "ssm_groups"}
+                               "looped_experts", "ssm_one_group", "ssm_groups", "torch_norms"}

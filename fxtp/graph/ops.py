@@ -26,6 +26,8 @@ REDUCTIONS = {
 NORMS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
 # reductions over a sharded dim that a partial sum computes: each rank reduces its part
 PARTIAL_STATISTICS = {aten.mean.dim, aten.sum.dim_IntList}
+# norms over a sharded dim that an all-reduced statistic computes (rewrite/norm_statistics)
+STATISTIC_NORMS = {aten.layer_norm.default, aten.rms_norm.default}   # (and an L2 vector norm)
 # (x, dim, keepdim) selections and reductions that return values (and indices) along one dim
 SELECT_ALONG = {aten.max.dim, aten.min.dim, aten.argmax.default, aten.argmin.default,
                 aten.logsumexp.default}

@@ -11,7 +11,7 @@ from torch import fx
 from ..capture.export import Captured
 from ..capture.linear import find_linears, module_path, tensor_key
 from ..graph.nodes import get_arg, get_tensor_attr, nodes_by_name
-from ..graph.ops import SDPA, SOFTMAX
+from ..graph.ops import SDPA, SOFTMAX, aten
 from ..solve.placements import Partial
 from ..solve.records import ReasonKind, Solution
 from ..solve.solver import sliced_in_place, solve
@@ -99,8 +99,10 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
     sites = []
     per_layer: dict[str, int] = {}
     statistics: list[str] = []
-    for value in act.reduces:
-        producer = _partial_producer(nodes, act, value)
+    order = {name: i for i, name in enumerate(nodes)}
+    for value in sorted([*act.reduces, *act.norm_statistics], key=order.__getitem__):
+        producer = (nodes[value] if value in act.norm_statistics
+                    else _partial_producer(nodes, act, value))
         mod = module_path(producer)
         sites.append((mod, value))
         layer = layer_of(mod) or OUTSIDE_LAYERS
@@ -160,13 +162,16 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
                 overrides=overrides, full_param_bytes=full_bytes, local_param_bytes=local_bytes,
                 param_shares=shares, statistics=statistics, opaque=dict(captured.opaque),
                 conditions=list(captured.conditions),
-                site_bytes={v: _bytes_per_token(nodes[v]) for _, v in sites},
+                site_bytes={v: _bytes_per_token(nodes[v], act.norm_statistics) for _, v in sites},
                 live=PlanSource(captured, sol, _replan))
 
 
-def _bytes_per_token(value: fx.Node) -> int:
+def _bytes_per_token(value: fx.Node, norm_statistics: dict[str, int]) -> int:
     """Bytes an all-reduce of `value` moves per token: its static dims (the dynamic ones are
-    batch and sequence) times the element size."""
+    batch and sequence) times the element size; for a norm's statistic, its fp32 sums (of the
+    features and their squares for a LayerNorm, of the squares for an RMSNorm)."""
+    if value.name in norm_statistics:
+        return 4 * (2 if value.target == aten.layer_norm.default else 1)
     val = value.meta.get("val")
     if val is None:
         return 0

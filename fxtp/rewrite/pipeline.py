@@ -15,6 +15,7 @@ from .collectives import insert_all_reduces, keep_constant_adds_on_rank0
 from .context import Pass, RewriteContext, run_passes
 from .grad_sync import insert_grad_syncs
 from .local_slices import insert_local_slices
+from .norm_statistics import expand_norm_statistics
 from .partial_means import rescale_partial_means
 from .record import META_KEY, TPInfo
 from .shape_constants import rewrite_shape_constants
@@ -47,6 +48,7 @@ PASSES: tuple[Pass, ...] = (
     Pass("vocab_outputs", gather_vocab_outputs, "all_gather_nodes"),
     Pass("rank0_adds", keep_constant_adds_on_rank0),
     Pass("grad_syncs", insert_grad_syncs, "grad_sync_nodes"),
+    Pass("norm_statistics", expand_norm_statistics),
     Pass("partial_means", rescale_partial_means),
     Pass("param_slices", record_param_slices, "param_slices"),
     Pass("cleanup", cleanup, sharded_only=False),

@@ -10,11 +10,11 @@ from typing import Optional
 
 from torch import fx
 
-from .placements import DimShard, Origin, Partial, Sharded, split_dims_only
+from .placements import DimShard, Origin, Partial, Sharded, as_met
 from .records import Narrow, ReasonKind
 from .registry import RuleContext, RuleFailure
 from .shapes import arg_at, node_shape, static_int
-from .splits import split_in_heads, whole_chunks
+from .splits import split_in_heads
 
 
 def align(ctx: RuleContext, n: fx.Node, paths: list[tuple], out: list, forbid=(),
@@ -22,10 +22,7 @@ def align(ctx: RuleContext, n: fx.Node, paths: list[tuple], out: list, forbid=()
     """Broadcast-aligns operands; all sharded dims must agree, replicated ones are narrowed."""
     r = len(out)
     operands = []
-    placements = [ctx.placement(arg_at(n, path)) for path in paths]
-    if any(isinstance(p, Sharded) and any(ds.parts > 1 for _, ds in p.dims) for p in placements):
-        # dims every rank holds whole are as good as replicated where a split dim is met
-        placements = [split_dims_only(p) for p in placements]
+    placements = as_met([ctx.placement(arg_at(n, path)) for path in paths])
     for path, p in zip(paths, placements):
         node = arg_at(n, path)
         shp = node_shape(node)
@@ -40,9 +37,7 @@ def align(ctx: RuleContext, n: fx.Node, paths: list[tuple], out: list, forbid=()
             for d, s in p.dims:
                 od = d + off
                 if od in forbid or (od < 0):
-                    if not ctx.whole_source(p, d):
-                        # a piece of a fused source (MQA's one k head): held whole instead
-                        ctx.refine_or_fail(p, d, lambda cur, _u: whole_chunks(cur, [(0, cur.size)]))
+                    ctx.hold_whole(p, d)
                     raise RuleFailure(f"{n.target} needs dim {d} whole but it is sharded")
                 cur = want.get(od)
                 if cur is None or s.parts > cur.parts:

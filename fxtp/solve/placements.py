@@ -313,6 +313,14 @@ def split_dims_only(p: Placement) -> Placement:
     return Sharded.of(dims, p.origin_dict()) if dims else REPLICATE
 
 
+def as_met(placements: list[Placement]) -> list[Placement]:
+    """The placements of operands that meet in one op: where some operand is split, the dims
+    every rank holds whole count as replicated (`split_dims_only`)."""
+    if any(isinstance(p, Sharded) and any(ds.parts > 1 for _, ds in p.dims) for p in placements):
+        return [split_dims_only(p) for p in placements]
+    return list(placements)
+
+
 def _expr(x):
     import sympy
 

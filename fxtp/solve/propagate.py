@@ -15,7 +15,14 @@ from torch import fx
 
 from ..capture.linear import LinearMatch, module_path, tensor_key
 from ..graph.ops import TRANSPOSES, functional_twin
-from . import rules_compute, rules_einsum, rules_partial, rules_shape, rules_slicing
+from . import (
+    rules_along,
+    rules_compute,
+    rules_einsum,
+    rules_partial,
+    rules_shape,
+    rules_slicing,
+)
 from .lowrank import bottleneck_failures, joins_partial_sum
 from .placements import REPLICATE, DimShard, Partial, Sharded
 from .records import Actions, Failure, Gather, Narrow, Reason, ReasonKind
@@ -33,7 +40,8 @@ from .splits import refine_within
 aten = torch.ops.aten
 
 # the modules whose rules fill SHARDED_RULES and PARTIAL_RULES (imported for that)
-RULE_MODULES = (rules_shape, rules_slicing, rules_compute, rules_einsum, rules_partial)
+RULE_MODULES = (rules_shape, rules_slicing, rules_compute, rules_along, rules_einsum,
+                rules_partial)
 
 
 class UnionFind:

@@ -129,6 +129,8 @@ class Actions:
     gathers: list[Gather] = field(default_factory=list)
     rescales: list[Rescale] = field(default_factory=list)
     statistics: list[str] = field(default_factory=list)   # reductions over a sharded dim
+    # LayerNorm/RMSNorm over sharded features -> the full count of the features it normalises
+    norm_statistics: dict[str, int] = field(default_factory=dict)
     placements: dict[str, Placement] = field(default_factory=dict)
     regions: dict[str, frozenset] = field(default_factory=dict)    # node -> sources feeding it
 

@@ -21,6 +21,7 @@ from torch import fx
 from .placements import DimShard, Sharded
 from .records import Actions, ReasonKind
 from .shapes import node_shape
+from .splits import whole_chunks
 
 
 class RuleFailure(Exception):
@@ -79,6 +80,13 @@ class RuleContext:
         org = spec.origin_of(dim)
         return (org is not None and org.offset == 0
                 and spec.get(dim).size * org.unit == self.source_features(org.source))
+
+    def hold_whole(self, spec: Sharded, dim: int) -> None:
+        """An op needs `dim` of `spec` whole (a contraction, SDPA's head dim): when it is a
+        piece of a fused source (MQA's one k head, Mamba-2's B), asks for that piece to be
+        held whole on every rank (a refine); the caller then fails for this pass."""
+        if not self.whole_source(spec, dim):
+            self.refine_or_fail(spec, dim, lambda cur, _u: whole_chunks(cur, [(0, cur.size)]))
 
     def sharded(self, x: Any) -> Sharded:
         """The placement of `x`, which must be sharded."""

@@ -7,11 +7,10 @@ from __future__ import annotations
 from torch import fx
 
 from ..graph.ops import aten
-from .placements import DimShard, Partial, Sharded, split_dims_only
+from .placements import DimShard, Partial, Sharded, as_met
 from .records import Narrow
 from .registry import SHARDED_RULES, RuleContext, RuleFailure
 from .shapes import node_shape, sharded_or_replicate
-from .splits import whole_chunks
 
 
 def letters_of(equation: str, ranks: list[int]) -> tuple[list[str], str]:
@@ -54,9 +53,7 @@ def einsum(ctx: RuleContext, n: fx.Node) -> Sharded:
     if any(s is None for s in shapes):
         raise RuleFailure("einsum of a non-tensor")
     terms, out = letters_of(n.args[0], [len(s) for s in shapes])
-    placements = [ctx.placement(t) for t in tensors]
-    if any(isinstance(p, Sharded) and any(ds.parts > 1 for _, ds in p.dims) for p in placements):
-        placements = [split_dims_only(p) for p in placements]
+    placements = as_met([ctx.placement(t) for t in tensors])
     want: dict[str, DimShard] = {}
     for p, term in zip(placements, terms):
         if isinstance(p, Partial):
@@ -68,8 +65,7 @@ def einsum(ctx: RuleContext, n: fx.Node) -> Sharded:
             if letter not in out:
                 if all(c.parts == 1 for c in ds.splits):
                     continue   # every rank holds all of it: contracted locally
-                if not ctx.whole_source(p, d):
-                    ctx.refine_or_fail(p, d, lambda cur, _u: whole_chunks(cur, [(0, cur.size)]))
+                ctx.hold_whole(p, d)
                 raise RuleFailure(f"einsum contracts the sharded dim {letter!r}")
             if letter not in want or ds.parts > want[letter].parts:
                 want[letter] = ds

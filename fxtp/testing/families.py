@@ -76,11 +76,14 @@ FAMILIES: dict[str, dict[str, Any]] = {
                         num_local_experts=4, num_experts_per_tok=1, moe_layers=[0, 1],
                         no_rope_layers=[1, 1], layer_types=["chunked_attention"] * 2,
                         pad_token_id=127, eos_token_id=127, bos_token_id=127),
-    # an encoder: fused qkv viewed as [b, s, 3, heads, d] and unbound into q, k, v
+    # an encoder: fused qkv viewed as [b, s, 3, heads, d] and unbound into q, k, v; its MLM
+    # head untied (dense -> LayerNorm over dense's split features -> decoder): a LayerNorm
+    # statistic, the head sharded
     "modernbert": dict(model_type="modernbert", hidden_size=64, intermediate_size=128,
                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
                        layer_types=["full_attention", "sliding_attention"], pad_token_id=127,
-                       eos_token_id=127, bos_token_id=127, cls_token_id=127, sep_token_id=127),
+                       eos_token_id=127, bos_token_id=127, cls_token_id=127, sep_token_id=127,
+                       tie_word_embeddings=False, norm_bias=True),
     # attention sinks (a max over the keys with per-head sink logits), experts stored as 3-D
     # parameters with gate and up interleaved (`h[..., ::2]`, `h[..., 1::2]`), a topk router
     "gpt_oss": dict(model_type="gpt_oss", hidden_size=64, intermediate_size=128,
