@@ -1,7 +1,15 @@
 """Tests that read one spawn of gloo ranks from many test functions: the spawn runs once per
-module (a fixture), each test reads its case from every rank's results."""
+module (a fixture), each test reads its case from every rank's results.
+
+The longest spawns may start early, in the background (`start_early`, called by conftest.py
+when their tests are collected): they then run beside the tests that use one process only,
+which leave the second core idle (conftest.py runs those first), and their tests wait for the
+result (`early_result`)."""
 from __future__ import annotations
 
+import queue
+import threading
+from concurrent.futures import Future
 from typing import Any, Callable, Optional
 
 import pytest
@@ -9,6 +17,34 @@ import pytest
 from fxtp.testing.ranks import run_ranks
 
 _SPAWNED: dict = {}     # (run_all, world size) -> every rank's results, for the session
+_EARLY: dict[Any, Future] = {}      # key -> a spawn started in the background
+_QUEUE: "queue.Queue[tuple[Future, Callable[[], Any]]]" = queue.Queue()
+
+
+def _run_queued() -> None:
+    while True:
+        future, spawn = _QUEUE.get()
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(spawn())
+            except BaseException as e:      # the tests that read it raise it
+                future.set_exception(e)
+
+
+def start_early(key: Any, spawn: Callable[[], Any]) -> None:
+    """Queues `spawn()` (a `run_ranks` call) to run in the background, one at a time, on a
+    daemon thread (a session that ends first does not wait for it)."""
+    if key not in _EARLY:
+        if not _EARLY:
+            threading.Thread(target=_run_queued, name="early-spawns", daemon=True).start()
+        _EARLY[key] = Future()
+        _QUEUE.put((_EARLY[key], spawn))
+
+
+def early_result(key: Any, spawn: Callable[[], Any]) -> Any:
+    """The result of the spawn started early under `key` (waiting for it), else `spawn()`."""
+    future = _EARLY.get(key)
+    return future.result() if future is not None else spawn()
 
 
 def spawn_fixture(run_all: Callable, world_size: int,

@@ -1,11 +1,15 @@
-"""The command line, through real subprocesses: output and exit codes.
+"""The command line (`python -m fxtp`): output and exit codes.
 
 Every command runs once, all of them started together by one fixture (each pays for importing
 torch and transformers; run one after the other they took four minutes of the suite), and the
-tests read their results.
+tests read their results. Meanwhile the bad-input commands (refused before any model is built)
+and the commands whose work is in ranks run in this process (`fxtp.cli.main`: the same exit
+code and output; the ranks fork from a forkserver that has imported torch once).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -27,6 +31,20 @@ BAD_INPUT = {
 def fxtp(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fxtp", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+def fxtp_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`python -m fxtp ARGS` as `fxtp.cli.main` in this process (its exit code and output),
+    for the commands refused before any model is built (each process costs seconds of imports)."""
+    from fxtp.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = main(list(args))
+        except SystemExit as e:       # argparse's own errors
+            code = e.code
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 
 def _config_dir(path, **config) -> str:
@@ -54,21 +72,24 @@ def runs(tmp_path_factory) -> dict:
         "cannot_capture": (("plan", _config_dir(
             tmp / "vit", model_type="vit", hidden_size=32, num_hidden_layers=1,
             num_attention_heads=2, intermediate_size=64, image_size=8, patch_size=4)), None),
-        "demo": (("demo", "--examples", "3"), None),
-        "explain": (("explain", "llama", "-n", "2", "--rank", "1", "--diff"), None),
         # world size 1 runs in the CLI's process (no spawn); the drawing of a sharded graph is
         # checked on the ranks of tests/test_multirank.py
         "draw": (("draw", "gpt2", "-n", "1", "-o", str(tmp / "tp.dot"), "--layer",
                   "transformer.h.1"), None),
         "svg_no_graphviz": (("draw", "llama", "-o", str(tmp / "tp.svg")),
                             dict(os.environ, PATH=str(no_dot))),       # no `dot` on the PATH
-        "verify": (("verify", "bloom", "-n", "2", "--examples", "2"), None),
-        **{name: (args, None) for name, (args, _) in BAD_INPUT.items()},
     }
+    # in this process, while the others run: the commands refused before any model is built,
+    # and those whose work is in ranks (which fork from this process's forkserver, imports done)
+    in_process = {name: args for name, (args, _) in BAD_INPUT.items()}
+    in_process.update(demo=("demo", "--examples", "3"),
+                      explain=("explain", "llama", "-n", "2", "--rank", "1", "--diff"),
+                      verify=("verify", "bloom", "-n", "2", "--examples", "2"))
     with ThreadPoolExecutor(max_workers=3) as pool:
         futures = {name: pool.submit(fxtp, *args, env=env)
                    for name, (args, env) in commands.items()}
-        out = {name: f.result() for name, f in futures.items()}
+        out = {name: fxtp_in_process(*args) for name, args in in_process.items()}
+        out.update({name: f.result() for name, f in futures.items()})
     out["tmp"] = tmp
     return out
 

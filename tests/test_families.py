@@ -12,6 +12,7 @@ from fxtp.testing.families import FAMILIES
 from fxtp.testing.ranks import run_ranks
 
 from .rank_workers import FAMILY_EXAMPLES, run_families, world_sizes
+from .spawned import early_result, start_early
 
 TOL = 1e-4
 NAMES = tuple(FAMILIES)
@@ -62,9 +63,15 @@ def spawn(ws: int) -> list[dict]:
                      timeout=900)
 
 
+def start_spawns(world_sizes: set[int]) -> None:
+    """Starts the spawns of these world sizes in the background (conftest.py, at collection)."""
+    for ws in sorted(world_sizes):
+        start_early(("families", ws), lambda ws=ws: spawn(ws))
+
+
 def family(ws: int, name: str) -> list[dict]:
     if ws not in _cache:
-        _cache[ws] = spawn(ws)
+        _cache[ws] = early_result(("families", ws), lambda: spawn(ws))
     per_rank = [r[name] for r in _cache[ws]]
     for r in per_rank:
         assert "exception" not in r, r.get("exception")
