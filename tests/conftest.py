@@ -21,14 +21,21 @@ SINGLE_PROCESS = {
 
 @pytest.hookimpl(trylast=True)      # after -k/-m deselection
 def pytest_collection_modifyitems(config, items):
-    """Single-process modules first (file order kept otherwise); the family spawns of the
-    collected family tests start in the background now."""
+    """Single-process modules first (file order kept otherwise); the long spawns of the
+    collected tests (their modules' `start_spawns`: the families, multirank at world 4) start
+    in the background now."""
     def module(item) -> str:
         return item.module.__name__.rsplit(".", 1)[-1]
 
     items.sort(key=lambda item: module(item) not in SINGLE_PROCESS)
-    families = [item for item in items if module(item) == "test_families"]
-    if families and not config.option.collectonly:
-        mod = families[0].module
-        mod.start_spawns({getattr(item, "callspec", None) and item.callspec.params.get("ws")
-                          or mod.COMPILED_AT for item in families})
+    if config.option.collectonly:
+        return
+    world_sizes: dict = {}
+    for item in items:
+        start = getattr(item.module, "start_spawns", None)
+        if start is not None:
+            params = getattr(item, "callspec", None)
+            ws = params.params.get("ws") if params else None
+            world_sizes.setdefault(start, set()).add(ws or getattr(item.module, "COMPILED_AT", 0))
+    for start, sizes in world_sizes.items():
+        start(sizes)

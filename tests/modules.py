@@ -522,6 +522,29 @@ class TorchNormsBlock(nn.Module):
         return x + self.down(self.mid(F.gelu(self.up(x))))
 
 
+class GatedHeadRows(nn.Module):
+    """A gated delta net's output path (Qwen3.5, OLMo-hybrid): the attention output
+    `[b, s, heads, d]` and its gate are flattened to one row per head, `[b * s * heads, d]`,
+    RMS-normed per row and gated, then put back as `[b, s, heads * d]` for o: the heads are a
+    sharded block inside the rows, and each rank's rows are its own heads."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.hd = heads, dim // heads
+        self.q, self.k, self.v, self.z, self.o = (nn.Linear(dim, dim, bias=False)
+                                                  for _ in range(5))
+        self.norm_w = nn.Parameter(1 + 0.5 * torch.randn(self.hd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = (t.view(b, s, self.heads, self.hd).transpose(1, 2)
+                   for t in (self.q(x), self.k(x), self.v(x)))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        rows, gate = y.reshape(-1, self.hd), self.z(x).reshape(-1, self.hd)
+        rows = _rms(rows) * self.norm_w * F.silu(gate)
+        return x + self.o(rows.reshape(b, s, -1))
+
+
 STRUCTURES = {
     "fused_thirds": (FusedThirds, [(2, 5, 32)]),
     "interleaved_heads": (InterleavedHeads, [(2, 5, 32)]),
@@ -539,6 +562,7 @@ STRUCTURES = {
     "ssm_one_group": (StateSpaceBlock, [(2, 5, 32)]),
     "ssm_groups": (lambda: StateSpaceBlock(groups=4), [(2, 5, 32)]),
     "torch_norms": (TorchNormsBlock, [(2, 5, 32)]),
+    "gated_head_rows": (GatedHeadRows, [(2, 5, 32)]),
 }
 
 

@@ -10,6 +10,7 @@ import pytest
 from fxtp.testing.ranks import run_ranks
 
 from .rank_workers import HF_CASES, run_all
+from .spawned import early_result, start_early
 
 TOL = 1e-4
 WORLD_SIZES = (1, 2, 4)
@@ -17,9 +18,19 @@ CASES = HF_CASES + ("tinynet",)
 _cache: dict[int, list] = {}
 
 
+def spawn(ws: int) -> list[dict]:
+    return run_ranks(run_all, ws, timeout=600)
+
+
+def start_spawns(world_sizes: set[int]) -> None:
+    """Starts the world-4 spawn (the longest) in the background (conftest.py, at collection)."""
+    if 4 in world_sizes:
+        start_early(("multirank", 4), lambda: spawn(4))
+
+
 def results(ws: int) -> list[dict]:
     if ws not in _cache:
-        _cache[ws] = run_ranks(run_all, ws, timeout=600)
+        _cache[ws] = early_result(("multirank", ws), lambda: spawn(ws))
     return _cache[ws]
 
 
@@ -200,7 +211,7 @@ def test_hand_built_structures_equivalent(ws):
                             "fused_multi_query": 1, "normed_rotary": 4, "complex_rotary": 1,
                             "sink_topk": 1, "fused_qkv_unbind": 1, "interleaved_gate_up": 1,
                             "looped_experts": 1, "ssm_one_group": 2, "ssm_groups": 1,
-                            "torch_norms": 7}
+                            "torch_norms": 7, "gated_head_rows": 1}
     for r in case(ws, "structures"):
         for name, facts in r.items():
             assert facts["max_error"] <= TOL, name
@@ -214,8 +225,10 @@ def test_hand_built_structures_equivalent(ws):
         norms = r["torch_norms"]     # the norms' cut weights and biases, the statistics' backward
         assert norms["grad_error"] <= TOL and not norms["grads_missing"]
         assert norms["grads_compared"] == 13
-        # bf16: as far from the fp32 model as the untouched bf16 model is (about 0.03 here)
-        assert norms["bf16_error"] <= 1.25 * norms["bf16_untouched_error"]
+        # bf16: about as far from the fp32 model as the untouched bf16 model is (0.027 to
+        # 0.037 here, the row-parallel partial sums rounded; the weight applied after the
+        # cast, unlike torch's RMSNorm, made it 0.12)
+        assert norms["bf16_error"] <= 2 * norms["bf16_untouched_error"]
 
 
 @pytest.mark.parametrize("ws, name", [(2, "compile_llama"), (4, "compile_llama"),

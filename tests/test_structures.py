@@ -131,6 +131,18 @@ def test_layer_norms_and_rms_norms_over_sharded_features_all_reduce_a_statistic(
     assert "partial statistics: 5 norm(s)" in str(plan)
 
 
+@pytest.mark.parametrize("ws", (2, 4))
+def test_rows_of_heads_put_back_keep_the_heads_sharded(ws):
+    """`[b, s, h, d] -> [b * s * h, d]` (rows holding the heads as a block) and back to
+    `[b, s, h * d]` for o: q, k, v and the gate column-parallel, o row-parallel, one
+    all-reduce; the per-row norm's weight (one head's width) is whole on every rank."""
+    plan = plan_of("gated_head_rows", ws)
+    for lin in ("q", "k", "v", "z"):
+        assert plan.placement_of(lin) == "column", (lin, plan.replicated)
+    assert plan.placement_of("o") == "row" and not plan.replicated
+    assert plan.total_all_reduces == 1 and not plan.statistics
+
+
 def test_partial_statistics_off_keeps_the_region_whole():
     from fxtp.capture.linear import find_linears
     from fxtp.solve.solver import solve
@@ -254,4 +266,5 @@ def test_every_structure_is_listed():
                                "parallel_block", "cross_attention", "heads_in_batch",
                                "fused_multi_query", "normed_rotary", "complex_rotary",
                                "sink_topk", "fused_qkv_unbind", "interleaved_gate_up",
-                               "looped_experts", "ssm_one_group", "ssm_groups", "torch_norms"}
+                               "looped_experts", "ssm_one_group", "ssm_groups", "torch_norms",
+                               "gated_head_rows"}

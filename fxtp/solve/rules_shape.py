@@ -128,7 +128,7 @@ def view_placement(ctx: RuleContext, n: fx.Node, size_arg: Optional[int]) -> Sha
             raise RuleFailure("merges two sharded dims")
         d, ds = sh[0]
         if ds.outer:
-            j, new, unit = _view_outer(d, ds, gi, go, dst)
+            j, new, unit = _view_outer(d, ds, gi, go, src, dst)
         else:
             j, new, unit = _view_inner(ctx, sp, d, ds, gi, go, src, dst, groups)
         dims[j] = new
@@ -155,9 +155,13 @@ def _view_inner(ctx: RuleContext, sp: Sharded, d: int, ds: DimShard, gi: list, g
     if not outs:
         raise RuleFailure("views a sharded dim as size 1")
     if outer:
-        if len(outs) != 1 or flat is None:
+        # the outer dims and the sharded one as one dim (whole units of it: heads), static
+        # dims after it the rest of each unit (`gate.reshape(-1, head_dim)`: a row per head)
+        inner_out = static_prod([dst[k] for k in go if k > outs[0]])
+        new = flat.scaled(1, inner_out) if flat is not None and inner_out else None
+        if new is None or not new.valid():
             raise RuleFailure("merges a sharded dim into an outer dim and splits it again")
-        return outs[0], flat.with_splits(flat.splits, outer=True), None
+        return outs[0], new.with_splits(new.splits, outer=True), None
     j = outs[0]
     new_unit_dim = j != go[0] or ([], [j - 1]) in groups
     if new_unit_dim and static_int(dst[j - 1]) == 1 and ctx.whole_source(sp, d):
@@ -205,20 +209,26 @@ def _chunks_as_dim(flat: DimShard, dst: list, go: list,
     return rest[0], one, None
 
 
-def _view_outer(d: int, ds: DimShard, gi: list, go: list,
+def _view_outer(d: int, ds: DimShard, gi: list, go: list, src: list,
                 dst: list) -> tuple[int, DimShard, Optional[int]]:
-    """A view of a dim that is (dynamic outer) x (sharded block): kept merged, or split
-    back into the outer dims and the block (BLOOM's [b * heads, s, d] -> [b, heads, s, d])."""
-    if gi != [d]:
+    """A view of a dim that is (dynamic outer) x (sharded block), with static dims after it
+    joining the block: kept merged, or split back into the outer dims and the block (BLOOM's
+    `[b * heads, s, d] -> [b, heads, s, d]`; a gated delta rule's per-head rows put back,
+    `[b * s * heads, d] -> [b, s, heads * d]`)."""
+    if gi[0] != d:
+        raise RuleFailure("merges a dim holding a sharded block with the dims before it")
+    inner_in = static_prod([src[k] for k in gi[1:]])
+    flat = ds.scaled(inner_in) if inner_in else None
+    if flat is None or not flat.valid():
         raise RuleFailure("merges a dim holding a sharded block with other dims")
     if len(go) == 1:
-        return go[0], ds, None
+        return go[0], flat, None
     for t in range(1, len(go)):
         tail = static_prod([dst[k] for k in go[t:]])
-        if tail == ds.size:
+        if tail == flat.size:
             j = go[t]
             inner_out = static_prod([dst[k] for k in go[t + 1:]])
-            new = ds.with_splits(ds.splits, outer=False).scaled(1, inner_out)
+            new = flat.with_splits(flat.splits, outer=False).scaled(1, inner_out)
             if new is None or not new.valid():
                 break
             return j, new, None
