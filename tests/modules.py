@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .modules_mixers import GatedHeadRows, StateSpaceBlock, TorchNormsBlock
+
 
 class TinyAttention(nn.Module):
     """Multi-head self-attention written by hand: view with a literal head count, eager softmax."""
@@ -430,119 +432,6 @@ class AttentionThenLoopedExperts(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm(x))
         return x + self.moe(x)
-
-
-class StateSpaceMixer(nn.Module):
-    """A Mamba-2 style mixer written by hand: one in_proj makes gate | x B C | dt, a depthwise
-    causal conv1d runs along time over x B C, B and C (`groups` groups of `state` features)
-    are repeated for the heads of their group, a quadratic (SSD) scan mixes the positions
-    with einsums under a causal `tril`, and a gated RMSNorm over each group's width feeds
-    out_proj. With one group B and C are the same on every rank and the norm runs over the
-    whole sharded width (a partial statistic)."""
-
-    def __init__(self, dim: int = 32, heads: int = 8, head_dim: int = 8, groups: int = 1,
-                 state: int = 4, kernel: int = 4):
-        super().__init__()
-        self.heads, self.head_dim, self.groups, self.state = heads, head_dim, groups, state
-        self.inner = heads * head_dim
-        self.conv_dim = self.inner + 2 * groups * state
-        self.in_proj = nn.Linear(dim, self.inner + self.conv_dim + heads, bias=False)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel, groups=self.conv_dim,
-                                padding=kernel - 1)
-        self.dt_bias = nn.Parameter(torch.rand(heads))
-        self.A_log = nn.Parameter(torch.rand(heads))
-        self.D = nn.Parameter(torch.ones(heads))
-        self.norm_weight = nn.Parameter(1 + 0.1 * torch.randn(self.inner))
-        self.out_proj = nn.Linear(self.inner, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, length, _ = x.shape
-        gate, xbc, dt = self.in_proj(x).split([self.inner, self.conv_dim, self.heads], dim=-1)
-        xbc = F.silu(self.conv1d(xbc.transpose(1, 2))[..., :length].transpose(1, 2))
-        h, B, C = xbc.split([self.inner, self.groups * self.state, self.groups * self.state],
-                            dim=-1)
-        h = h.view(b, length, self.heads, self.head_dim)
-        per_group = self.heads // self.groups
-        B = B.view(b, length, self.groups, self.state).repeat_interleave(per_group, dim=2)
-        C = C.view(b, length, self.groups, self.state).repeat_interleave(per_group, dim=2)
-        dt = F.softplus(dt + self.dt_bias)                                  # [b, l, h]
-        decay = torch.cumsum(-torch.exp(self.A_log) * dt, dim=1).transpose(1, 2)   # [b, h, l]
-        gaps = decay[..., :, None] - decay[..., None, :]                   # [b, h, l, s]
-        causal = torch.tril(torch.ones_like(gaps)).bool()
-        weights = torch.exp(gaps.masked_fill(~causal, float("-inf")))
-        scores = torch.einsum("blhn,bshn->blsh", C, B) * weights.permute(0, 2, 3, 1)
-        y = torch.einsum("blsh,bshp->blhp", scores, h * dt[..., None])
-        y = (y + self.D[:, None] * h).reshape(b, length, self.inner)
-        y = (y * F.silu(gate)).view(b, length, self.groups, self.inner // self.groups)
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return self.out_proj(self.norm_weight * y.reshape(b, length, self.inner))
-
-
-class StateSpaceBlock(nn.Module):
-    """A pre-norm residual block around `StateSpaceMixer`."""
-
-    def __init__(self, groups: int = 1):
-        super().__init__()
-        self.norm = nn.LayerNorm(32)
-        self.mixer = StateSpaceMixer(groups=groups)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.mixer(self.norm(x))
-
-
-class TorchNormsBlock(nn.Module):
-    """Norms over features a column-parallel linear splits, written with torch's norm modules
-    (`aten.layer_norm`, `aten.rms_norm`), not by hand: q and k LayerNormed over all heads
-    together (OLMo-1's qk norm; q's with a bias), v L2-normalised over all heads
-    (`F.normalize`), an RMSNorm over the attention output before o, and a sub-LayerNorm over
-    the MLP's intermediate width before down (NormFormer's). Each is an fp32 statistic of the
-    local features, all-reduced: attention and MLP stay sharded, the norms' weights and biases
-    cut with their features."""
-
-    def __init__(self, dim: int = 32, heads: int = 4, inter: int = 64):
-        super().__init__()
-        self.heads = heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
-        self.q_norm, self.k_norm = nn.LayerNorm(dim), nn.LayerNorm(dim, bias=False)
-        self.sub = nn.RMSNorm(dim)
-        self.up, self.down = nn.Linear(dim, inter), nn.Linear(inter, dim, bias=False)
-        self.mid = nn.LayerNorm(inter)
-        with torch.no_grad():      # weights and biases that tell the features apart
-            for p in (*self.q_norm.parameters(), *self.k_norm.parameters(), self.sub.weight,
-                      *self.mid.parameters()):
-                p.copy_(1 + 0.5 * torch.randn_like(p))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, d = x.shape
-        q, k, v = (t.view(b, s, self.heads, d // self.heads).transpose(1, 2)
-                   for t in (self.q_norm(self.q(x)), self.k_norm(self.k(x)),
-                             4 * F.normalize(self.v(x), dim=-1)))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.o(self.sub(y.transpose(1, 2).reshape(b, s, d)))
-        return x + self.down(self.mid(F.gelu(self.up(x))))
-
-
-class GatedHeadRows(nn.Module):
-    """A gated delta net's output path (Qwen3.5, OLMo-hybrid): the attention output
-    `[b, s, heads, d]` and its gate are flattened to one row per head, `[b * s * heads, d]`,
-    RMS-normed per row and gated, then put back as `[b, s, heads * d]` for o: the heads are a
-    sharded block inside the rows, and each rank's rows are its own heads."""
-
-    def __init__(self, dim: int = 32, heads: int = 4):
-        super().__init__()
-        self.heads, self.hd = heads, dim // heads
-        self.q, self.k, self.v, self.z, self.o = (nn.Linear(dim, dim, bias=False)
-                                                  for _ in range(5))
-        self.norm_w = nn.Parameter(1 + 0.5 * torch.randn(self.hd))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, d = x.shape
-        q, k, v = (t.view(b, s, self.heads, self.hd).transpose(1, 2)
-                   for t in (self.q(x), self.k(x), self.v(x)))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
-        rows, gate = y.reshape(-1, self.hd), self.z(x).reshape(-1, self.hd)
-        rows = _rms(rows) * self.norm_w * F.silu(gate)
-        return x + self.o(rows.reshape(b, s, -1))
 
 
 STRUCTURES = {
