@@ -169,7 +169,7 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
 def _bytes_per_token(value: fx.Node, norm_statistics: dict[str, int]) -> int:
     """Bytes an all-reduce of `value` moves per token: its static dims (the dynamic ones are
     batch and sequence) times the element size; for a norm's statistic, its fp32 sums (of the
-    features and their squares for a LayerNorm, of the squares for an RMSNorm)."""
+    features and their squares for a LayerNorm, of the squares for an RMSNorm or an L2 norm)."""
     if value.name in norm_statistics:
         return 4 * (2 if value.target == aten.layer_norm.default else 1)
     val = value.meta.get("val")

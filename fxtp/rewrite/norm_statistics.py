@@ -1,7 +1,7 @@
-"""LayerNorms, RMSNorms and L2 norms over features split across the ranks, computed from an all-reduced
-statistic: each rank sums its own features and their squares in fp32, one all-reduce gives the
-full sums, and each rank normalises its own features with its slice of the weight and bias
-(`local_slices` cut those). A sub-LayerNorm over 64 features split 32 | 32:
+"""LayerNorms, RMSNorms and L2 norms over features split across the ranks, computed from an
+all-reduced statistic: each rank sums its own features and their squares in fp32, one
+all-reduce gives the full sums, and each rank normalises its own features with its slice of
+the weight and bias (`local_slices` cut those). A sub-LayerNorm over 64 features split 32 | 32:
 
     layer_norm(x, [64], w, b, 1e-5)                       (x, w, b: this rank's 32 features)
  -> xf = _to_copy(x, float32)
@@ -11,8 +11,8 @@ full sums, and each rank normalises its own features with its slice of the weigh
     layer_norm = type_as((xf - mean) * rsqrt(var + 1e-5) * w + b, x)
 
 An RMSNorm all-reduces `sum(xf * xf)` alone; an L2 `linalg_vector_norm` (`F.normalize`) too,
-and takes its square root. As in torch's norms, the statistic and the affine
-are computed in fp32 (fp64 for fp64 inputs) and the result cast back to the input's dtype.
+and takes its square root. As in torch's norms, the statistic and the affine are computed in
+fp32 (fp64 for fp64 inputs) and the result is cast back to the input's dtype.
 `copy_to_region` makes the backward sum the statistic's gradient over the ranks too (each
 rank's features use the full statistic). The norm node keeps its name: its users and the
 plan's records refer to it. Runs after the gradient syncs, which do not see these nodes.
