@@ -5,7 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules_mixers import GatedHeadRows, StateSpaceBlock, TorchNormsBlock
+from .modules_mixers import (
+    GatedHeadRows,
+    LatentAttention,
+    StateSpaceBlock,
+    TorchNormsBlock,
+)
 
 
 class TinyAttention(nn.Module):
@@ -452,6 +457,7 @@ STRUCTURES = {
     "ssm_groups": (lambda: StateSpaceBlock(groups=4), [(2, 5, 32)]),
     "torch_norms": (TorchNormsBlock, [(2, 5, 32)]),
     "gated_head_rows": (GatedHeadRows, [(2, 5, 32)]),
+    "latent_attention": (LatentAttention, [(2, 5, 32)]),
 }
 
 

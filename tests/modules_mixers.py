@@ -1,5 +1,6 @@
 """Hand-written mixers and norm blocks used by the tests (tests/modules.py lists them in
-STRUCTURES): a Mamba-2 style mixer, torch's norms over split features, rows of heads."""
+STRUCTURES): a Mamba-2 style mixer, torch's norms over split features, rows of heads, latent
+attention."""
 from __future__ import annotations
 
 import torch
@@ -119,3 +120,47 @@ class GatedHeadRows(nn.Module):
         rows = rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + 1e-6)
         rows = rows * self.norm_w * F.silu(gate)
         return x + self.o(rows.reshape(b, s, -1))
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3, HY-V4) written as transformers writes it:
+    kv_a makes a latent | one rope key shared by every head; the latent is RMS-normed and
+    kv_b expands it to each head's k_nope | v; the key is filled in place,
+    `key = kv.new_empty(...)`, `key[..., :nope].copy_(k_nope)`,
+    `key[..., nope:].copy_(k_rot.expand(...))`. The shared rope key must reach every rank
+    whole: a plan that splits kv_a's rope piece writes this rank's half into a temporary slice
+    and leaves the key's tail uninitialised (a silent wrong answer fxtp once gave)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, nope: int = 8, rope: int = 4,
+                 v: int = 8, latent: int = 16):
+        super().__init__()
+        self.heads, self.nope, self.rope, self.v_dim, self.latent = heads, nope, rope, v, latent
+        self.q = nn.Linear(dim, heads * (nope + rope), bias=False)
+        self.kv_a = nn.Linear(dim, latent + rope, bias=False)
+        self.kv_norm = nn.Parameter(1 + 0.5 * torch.randn(latent))
+        self.kv_b = nn.Linear(latent, heads * (nope + v), bias=False)
+        self.o = nn.Linear(heads * v, dim, bias=False)
+        self.register_buffer("inv_freq", 1.0 / 100 ** (torch.arange(0, rope, 2) / rope))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        freqs = torch.arange(s, dtype=x.dtype, device=x.device)[:, None] * self.inv_freq
+        cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
+
+        def rotate(t: torch.Tensor) -> torch.Tensor:
+            t1, t2 = t[..., :self.rope // 2], t[..., self.rope // 2:]
+            return t * cos + torch.cat((-t2, t1), dim=-1) * sin
+
+        q = self.q(x).view(b, s, self.heads, -1).transpose(1, 2)
+        q_nope, q_rot = q.split([self.nope, self.rope], dim=-1)
+        kv_pass, k_rot = self.kv_a(x).split([self.latent, self.rope], dim=-1)
+        kv_pass = kv_pass * torch.rsqrt(kv_pass.pow(2).mean(-1, keepdim=True) + 1e-6)
+        kv = self.kv_b(kv_pass * self.kv_norm).view(b, s, self.heads, -1).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k_rot = rotate(k_rot.view(b, 1, s, self.rope)).expand(-1, self.heads, -1, -1)
+        key = kv.new_empty(b, self.heads, s, self.nope + self.rope)
+        key[..., :self.nope].copy_(k_nope)
+        key[..., self.nope:].copy_(k_rot)
+        query = torch.cat((q_nope, rotate(q_rot)), dim=-1)
+        y = F.scaled_dot_product_attention(query, key, v, is_causal=True)
+        return x + self.o(y.transpose(1, 2).reshape(b, s, -1))

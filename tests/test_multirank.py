@@ -211,7 +211,8 @@ def test_hand_built_structures_equivalent(ws):
                             "fused_multi_query": 1, "normed_rotary": 4, "complex_rotary": 1,
                             "sink_topk": 1, "fused_qkv_unbind": 1, "interleaved_gate_up": 1,
                             "looped_experts": 1, "ssm_one_group": 2, "ssm_groups": 1,
-                            "torch_norms": 7, "gated_head_rows": 1}
+                            "torch_norms": 7, "gated_head_rows": 1,
+                            "latent_attention": 1}
     for r in case(ws, "structures"):
         for name, facts in r.items():
             assert facts["max_error"] <= TOL, name

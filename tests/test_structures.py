@@ -143,6 +143,23 @@ def test_rows_of_heads_put_back_keep_the_heads_sharded(ws):
     assert plan.total_all_reduces == 1 and not plan.statistics
 
 
+@pytest.mark.parametrize("ws", (2, 4))
+def test_latent_attention_keeps_the_shared_rope_key_whole(ws):
+    """MLA: q and kv_b column-parallel by heads, o row-parallel, one all-reduce; kv_a (the
+    latent and the one rope key every head shares) whole on every rank, as Megatron and vLLM
+    keep it. The key filled in place (`new_empty`, then `copy_` into its slices) is made
+    with this rank's heads; kv_a's rope piece is never split, since `copy_` cannot write a
+    split value into the replicated key (see test_multirank for the numbers)."""
+    plan = plan_of("latent_attention", ws)
+    for lin in ("q", "kv_b"):
+        assert plan.placement_of(lin) == "column", (lin, plan.replicated)
+    assert plan.placement_of("o") == "row" and plan.placement_of("kv_a") == "replicate"
+    assert "writes a sharded value in place" in plan.replicated["kv_a"]
+    assert plan.total_all_reduces == 1 and not plan.statistics
+    key = plan.solution.actions.placements["new_empty"]
+    assert [(d, s.parts, s.size) for d, s in key.dims] == [(1, ws, 4)]   # the 4 heads
+
+
 def test_partial_statistics_off_keeps_the_region_whole():
     from fxtp.capture.linear import find_linears
     from fxtp.solve.solver import solve
@@ -267,4 +284,4 @@ def test_every_structure_is_listed():
                                "fused_multi_query", "normed_rotary", "complex_rotary",
                                "sink_topk", "fused_qkv_unbind", "interleaved_gate_up",
                                "looped_experts", "ssm_one_group", "ssm_groups", "torch_norms",
-                               "gated_head_rows"}
+                               "gated_head_rows", "latent_attention"}

@@ -160,8 +160,41 @@ PARTIAL_RULES = RuleBook("partial")
 
 def sharded_placement(ctx: RuleContext, n: fx.Node, target: Any) -> Any:
     """The placement of `n`, which reads a sharded value; RuleFailure when no rule takes it."""
+    before = len(ctx.actions.narrows)
     out = SHARDED_RULES.apply(ctx, n, target)
     if out is DECLINED:
         raise RuleFailure(f"no sharding rule for {getattr(target, '__name__', target)}; the "
                           "value it reads is sharded")
+    if n.target is not target:
+        _check_written_whole(ctx, n, ctx.actions.narrows[before:])
     return out
+
+
+def sliced_in_place(value: fx.Node, have: DimShard | None, want: DimShard) -> bool:
+    """A parameter or buffer read only here, whole, by a plain (not outer) split: its stored
+    tensor is replaced by this rank's slice instead of slicing it at run time."""
+    return value.op == "get_attr" and len(value.users) == 1 and have is None and not want.outer
+
+
+def _check_written_whole(ctx: RuleContext, n: fx.Node, narrows: list) -> None:
+    """An in-place op (`dst.copy_(src)`, `dst.add_(src)`) writes into the tensor it is given:
+    slicing `dst` to the split of a sharded `src` would write into a temporary slice, and the
+    tensor read afterwards (HY-V4's `key_states[..., 16:].copy_(k_rot)`) would keep garbage.
+    So `dst` must take `src` as it is. Asks for a sharded `src` piece of a fused source to be
+    held whole (MLA's shared rope key, a slice of `kv_a_proj`); else fails, so the region
+    stays replicated."""
+    dst = n.args[0]
+    cut = {nw.dim for nw in narrows if nw.user == n.name and nw.path == (0,)
+           and not sliced_in_place(dst, nw.have, nw.want)}
+    if not cut:
+        return
+    out = node_shape(n)
+    for a in n.all_input_nodes:
+        spec, shape = ctx.placement(a), node_shape(a)
+        if a is dst or not isinstance(spec, Sharded) or shape is None or out is None:
+            continue
+        for d, _ in spec.dims:
+            if d + len(out) - len(shape) in cut:
+                ctx.hold_whole(spec, d)
+    raise RuleFailure(f"{getattr(n.target, '__name__', n.target)} writes a sharded value in "
+                      f"place into {dst.name}, which is replicated (it cannot be sliced in place)")

@@ -12,7 +12,6 @@ from ..graph.ops import (
     CONVOLUTIONS,
     SDPA,
     aten,
-    functional_twin,
     is_pointwise,
 )
 from .align import align
@@ -93,22 +92,15 @@ def index_copy(ctx: RuleContext, n: fx.Node) -> Sharded:
     other dims align as in a pointwise op, so a replicated x meeting a src sharded by heads
     keeps only this rank's heads. Written in place, x must then be a tensor attribute (a
     cache buffer) used nowhere else: it is sliced once, in place, and the cache each rank
-    holds is its own heads only."""
-    x, idx, src = n.args[0], n.args[2], n.args[3]
+    holds is its own heads only (`sharded_placement` checks every in-place write)."""
+    idx, src = n.args[2], n.args[3]
     out = node_shape(n)
     if out is None or node_shape(src) is None or len(node_shape(src)) != len(out):
         raise RuleFailure("index_copy with a source of another rank")
     if isinstance(ctx.placement(idx), Sharded):
         raise RuleFailure("index_copy with sharded indices")
     dim = norm_dim(n.args[1], len(out))
-    before = len(ctx.actions.narrows)
-    result = align(ctx, n, [(0,), (3,)], out, forbid=[dim])
-    in_place = n.target is not functional_twin(n.target)
-    narrowed_self = any(nw.path == (0,) for nw in ctx.actions.narrows[before:])
-    if in_place and narrowed_self and not (x.op == "get_attr" and len(x.users) == 1):
-        raise RuleFailure("writes a sharded value in place into a replicated tensor that is "
-                          "read elsewhere too (it cannot be sliced in place)")
-    return result
+    return align(ctx, n, [(0,), (3,)], out, forbid=[dim])
 
 
 @rule(*CONVOLUTIONS)

@@ -69,6 +69,24 @@ def like(ctx: RuleContext, n: fx.Node) -> Any:
     return ctx.sharded(n.args[0])
 
 
+@rule(aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default,
+      aten.new_full.default)
+def new_like(ctx: RuleContext, n: fx.Node) -> Any:
+    """x.new_empty(size) and kin: a fresh tensor that takes only x's dtype and device. When
+    `size` repeats x's size on every sharded dim (HY-V4's `key_states = kv.new_empty(*kv.shape)`
+    over heads) it is made with x's placement, its sharded sizes the local ones; otherwise it
+    is a replicated tensor of its own size."""
+    x, sp, src = ctx.sharded_input(n)
+    size = n.args[1]
+    if not isinstance(size, (list, tuple)) or len(size) != len(src) or any(
+            static_int(size[d]) is None or static_int(size[d]) != static_int(src[d])
+            for d, _ in sp.dims):
+        return REPLICATE
+    for d, ds in sp.dims:
+        rewrite_size(ctx, n, 1, d, ds)
+    return sp
+
+
 @rule(*DROPOUT)
 def inactive_dropout(ctx: RuleContext, n: fx.Node) -> Any:
     return DECLINED if dropout_active(n) else identity(ctx, n)

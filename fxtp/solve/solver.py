@@ -34,6 +34,7 @@ from ..errors import ShardingError
 from .placements import DimShard
 from .propagate import Propagation
 from .records import Actions, Reason, ReasonKind, Solution
+from .registry import sliced_in_place
 
 # Actions is re-exported: the rewrite passes import it from here
 __all__ = ["Actions", "sliced_in_place", "solve"]
@@ -95,7 +96,3 @@ def solve(gm: fx.GraphModule, world_size: int, linears: dict[str, LinearMatch],
                     "replicated)")
 
 
-def sliced_in_place(value: fx.Node, have: DimShard | None, want: DimShard) -> bool:
-    """A parameter or buffer read only here, whole, by a plain (not outer) split: its stored
-    tensor is replaced by this rank's slice instead of slicing it at run time."""
-    return value.op == "get_attr" and len(value.users) == 1 and have is None and not want.outer
