@@ -18,6 +18,11 @@ def get_arg(node: fx.Node, path: tuple) -> Any:
     return head
 
 
+def arg_or_kwarg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    """The argument an op takes at position `i` or by keyword `name` (`default` if absent)."""
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
 def set_arg(node: fx.Node, path: tuple, value: Any) -> None:
     """Replaces the argument at `path` ((i,), (i, j) into a list arg, or (kwarg name,))."""
     def replace(container, rest):

@@ -19,12 +19,10 @@ plan's records refer to it. Runs after the gradient syncs, which do not see thes
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import fx
 
-from ..graph.nodes import nodes_by_name
+from ..graph.nodes import arg_or_kwarg, nodes_by_name
 from ..runtime.collectives import all_reduce_sum, copy_to_region
 from .collectives import COLLECTIVE_META
 from .context import RewriteContext
@@ -60,7 +58,7 @@ def _expand(g: fx.Graph, node: fx.Node, count: int, group_name: str) -> str:
         xf = call(aten._to_copy.default, x, dtype=compute)
         squares = call(aten.mul.Tensor, xf, xf)
         if node.target == aten.linalg_vector_norm.default:
-            dims, keep = _arg(node, 2, "dim"), bool(_arg(node, 3, "keepdim"))
+            dims, keep = arg_or_kwarg(node, 2, "dim"), bool(arg_or_kwarg(node, 3, "keepdim"))
             total = all_reduced(call(aten.sum.dim_IntList, squares,
                                      [dims] if isinstance(dims, int) else list(dims), keep))
             node.target, node.args = aten._to_copy.default, (call(aten.sqrt.default, total),)
@@ -68,9 +66,9 @@ def _expand(g: fx.Graph, node: fx.Node, count: int, group_name: str) -> str:
             return total.args[0].name
         layer = node.target == aten.layer_norm.default
         dims = list(range(-len(node.args[1]), 0))
-        weight = _arg(node, 2, "weight")
-        bias = _arg(node, 3, "bias") if layer else None
-        eps = _arg(node, 4 if layer else 3, "eps")
+        weight = arg_or_kwarg(node, 2, "weight")
+        bias = arg_or_kwarg(node, 3, "bias") if layer else None
+        eps = arg_or_kwarg(node, 4 if layer else 3, "eps")
         if eps is None:
             eps = 1e-5 if layer else torch.finfo(compute).eps     # as torch's own norms
         stat = call(aten.sum.dim_IntList, squares, dims, True)
@@ -93,9 +91,6 @@ def _expand(g: fx.Graph, node: fx.Node, count: int, group_name: str) -> str:
     node.target, node.args, node.kwargs = aten.type_as.default, (y, x), {}
     return stat.args[0].name
 
-
-def _arg(node: fx.Node, i: int, name: str) -> Any:
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name)
 
 
 def _dtype(x: fx.Node) -> torch.dtype:

@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import fx
 
+from ..graph.nodes import arg_or_kwarg
 from ..graph.ops import (
     NORMS,
     PARTIAL_STATISTICS,
@@ -51,11 +52,11 @@ def reduction(ctx: RuleContext, n: fx.Node) -> Any:
 
 def _dims_and_keep(n: fx.Node, rank: int) -> tuple[set, bool]:
     """The dims an `(x, dim, keepdim)` op reduces (non-negative) and its keepdim."""
-    dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    dims = arg_or_kwarg(n, 1, "dim")
     if dims is None:
         raise RuleFailure(f"{n.target} over all dims of a sharded tensor")
     dims = {norm_dim(d, rank) for d in ([dims] if isinstance(dims, int) else dims)}
-    return dims, bool(n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False))
+    return dims, bool(arg_or_kwarg(n, 2, "keepdim", False))
 
 
 def _reduced(sp: Sharded, dims: set, keep: bool) -> Sharded:
@@ -214,14 +215,14 @@ def vector_norm(ctx: RuleContext, n: fx.Node) -> Any:
     output) is a statistic: the squares summed locally, all-reduced, the square root taken on
     every rank (`rewrite/norm_statistics`); the result is whole on every rank."""
     x, sp, src = ctx.sharded_input(n)
-    dims = _arg(n, 2, "dim")
+    dims = arg_or_kwarg(n, 2, "dim")
     if dims is None:
         raise RuleFailure(f"{n.target} over all dims of a sharded tensor")
     dims = {norm_dim(d, len(src)) for d in ([dims] if isinstance(dims, int) else dims)}
-    keep = bool(_arg(n, 3, "keepdim"))
+    keep = bool(arg_or_kwarg(n, 3, "keepdim"))
     if not any(d in dims for d, _ in sp.dims):
         return _reduced(sp, dims, keep)
-    order = _arg(n, 1, "ord")
+    order = arg_or_kwarg(n, 1, "ord")
     if order not in (None, 2, 2.0) or not ctx.partial_statistics:
         raise RuleFailure(f"{n.target} (ord={order}) over a sharded dim")
     if any(d not in dims for d, _ in sp.dims):
@@ -231,6 +232,3 @@ def vector_norm(ctx: RuleContext, n: fx.Node) -> Any:
     ctx.actions.statistics.append(n.name)
     return REPLICATE
 
-
-def _arg(n: fx.Node, i: int, name: str) -> Any:
-    return n.args[i] if len(n.args) > i else n.kwargs.get(name)
