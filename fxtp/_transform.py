@@ -72,6 +72,10 @@ def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
     from .generation.tp_generate import attach
 
     attach(gm, model)       # tp.generate: on the skeleton, the step built lazily
+    # function-level import: size_graphs builds its graphs with transform()
+    from .size_graphs import attach as attach_size_graphs
+
+    attach_size_graphs(gm)  # graphs for sizes this one does not hold for, built lazily
     return gm
 
 

@@ -132,7 +132,9 @@ def guard_meta(gm: fx.GraphModule) -> None:
 def install_input_defaults(gm: fx.GraphModule, captured: Captured) -> None:
     """Lets the result be called like the model: fills inputs the capture fixed (use_cache=False,
     an all-ones attention_mask) and names the accepted inputs when a caller passes others.
-    With `check_inputs` set (`TPInfo.state`), then compares the inputs across the ranks."""
+    Inputs that break a size condition the capture recorded are routed to a graph for their
+    sizes (`tp.size_graphs`). With `check_inputs` set (`TPInfo.state`), then compares the
+    inputs across the ranks."""
     names = captured.kwarg_names
     defaults = dict(captured.defaults)
     slots = input_check.slot_names(captured.arg_count, names)
@@ -180,7 +182,13 @@ def install_input_defaults(gm: fx.GraphModule, captured: Captured) -> None:
                     raise InputError(f"fxtp: input {k!r} is required (the model was captured "
                                      "with it)")
         if conditions is not None and not compiling:
-            conditions(module, args, kwargs)
+            try:
+                conditions(module, args, kwargs)
+            except InputError as broken:
+                sizes = getattr(module, "size_graphs", None)    # fxtp/size_graphs.py
+                if sizes is None:
+                    raise
+                sizes.choose(args, kwargs, broken)      # this call runs another graph
         return args, kwargs
 
     gm.register_forward_pre_hook(hook, with_kwargs=True)

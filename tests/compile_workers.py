@@ -14,14 +14,21 @@ SIZES = ((2, 7), (3, 5), (4, 11))
 
 
 def compile_counts(tp: torch.nn.Module, calls: Sequence[Callable[[torch.nn.Module], list]],
-                   backend: str = "eager") -> dict[str, Any]:
+                   backend: str = "eager", compile: bool = True) -> dict[str, Any]:
     """Runs each call on `torch.compile(tp, fullgraph=True, dynamic=True)` and on `tp` itself.
 
     Returns the frames compiled so far after each call (constant after the first: no recompile
     on new shapes) and the largest difference between compiled and eager results. `backend`
-    "aot_eager" traces the backward graph as well."""
+    "aot_eager" traces the backward graph as well. `compile=False` (a rank whose graph another
+    rank compiles: the same graph, other shards) runs every call twice eagerly instead, so
+    that the ranks' collectives stay in step, and returns nothing."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
+    if not compile:
+        for call in calls:
+            call(tp)
+            call(tp)
+        return {}
     torch._dynamo.reset()
     counter = CompileCounterWithBackend(backend)
     compiled = torch.compile(tp, fullgraph=True, dynamic=True, backend=counter)

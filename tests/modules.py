@@ -10,6 +10,7 @@ from .modules_mixers import (
     LatentAttention,
     StateSpaceBlock,
     TorchNormsBlock,
+    WindowedAttention,
 )
 
 
@@ -458,6 +459,7 @@ STRUCTURES = {
     "torch_norms": (TorchNormsBlock, [(2, 5, 32)]),
     "gated_head_rows": (GatedHeadRows, [(2, 5, 32)]),
     "latent_attention": (LatentAttention, [(2, 5, 32)]),
+    "windowed_attention": (WindowedAttention, [(2, 5, 32)]),
 }
 
 

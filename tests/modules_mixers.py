@@ -1,6 +1,6 @@
 """Hand-written mixers and norm blocks used by the tests (tests/modules.py lists them in
 STRUCTURES): a Mamba-2 style mixer, torch's norms over split features, rows of heads, latent
-attention."""
+attention, attention that branches on the sequence length."""
 from __future__ import annotations
 
 import torch
@@ -164,3 +164,30 @@ class LatentAttention(nn.Module):
         query = torch.cat((q_nope, rotate(q_rot)), dim=-1)
         y = F.scaled_dot_product_attention(query, key, v, is_causal=True)
         return x + self.o(y.transpose(1, 2).reshape(b, s, -1))
+
+
+class WindowedAttention(nn.Module):
+    """Attention whose code branches on the sequence length, as sliding-window models do: a
+    banded causal mask for inputs longer than the window, plain causal attention for shorter
+    ones. Captured with a long input, the graph holds for lengths past the window; a shorter
+    input gets a graph of its own (`tp.size_graphs`), sharded the same way and running on the
+    same weight shards."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, window: int = 3, inter: int = 64):
+        super().__init__()
+        self.heads, self.window = heads, window
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.up, self.down = nn.Linear(dim, inter), nn.Linear(inter, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = (t(x).view(b, s, self.heads, -1).transpose(1, 2)
+                   for t in (self.q, self.k, self.v))
+        if s > self.window:
+            i = torch.arange(s, device=x.device)
+            band = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.window)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=band)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(y.transpose(1, 2).reshape(b, s, d))
+        return x + self.down(F.gelu(self.up(x)))

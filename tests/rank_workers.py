@@ -9,6 +9,7 @@ import traceback
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 import fxtp
 from fxtp.planning.plan import OUTSIDE_LAYERS, layer_of
@@ -243,7 +244,29 @@ def _structures_case(ws: int) -> dict[str, Any]:
                              grads_missing=grads.missing)
         if name == "torch_norms":
             out[name].update(_bf16_errors(name, ws))
+        if name == "windowed_attention":
+            out[name].update(_short_inputs(model, tp, inputs[0], ws))
     return out
+
+
+def _short_inputs(model, tp, example: torch.Tensor, ws: int) -> dict[str, Any]:
+    """Inputs shorter than the window break the capture's size condition: they run a graph
+    built for them (`tp.size_graphs`) on tp's own shards, forward and backward (the backward
+    on a graph captured by keyword, as check_gradients calls it)."""
+    from hypothesis import strategies as st
+
+    short = torch.randn(3, 2, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        error = float((model(short) - tp(short)).abs().max())
+    graph = tp.size_graphs.graphs[0][0]
+    by_keyword = fxtp.transform(model, ws, example_inputs={"x": example})
+    grads = check_gradients(model, by_keyword, st.just({"x": short}), max_examples=1,
+                            loss_fn=lambda y, _: y.pow(2).mean())
+    return {"short_error": error, "short_grad_error": grads.max_error,
+            "short_grads_compared": grads.compared, "size_graphs": len(tp.size_graphs.graphs),
+            "short_all_reduces": len(_all_reduce_nodes(graph)),
+            "shards_shared": all(p is graph.get_parameter(n) for n, p in tp.named_parameters()),
+            "keyword_size_graphs": len(by_keyword.size_graphs.graphs)}
 
 
 def _bf16_errors(name: str, ws: int) -> dict[str, float]:
@@ -306,7 +329,7 @@ def _run_timed(cases: dict) -> dict[str, Any]:
     return results
 
 
-def _family_case(name: str, ws: int, compile_check: bool) -> dict[str, Any]:
+def _family_case(name: str, ws: int, compile_check: bool, turn: int = 0) -> dict[str, Any]:
     from fxtp.testing.families import family_model
     from fxtp.testing.strategies import hf_inputs_for
 
@@ -316,9 +339,14 @@ def _family_case(name: str, ws: int, compile_check: bool) -> dict[str, Any]:
     tp = fxtp.transform(model, ws)
     report = check_equivalence(model, tp, hf_inputs_for(model, max_seq=16), max_examples=FAMILY_EXAMPLES)
     plan = tp.meta["fxtp"].plan
-    compiled = compile_counts(tp, forward_calls(hf_ids(model))) if compile_check else {}
+    compiled = {}
+    if compile_check:
+        calls = forward_calls(hf_ids(model))
+        uneven = len(set(plan.local_param_bytes)) > 1      # the ranks' graphs differ
+        compiled = compile_counts(tp, calls, compile=uneven or dist.get_rank() == turn)
     return {
         **compiled,
+        **_other_size(model, tp),
         "examples": report.examples,
         "max_error": report.max_error,
         "worst_input": report.worst_input,
@@ -328,18 +356,35 @@ def _family_case(name: str, ws: int, compile_check: bool) -> dict[str, Any]:
         "opaque": dict(plan.opaque),
         "plan_all_reduces": dict(plan.all_reduces),
         "linear_fraction": plan.param_fraction(),
+        "local_param_bytes": list(plan.local_param_bytes),
         "shards": {e.module: e.shard for e in plan.entries},
         "outer_narrows": sum(1 for n in tp.graph.nodes if n.target == torch.ops.aten.unflatten.int),
         **_graph_facts(model, tp),
     }
 
 
+def _other_size(model, tp) -> dict[str, Any]:
+    """A family whose capture holds for some lengths only (Bamba's scan: lengths that do not
+    fill its chunks of 32) is called at 32 tokens, past the drawn lengths: a call that breaks
+    a condition runs a graph of its own (`tp.size_graphs`)."""
+    from .compile_workers import hf_ids
+
+    if getattr(tp, "size_graphs", None) is None:
+        return {}
+    inputs = hf_ids(model)(2, 32)
+    with torch.no_grad():
+        error = (model(**inputs).logits - tp(**inputs).logits).abs().max()
+    return {"other_size_error": float(error), "size_graphs": len(tp.size_graphs.graphs),
+            "conditions": list(tp.meta["fxtp"].plan.conditions)}
+
+
 def run_families(rank: int, world_size: int, names: tuple, compile_check: bool = False
                  ) -> dict[str, Any]:
     """Every family case at this world size (one spawn); exceptions returned as text.
     `compile_check`: also run each TP graph under torch.compile(fullgraph=True)."""
-    return _run_timed({name: (lambda n=name: _family_case(n, world_size, compile_check))
-                       for name in names})
+    return _run_timed({name: (lambda n=name, i=i: _family_case(n, world_size, compile_check,
+                                                              i % world_size))
+                       for i, name in enumerate(names)})
 
 
 def raise_deliberately(rank: int, world_size: int) -> None:

@@ -235,28 +235,63 @@ def test_a_size_fixed_by_the_model_itself_is_refused_naming_the_line():
     assert "for i in range(input_ids.shape[1])" in text and "test_errors.py" in text
 
 
-def test_a_size_condition_the_capture_recorded_is_an_input_error():
-    """The model takes another path for short inputs: the capture records the condition, and
-    a call that breaks it raises InputError quoting it (not the graph's AssertionError)."""
-    from torch import nn
+class _Windowed(torch.nn.Module):
+    """Longer inputs keep their last 4 positions, much longer ones their last 2."""
 
-    class Windowed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(8, 8)
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
 
-        def forward(self, x):
-            if x.shape[1] > 4:             # longer inputs keep their last 4 positions
-                return self.fc(x[:, -4:])
-            return self.fc(x)
+    def forward(self, x):
+        if x.shape[1] > 4:
+            x = x[:, -4:]
+            if x.shape[1] > 8:             # never true: a condition that is always met
+                x = x[:, -2:]
+        if x.shape[0] > 3:                 # large batches skip the bias
+            return x @ self.fc.weight.T
+        return self.fc(x)
 
-    model = Windowed().eval()
+
+def test_a_size_condition_the_capture_recorded_gets_a_graph_of_its_own():
+    """The model takes another path for short inputs: the capture records the condition (in
+    the plan), and a call that breaks it runs a graph captured for its sizes, on tp's own
+    weights (trained ones too), kept for later calls of that kind."""
+    model = _Windowed().eval()
     tp = fxtp.transform(model, 1, example_inputs=(torch.randn(2, 6, 8),))
     plan = tp.meta["fxtp"].plan      # listed at transform time, as torch words it
     assert "x.size()[1] > 4" in plan.conditions and "x.size()[2] == 8" not in plan.conditions
-    assert "input sizes the capture holds for" in str(plan) and "x.size()[1] > 4" in str(plan)
+    text = " ".join(str(plan).split())
+    assert "a graph of its own" in text and "x.size()[1] > 4" in text
     assert fxtp.Plan.from_json(plan.to_json()).conditions == plan.conditions
     x = torch.randn(3, 9, 8)
-    assert torch.allclose(tp(x), model(x))
-    with pytest.raises(fxtp.InputError, match="condition the capture recorded"):
+    assert torch.allclose(tp(x), model(x)) and not tp.size_graphs.graphs
+    short = torch.randn(2, 3, 8)
+    assert torch.allclose(tp(short), model(short))
+    graph = tp.size_graphs.graphs[0][0]
+    assert graph.fc.weight is tp.fc.weight and tp.size_graphs.built == ["[2, 3, 8]"]
+    with torch.no_grad():            # tp's weights change: the other graph computes with them
+        tp.fc.weight.mul_(2)
+        model.fc.weight.mul_(2)
+    shorter = torch.randn(1, 2, 8)
+    assert torch.allclose(tp(shorter), model(shorter))
+    assert torch.allclose(tp(short), model(short)) and len(tp.size_graphs.graphs) == 1
+    assert "1 of at most 4" in repr(tp.size_graphs)
+
+
+def test_size_graphs_are_bounded_and_refused_while_lora_is_folded(monkeypatch):
+    import fxtp.size_graphs as size_graphs
+
+    model = _Windowed().eval()
+    tp = fxtp.transform(model, 1, example_inputs=(torch.randn(2, 6, 8),))
+    monkeypatch.setattr(size_graphs, "is_folded", lambda tp: True)
+    with pytest.raises(fxtp.InputError, match="condition the capture recorded.*unfold_lora"):
         tp(torch.randn(2, 3, 8))
+    monkeypatch.undo()
+    monkeypatch.setattr(size_graphs, "MAX_GRAPHS", 1)
+    short = torch.randn(2, 3, 8)
+    assert torch.allclose(tp(short), model(short))            # the one graph allowed
+    big = torch.randn(5, 6, 8)                                # a large batch: another path
+    with pytest.raises(fxtp.InputError, match=r"1 graphs for other sizes are built already "
+                                              r"\(\[2, 3, 8\]\), the most fxtp keeps"):
+        tp(big)
+    assert len(tp.size_graphs.graphs) == 1                    # the failed call built nothing

@@ -19,7 +19,8 @@ STAGES = [
     ("solve",),
     ("planning",),
     ("rewrite",),
-    ("guards", "modes", "_transform", "_load", "generation", "inspection", "saving"),    # the API
+    ("guards", "modes", "_transform", "_load", "generation", "inspection", "saving",
+     "shared_tensors", "size_graphs"),    # the API
     ("testing", "cli"),
     ("__init__", "__main__"),
 ]

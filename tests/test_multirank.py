@@ -212,7 +212,7 @@ def test_hand_built_structures_equivalent(ws):
                             "sink_topk": 1, "fused_qkv_unbind": 1, "interleaved_gate_up": 1,
                             "looped_experts": 1, "ssm_one_group": 2, "ssm_groups": 1,
                             "torch_norms": 7, "gated_head_rows": 1,
-                            "latent_attention": 1}
+                            "latent_attention": 1, "windowed_attention": 2}
     for r in case(ws, "structures"):
         for name, facts in r.items():
             assert facts["max_error"] <= TOL, name
@@ -230,6 +230,12 @@ def test_hand_built_structures_equivalent(ws):
         # 0.037 here, the row-parallel partial sums rounded; the weight applied after the
         # cast, unlike torch's RMSNorm, made it 0.12)
         assert norms["bf16_error"] <= 2 * norms["bf16_untouched_error"]
+        short = r["windowed_attention"]     # a length the capture did not hold for
+        assert short["short_error"] <= TOL and short["short_grad_error"] <= TOL
+        assert short["short_grads_compared"] == 8 and short["shards_shared"]
+        # the drawn inputs (lengths 1 to 6) may have built one for length 1 too
+        assert 1 <= short["size_graphs"] <= 2 and short["keyword_size_graphs"] == 1
+        assert short["short_all_reduces"] == 2
 
 
 @pytest.mark.parametrize("ws, name", [(2, "compile_llama"), (4, "compile_llama"),

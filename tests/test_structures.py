@@ -160,6 +160,15 @@ def test_latent_attention_keeps_the_shared_rope_key_whole(ws):
     assert [(d, s.parts, s.size) for d, s in key.dims] == [(1, ws, 4)]   # the 4 heads
 
 
+def test_a_branch_on_the_sequence_length_is_a_condition_of_a_sharded_graph():
+    """Attention sharded as usual; the capture (a 5-long input) holds for lengths past the
+    window, and the plan says so (shorter inputs: test_multirank's structures case)."""
+    plan = plan_of("windowed_attention")
+    _attention_sharded(plan)
+    assert plan.placement_of("up") == "column" and plan.placement_of("down") == "row"
+    assert "x.size()[1] > 3" in plan.conditions
+
+
 def test_partial_statistics_off_keeps_the_region_whole():
     from fxtp.capture.linear import find_linears
     from fxtp.solve.solver import solve
@@ -284,4 +293,5 @@ def test_every_structure_is_listed():
                                "fused_multi_query", "normed_rotary", "complex_rotary",
                                "sink_topk", "fused_qkv_unbind", "interleaved_gate_up",
                                "looped_experts", "ssm_one_group", "ssm_groups", "torch_norms",
-                               "gated_head_rows", "latent_attention"}
+                               "gated_head_rows", "latent_attention",
+                               "windowed_attention"}

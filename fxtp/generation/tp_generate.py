@@ -41,7 +41,6 @@ import torch.distributed as dist
 from torch import fx, nn
 
 from .._transform import transform
-from ..capture.export import model_device
 from ..capture.linear import split_biases
 from ..capture.lora import find_lora_branches
 from ..errors import (
@@ -51,9 +50,7 @@ from ..errors import (
     MetaTensorError,
     PromptMismatchError,
 )
-from ..graph.devices import retarget_devices
-from ..graph.nodes import get_tensor_attr, set_tensor_attr
-from ..graph.tensors import meta_tensors, tensor_attrs
+from ..graph.tensors import meta_tensors
 from ..modes import fold_lora, is_folded, unfold_lora
 from ..planning.describe import build_plan
 from ..planning.planner import model_name
@@ -61,6 +58,7 @@ from ..rewrite.lora_fold import without_branches
 from ..rewrite.record import META_KEY
 from ..runtime.agreement import differing, guarded_gather, rank_groups
 from ..runtime.group import collective_device
+from ..shared_tensors import SharedTensors
 from .generator import (
     CudaGraph,
     Generator,
@@ -124,10 +122,7 @@ class TPGenerate:
         self.reason = reason
         self.generator: Optional[Generator] = None
         self.builds = 0
-        self._shared: list[tuple[dict, str, str, bool]] = []   # (table, leaf, name, is_param)
-        self._shapes: dict[str, torch.Size] = {}
-        self._own: list[str] = []            # step tensors not tp's (moved with tp's device)
-        self._device: Optional[torch.device] = None
+        self._tensors: Optional[SharedTensors] = None   # the step's tensors that are tp's
         self._lora = False                   # the step runs without branches: fold tp per call
         self._compiled: dict[str, Any] = {}
         self._compile_key: Optional[str] = None
@@ -150,8 +145,7 @@ class TPGenerate:
     def release(self) -> None:
         """Drops the decode step and its KV cache (the next call builds one again)."""
         self.generator = None
-        self._shared, self._own, self._shapes = [], [], {}
-        self._device, self._lora = None, False
+        self._tensors, self._lora = None, False
         self._compiled.clear()
         self._compile_key = None
 
@@ -294,89 +288,28 @@ class TPGenerate:
         self.builds += 1
 
     def _match(self, tp: fx.GraphModule, step: fx.GraphModule) -> None:
-        """Records which of the step's tensors are `tp`'s (parameters, and buffers `tp` holds
-        under the same name: same local shape and the same slice of the full tensor, from the
-        two plans' records) and which are the step's own (its KV cache, buffers `tp` lacks);
-        `GenerationError` names what cannot be shared or has no value."""
-        info, step_info = tp.meta[META_KEY], step.meta[META_KEY]
-        mine = {**dict(tp.named_parameters(remove_duplicate=False)),
-                **dict(tp.named_buffers(remove_duplicate=False))}
-        params = dict(step.named_parameters(remove_duplicate=False))
-        buffers = dict(step.named_buffers(remove_duplicate=False))
-        caches = set(cache_attrs(step))
-        problems: list[str] = []
-        for name, t in {**buffers, **params}.items():
-            if name in caches:
-                continue
-            src = mine.get(name)
-            if src is None:
-                if name in params:
-                    problems.append(f"{name}: not a parameter of tp")
-                elif t.device.type == "meta":
-                    problems.append(f"{name}: tp does not hold this buffer and the model's has no "
-                                    "value (built on the meta device)")
-                else:
-                    self._own.append(name)
-                continue
-            if src.shape != t.shape:
-                problems.append(f"{name}: {tuple(src.shape)} in tp, {tuple(t.shape)} in the step")
-            elif info.param_slices.get(name) != step_info.param_slices.get(name):
-                problems.append(f"{name}: sliced differently (tp keeps "
-                                f"{_slice_text(info.param_slices.get(name))}, the step "
-                                f"{_slice_text(step_info.param_slices.get(name))})")
-            else:
-                owner_name, _, leaf = name.rpartition(".")
-                owner = step.get_submodule(owner_name) if owner_name else step
-                table = owner._parameters if name in params else owner._buffers
-                self._shared.append((table, leaf, name, name in params))
-                self._shapes[name] = t.shape
-        held = set(params) | set(buffers)
-        for name, t in tensor_attrs(step).items():
-            if name in held or name in caches:
-                continue
-            if t.device.type == "meta":
-                problems.append(f"{name}: a constant computed in the forward, without a value on "
-                                "the weightless skeleton")
-            else:
-                self._own.append(name)
-        if problems:
+        """Records which of the step's tensors are `tp`'s and which are its own (its KV cache,
+        buffers `tp` lacks): `SharedTensors.match`; `GenerationError` names what cannot be
+        shared or has no value."""
+        info = tp.meta[META_KEY]
+
+        def refuse(problems: list[str]):
             raise GenerationError(
                 f"tp.generate: the decode step of {info.plan.model_name} cannot run on tp's "
-                f"tensors ({len(problems)} problem(s)): {'; '.join(problems[:SHOWN])}. It shares "
-                "tp's tensors and makes no copy of the weights; fxtp.generator(model, ws) builds "
-                "a generator with its own weights instead.")
-        self._own.extend(caches)
+                f"tensors ({len(problems)} problem(s)): {'; '.join(problems[:SHOWN])}. It "
+                "shares tp's tensors and makes no copy of the weights; fxtp.generator(model, ws) "
+                "builds a generator with its own weights instead.")
+        self._tensors = SharedTensors.match(tp, step, set(cache_attrs(step)), refuse)
 
     def _bind(self, tp: fx.GraphModule) -> None:
-        """Points the step's shared slots at `tp`'s current tensors (new ones after
-        `fxtp.load`; `tp.to` keeps parameter objects but makes new buffers) and moves the
-        step's own tensors and graph devices to `tp`'s device (a KV cache on meta becomes
-        zeros there). Cheap when nothing changed: identity checks."""
-        params = dict(tp.named_parameters(remove_duplicate=False))
-        buffers = dict(tp.named_buffers(remove_duplicate=False))
-        for table, leaf, name, is_param in self._shared:
-            src = (params if is_param else buffers).get(name)
-            if src is None or src.shape != self._shapes[name]:
-                raise GenerationError(
-                    f"tp.generate: tp's {name} is {'gone' if src is None else tuple(src.shape)}, "
-                    f"the decode step was built for {tuple(self._shapes[name])}; something "
-                    "replaced it with another shape. Call tp.generate.release() to rebuild.")
-            if table[leaf] is not src:
-                table[leaf] = src
-        dev = model_device(tp)
-        if dev == self._device:
-            return
-        step = self.generator.tp
-        caches = set(self.generator.cache_names)
-        for name in self._own:
-            t = get_tensor_attr(step, name)
-            if t.device == dev:
-                continue
-            if name in caches and t.device.type == "meta":
-                t = torch.zeros(t.shape, dtype=t.dtype, device=dev)
-            set_tensor_attr(step, name, t.to(dev))
-        retarget_devices(step, dev)
-        self._device = dev
+        """Points the step's shared slots at `tp`'s current tensors and moves its own (a KV
+        cache on meta becomes zeros) to `tp`'s device: `SharedTensors.bind`."""
+        def replaced(name: str, what: str):
+            raise GenerationError(
+                f"tp.generate: tp's {name} is {what}, the decode step was built for "
+                f"{tuple(self._tensors.shapes[name])}; something replaced it with another "
+                "shape. Call tp.generate.release() to rebuild.")
+        self._tensors.bind(tp, replaced)
 
     def _set_compile(self, gen: Generator, compile: bool | dict) -> None:
         key = None if not compile else repr(sorted((compile if isinstance(compile, dict)
@@ -411,13 +344,6 @@ class TPGenerate:
                 f"({', '.join(diff)} differ; this is rank {rank}). Every rank must call "
                 "tp.generate with the same prompts and options (broadcast them from rank 0); "
                 "after an error on some ranks only, call tp.generate.release() on every rank.")
-
-
-def _slice_text(rec) -> str:
-    if rec is None:
-        return "the whole tensor"
-    dim, runs = rec
-    return f"dim {dim} runs {list(runs)[:4]}"
 
 
 def _group(info) -> Optional[dist.ProcessGroup]:

@@ -22,6 +22,7 @@ from .overrides import check_overrides
 
 _LAYER = re.compile(r"^(.*?\.\d+)(\.|$)")
 OUTSIDE_LAYERS = "(outside the layers)"   # e.g. a vocab-parallel embedding's all-reduce
+SHOWN_CONDITIONS = 3     # size conditions printed in the plan (all are in Plan.conditions)
 
 
 def layer_of(path: str) -> str:
@@ -300,8 +301,11 @@ class Plan:
         for module, why in self.opaque.items():
             lines.append(f"opaque (not captured, called whole on every rank): {module}: {why}")
         if self.conditions:
-            lines.append("input sizes the capture holds for (other sizes raise InputError at the "
-                         f"call): {'; '.join(self.conditions)}")
+            shown = "; ".join(self.conditions[:SHOWN_CONDITIONS])
+            more = len(self.conditions) - SHOWN_CONDITIONS
+            lines.append("input sizes the capture holds for (a call of other sizes gets a graph "
+                         f"of its own, built then: tp.size_graphs): {shown}"
+                         + (f"; and {more} more (Plan.conditions)" if more > 0 else ""))
         for module, why in self.replicated.items():
             lines.append(f"replicated: {module}: {why}")
         return lines

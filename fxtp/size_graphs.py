@@ -1,0 +1,162 @@
+"""Graphs for input sizes the capture did not hold for.
+
+torch.export records the conditions on input sizes a model's code branched on (Bamba's scan
+pads a sequence that does not fill its chunks: `if pad_size > 0`; a window taken only from
+longer inputs). The graph holds for sizes that meet them. A call whose inputs break one gets a
+graph of its own: captured again from `tp`'s weightless skeleton with these inputs' shapes (on
+meta), planned with `tp`'s overrides, rewritten, and run on `tp`'s own tensors
+(`SharedTensors`: no copy of the weights; the plan must slice every tensor as `tp`'s does).
+
+    tp(input_ids=ids_of_32)      # breaks `pad_size > 0`: builds a second graph, runs it
+    tp.size_graphs               # <size graphs: 1 of at most 4, built for ...>
+
+Built at the first call of such a size (seconds), on every rank (the ranks are given the same
+inputs), and kept: later calls take the first graph whose conditions they meet. At most
+`MAX_GRAPHS`; past that, or where the graph cannot be built (no skeleton, LoRA folded into
+the weights), the call raises `InputError` quoting the broken condition, before any rank
+reaches a collective.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from ._transform import transform
+from .errors import FxtpError, InputError
+from .guards import recorded_conditions
+from .modes import is_folded
+from .planning.planner import plan_model
+from .rewrite.record import META_KEY
+from .shared_tensors import SharedTensors
+
+MAX_GRAPHS = 4
+_building = 0       # > 0 while a size graph is transformed: that transform attaches nothing
+
+
+def attach(tp: fx.GraphModule) -> None:
+    """Gives `tp` (just made by `fxtp.transform`) its `size_graphs` when its capture recorded
+    conditions on input sizes, and a forward that runs the graph a call was routed to (by the
+    input hook, `guards.install_input_defaults`). Graphs without such conditions (ranges of
+    sizes: the equalities say which inputs match, not which path the code took) are left as
+    they are."""
+    if _building or not tp.meta[META_KEY].plan.conditions or recorded_conditions(tp) is None:
+        return
+    tp.size_graphs = SizeGraphs(tp)
+    ref = weakref.ref(tp)       # no cycle: tp owns the forward
+
+    def forward(*args, **kwargs):
+        gm = ref()
+        route, gm.size_graphs.route = gm.size_graphs.route, None
+        if route is not None:
+            return route(*args, **kwargs)
+        return type(gm).forward(gm, *args, **kwargs)     # the graph's code, as recompiled
+
+    tp.forward = forward
+
+
+class SizeGraphs:
+    """`tp.size_graphs`: the graphs built so far for sizes `tp`'s own graph does not hold for
+    (`graphs`, with the input shapes each was built for in `built`)."""
+
+    def __init__(self, tp: fx.GraphModule):
+        self._tp = weakref.ref(tp)
+        self.graphs: list[tuple[fx.GraphModule, SharedTensors, Any]] = []
+        self.built: list[str] = []
+        self.route: Optional[fx.GraphModule] = None    # the graph of the call under way
+
+    def __repr__(self) -> str:
+        shown = "; ".join(self.built) or "none yet"
+        return f"<size graphs: {len(self.graphs)} of at most {MAX_GRAPHS}, built for {shown}>"
+
+    def choose(self, args: tuple, kwargs: dict, broken: InputError) -> None:
+        """Routes this call to a graph whose conditions these inputs meet, building one if
+        none does; raises `broken` (with why) when it cannot."""
+        tp = self._tp()
+        for graph, shared, conditions in self.graphs:
+            try:
+                conditions(graph, args, kwargs)
+            except InputError:
+                continue
+            shared.bind(tp, _replaced)
+            self.route = graph
+            return
+        why = self._cannot_build(tp)
+        if why:
+            raise InputError(f"{broken} ({why})") from broken
+        graph = self._build(tp, args, kwargs, broken)
+        shared = SharedTensors.match(tp, graph, set(), _refuse(broken))
+        shared.bind(tp, _replaced)
+        self.graphs.append((graph, shared, recorded_conditions(graph) or _always))
+        self.built.append(_shapes(args, kwargs))
+        self.route = graph
+
+    def _cannot_build(self, tp: fx.GraphModule) -> str:
+        info = tp.meta[META_KEY]
+        if len(self.graphs) >= MAX_GRAPHS:
+            return (f"{MAX_GRAPHS} graphs for other sizes are built already "
+                    f"({'; '.join(self.built)}), the most fxtp keeps")
+        if info.skeleton is None:
+            return f"no other graph can be built: {info.skeleton_error}"
+        if is_folded(tp):
+            return ("no other graph is built while LoRA is folded into the weights: "
+                    "fxtp.unfold_lora(tp) first")
+        return ""
+
+    @staticmethod
+    def _build(tp: fx.GraphModule, args: tuple, kwargs: dict,
+               broken: InputError) -> fx.GraphModule:
+        """Captures, plans (with `tp`'s overrides) and rewrites the skeleton for these
+        inputs' shapes, on meta."""
+        global _building
+        info = tp.meta[META_KEY]
+        example = pytree.tree_map_only(
+            torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"),
+            (tuple(args), dict(kwargs)))
+        group = (dist.distributed_c10d._resolve_process_group(info.group_name)
+                 if info.group_name else None)
+        _building += 1
+        try:
+            plan = plan_model(info.skeleton, info.world_size, example_inputs=example,
+                              overrides=info.plan.overrides,
+                              vocab_parallel=info.plan.vocab_parallel, probe=False)
+            # its weights are tp's (checked by tp's transform or load): no weight check
+            graph = transform(info.skeleton, info.world_size, plan=plan, group=group,
+                              check_weights=False)
+        except FxtpError as e:
+            raise InputError(f"{broken}; fxtp could not build a graph for these sizes: "
+                             f"{e}") from e
+        except Exception as e:  # noqa: BLE001 - e.g. the capture reads values meta lacks
+            raise InputError(f"{broken}; fxtp could not build a graph for these sizes from "
+                             f"the weightless skeleton ({type(e).__name__}: {e})") from e
+        finally:
+            _building -= 1
+        graph.eval()
+        graph.meta[META_KEY].state.check_inputs = False    # tp's hook checked them already
+        return graph
+
+
+def _shapes(args: tuple, kwargs: dict) -> str:
+    shapes = [f"{k} {list(v.shape)}" for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    shapes = [f"{list(a.shape)}" for a in args if isinstance(a, torch.Tensor)] + shapes
+    return ", ".join(shapes)
+
+
+def _always(graph: fx.GraphModule, args: tuple, kwargs: dict) -> None:
+    """The conditions of a graph that recorded none: every size meets them."""
+
+
+def _refuse(broken: InputError):
+    def refuse(problems: list[str]):
+        raise InputError(f"{broken}; the graph built for these sizes cannot run on tp's "
+                         f"tensors ({'; '.join(problems[:5])})")
+    return refuse
+
+
+def _replaced(name: str, what: str):
+    raise InputError(f"fxtp: tp's {name} is {what}, not the shape the graph for these input "
+                     "sizes was built for; something replaced it")
