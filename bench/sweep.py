@@ -12,7 +12,8 @@ transformed at world 2 by real gloo ranks. Prints one row per model type and the
   another input);
 - capture failed: `CaptureError` (torch.export could not capture the model);
 - error: another exception while transforming (its type and first line);
-- could not build: the shrunk config or the model could not be made (not fxtp's doing);
+- could not build: the shrunk config or the model could not be made, or the untouched model
+  fails on 2 x 8 tokens (not fxtp's doing);
 - timeout: the ranks did not finish within --timeout seconds.
 
 Default configs are full size, so one generic rule shrinks them by their field names (layers,
@@ -125,13 +126,18 @@ def build(model_type: str, kind: str):
 
 def one_model(rank: int, world_size: int, model_type: str, kind: str, examples: int) -> dict:
     """In each rank: build, transform, compare; returns the row's fields."""
+    import torch
+
     import fxtp
+    from fxtp.capture.export import hf_example_inputs
     from fxtp.testing.checks import check_equivalence
     from fxtp.testing.strategies import hf_inputs_for
 
     warnings.filterwarnings("ignore")
     try:
         model = build(model_type, kind)
+        with torch.no_grad():      # the untouched model runs (a shrunk config may not)
+            model(**hf_example_inputs(model, 2, 8))
     except Exception as e:  # noqa: BLE001 - a config or model transformers cannot make tiny
         return {"status": "could not build", "why": _first(e)}
     try:
