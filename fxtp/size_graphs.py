@@ -4,8 +4,9 @@ torch.export records the conditions on input sizes a model's code branched on (B
 pads a sequence that does not fill its chunks: `if pad_size > 0`; a window taken only from
 longer inputs). The graph holds for sizes that meet them. A call whose inputs break one gets a
 graph of its own: captured again from `tp`'s weightless skeleton with these inputs' shapes (on
-meta), planned with `tp`'s overrides, rewritten, and run on `tp`'s own tensors
-(`SharedTensors`: no copy of the weights; the plan must slice every tensor as `tp`'s does).
+meta), planned with `tp`'s overrides (the modules `tp` keeps whole kept whole), rewritten,
+and run on `tp`'s own tensors (`SharedTensors`: no copy of the weights; the plan must slice
+every tensor as `tp`'s does).
 
     tp(input_ids=ids_of_32)      # breaks `pad_size > 0`: builds a second graph, runs it
     tp.size_graphs               # <size graphs: 1 of at most 4, built for ...>
@@ -27,10 +28,15 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from ._transform import transform
+from .capture.export import Captured, capture
+from .capture.linear import split_biases
 from .errors import FxtpError, InputError
 from .guards import recorded_conditions
 from .modes import is_folded
-from .planning.planner import plan_model
+from .planning.describe import build_plan
+from .planning.overrides import module_paths
+from .planning.plan import Plan
+from .planning.planner import model_name
 from .rewrite.record import META_KEY
 from .shared_tensors import SharedTensors
 
@@ -110,8 +116,8 @@ class SizeGraphs:
     @staticmethod
     def _build(tp: fx.GraphModule, args: tuple, kwargs: dict,
                broken: InputError) -> fx.GraphModule:
-        """Captures, plans (with `tp`'s overrides) and rewrites the skeleton for these
-        inputs' shapes, on meta."""
+        """Captures, plans (with `tp`'s overrides, and its whole modules kept whole) and
+        rewrites the skeleton for these inputs' shapes, on meta."""
         global _building
         info = tp.meta[META_KEY]
         example = pytree.tree_map_only(
@@ -119,13 +125,15 @@ class SizeGraphs:
             (tuple(args), dict(kwargs)))
         group = (dist.distributed_c10d._resolve_process_group(info.group_name)
                  if info.group_name else None)
+        skel = info.skeleton
         _building += 1
         try:
-            plan = plan_model(info.skeleton, info.world_size, example_inputs=example,
-                              overrides=info.plan.overrides,
-                              vocab_parallel=info.plan.vocab_parallel, probe=False)
+            captured = capture(skel, example)
+            split_biases(captured.gm)
+            plan = build_plan(captured, info.world_size, model_name(skel),
+                              _kept_whole(info.plan, captured), info.plan.vocab_parallel)
             # its weights are tp's (checked by tp's transform or load): no weight check
-            graph = transform(info.skeleton, info.world_size, plan=plan, group=group,
+            graph = transform(skel, info.world_size, plan=plan, group=group,
                               check_weights=False)
         except FxtpError as e:
             raise InputError(f"{broken}; fxtp could not build a graph for these sizes: "
@@ -138,6 +146,18 @@ class SizeGraphs:
         graph.eval()
         graph.meta[META_KEY].state.check_inputs = False    # tp's hook checked them already
         return graph
+
+
+def _kept_whole(plan: Plan, captured: Captured) -> dict[str, str]:
+    """tp's overrides, and `replicate` for each module tp's plan keeps whole that this capture
+    also runs: these sizes may take a path through it that could be sharded (DeepSeek-V4's
+    compressor, for inputs shorter than its window), and its slices would then differ from
+    tp's. A module tp shards that this plan cannot shard is still refused at binding."""
+    whole = ({e.module for e in plan.entries if e.placement == "replicate"}
+             - {e.module for e in plan.entries if e.placement != "replicate"})
+    known = module_paths(captured.gm)
+    return {**dict.fromkeys(sorted(m for m in whole if m in known), "replicate"),
+            **plan.overrides}
 
 
 def _shapes(args: tuple, kwargs: dict) -> str:

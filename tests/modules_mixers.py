@@ -171,13 +171,16 @@ class WindowedAttention(nn.Module):
     banded causal mask for inputs longer than the window, plain causal attention for shorter
     ones. Captured with a long input, the graph holds for lengths past the window; a shorter
     input gets a graph of its own (`tp.size_graphs`), sharded the same way and running on the
-    same weight shards."""
+    same weight shards. `extra` / `extra_out` only shard on the short path (the long one runs
+    a cumsum along their features, as DeepSeek-V4's compressor differs by length): the short
+    graph must keep them whole, as tp does."""
 
     def __init__(self, dim: int = 32, heads: int = 4, window: int = 3, inter: int = 64):
         super().__init__()
         self.heads, self.window = heads, window
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
         self.up, self.down = nn.Linear(dim, inter), nn.Linear(inter, dim)
+        self.extra, self.extra_out = nn.Linear(dim, dim), nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
@@ -187,7 +190,9 @@ class WindowedAttention(nn.Module):
             i = torch.arange(s, device=x.device)
             band = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.window)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=band)
+            x = x + self.extra_out(torch.cumsum(self.extra(x), -1) / d)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.extra_out(F.gelu(self.extra(x)))
         x = x + self.o(y.transpose(1, 2).reshape(b, s, d))
         return x + self.down(F.gelu(self.up(x)))

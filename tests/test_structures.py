@@ -164,8 +164,11 @@ def test_a_branch_on_the_sequence_length_is_a_condition_of_a_sharded_graph():
     """Attention sharded as usual; the capture (a 5-long input) holds for lengths past the
     window, and the plan says so (shorter inputs: test_multirank's structures case)."""
     plan = plan_of("windowed_attention")
-    _attention_sharded(plan)
-    assert plan.placement_of("up") == "column" and plan.placement_of("down") == "row"
+    for lin in ("q", "k", "v", "up"):
+        assert plan.placement_of(lin) == "column", (lin, plan.replicated)
+    assert plan.placement_of("o") == plan.placement_of("down") == "row"
+    # a cumsum along the features on this path: kept whole (the short graph keeps them so too)
+    assert set(plan.replicated) == {"extra", "extra_out"}
     assert "x.size()[1] > 3" in plan.conditions
 
 

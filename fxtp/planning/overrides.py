@@ -43,7 +43,7 @@ def check_overrides(decisions: Any) -> dict[str, str]:
 def override_reasons(captured: Captured, linears, overrides: dict[str, str]) -> dict[str, Reason]:
     """The reasons the solver reports for linears the user keeps replicated; an override
     naming a module the model does not have raises PlanOverrideError with close matches."""
-    known = _module_paths(captured.gm)
+    known = module_paths(captured.gm)
     out: dict[str, Reason] = {}
     for module, choice in overrides.items():
         if module not in known:
@@ -77,7 +77,8 @@ def check_shard_overrides(linears, sol: Solution, overrides: dict[str, str]) -> 
                     " Remove the override or make it 'replicate'.")
 
 
-def _module_paths(gm: fx.GraphModule) -> set[str]:
+def module_paths(gm: fx.GraphModule) -> set[str]:
+    """Every module path the graph's nodes were traced in, and their parents."""
     paths: set[str] = set()
     for n in gm.graph.nodes:
         if n.op == "get_attr":
