@@ -23,7 +23,6 @@ import weakref
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from torch import fx
 from torch.utils import _pytree as pytree
 
@@ -38,6 +37,7 @@ from .planning.overrides import module_paths
 from .planning.plan import Plan
 from .planning.planner import model_name
 from .rewrite.record import META_KEY
+from .runtime.group import named_group
 from .shared_tensors import SharedTensors
 
 MAX_GRAPHS = 4
@@ -123,8 +123,7 @@ class SizeGraphs:
         example = pytree.tree_map_only(
             torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"),
             (tuple(args), dict(kwargs)))
-        group = (dist.distributed_c10d._resolve_process_group(info.group_name)
-                 if info.group_name else None)
+        group = named_group(info.group_name)
         skel = info.skeleton
         _building += 1
         try:

@@ -57,7 +57,7 @@ from ..planning.planner import model_name
 from ..rewrite.lora_fold import without_branches
 from ..rewrite.record import META_KEY
 from ..runtime.agreement import differing, guarded_gather, rank_groups
-from ..runtime.group import collective_device
+from ..runtime.group import collective_device, named_group
 from ..shared_tensors import SharedTensors
 from .generator import (
     CudaGraph,
@@ -211,7 +211,7 @@ class TPGenerate:
         gen = self.generator
         fits = (gen is not None and gen.max_len >= max(need, max_len or 0)
                 and gen.max_batch >= max(b, max_batch or 0))
-        group = _group(info)
+        group = named_group(info.group_name)
         if info.world_size > 1:     # first: a request refused below is refused on every rank
             self._agree(group, info.rank, [b, p, need, max_len or 0, max_batch or 0, int(fits),
                                            gen.max_len if gen else 0, gen.max_batch if gen else 0])
@@ -344,11 +344,3 @@ class TPGenerate:
                 f"({', '.join(diff)} differ; this is rank {rank}). Every rank must call "
                 "tp.generate with the same prompts and options (broadcast them from rank 0); "
                 "after an error on some ranks only, call tp.generate.release() on every rank.")
-
-
-def _group(info) -> Optional[dist.ProcessGroup]:
-    """tp's process group (a group of one rank too: the step's transform must be given it, the
-    default group being larger), None without one."""
-    if not info.group_name:
-        return None
-    return dist.distributed_c10d._resolve_process_group(info.group_name)

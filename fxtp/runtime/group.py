@@ -57,13 +57,20 @@ def resolve_group(world_size: int, group: Optional[dist.ProcessGroup] = None) ->
     return GroupInfo(rank=dist.get_rank(group), world_size=size, group_name=group.group_name)
 
 
+def named_group(name: str) -> Optional[dist.ProcessGroup]:
+    """The process group of that name (`GroupInfo.group_name`: a group of one rank too, which
+    a second transform for the same ranks must be given, the default group being larger);
+    None for no name."""
+    return dist.distributed_c10d._resolve_process_group(name) if name else None
+
+
 def collective_device(group: "Optional[dist.ProcessGroup] | str" = None) -> torch.device:
     """The device of the tensors a collective over `group` (a group or its name) takes: the
     current CUDA device for NCCL (which rejects CPU tensors), the CPU otherwise (gloo). fxtp's
     own collectives outside the graph (load's agreement flag, the generator's prompt check) put
     their small tensors there."""
     if isinstance(group, str):
-        group = dist.distributed_c10d._resolve_process_group(group) if group else None
+        group = named_group(group)
     backend = str(dist.get_backend(group)).lower() if dist.is_initialized() else ""
     if "nccl" in backend and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
