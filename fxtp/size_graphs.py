@@ -3,32 +3,35 @@
 torch.export records the conditions on input sizes a model's code branched on (Bamba's scan
 pads a sequence that does not fill its chunks: `if pad_size > 0`; a window taken only from
 longer inputs). The graph holds for sizes that meet them. A call whose inputs break one gets a
-graph of its own: captured again from `tp`'s weightless skeleton with these inputs' shapes (on
-meta), planned with `tp`'s overrides (the modules `tp` keeps whole kept whole), rewritten,
-and run on `tp`'s own tensors (`SharedTensors`: no copy of the weights; the plan must slice
-every tensor as `tp`'s does).
+graph of its own: captured again from `tp`'s weightless skeleton with these inputs' shapes (as
+fake tensors on `tp`'s device, so that device checks in the model's code answer as they will
+at run time: capture/on_device.py), planned with `tp`'s overrides (the modules `tp` keeps
+whole kept whole), rewritten, and run on `tp`'s own tensors (`SharedTensors`: no copy of the
+weights; the plan must slice every tensor as `tp`'s does).
 
     tp(input_ids=ids_of_32)      # breaks `pad_size > 0`: builds a second graph, runs it
     tp.size_graphs               # <size graphs: 1 of at most 4, built for ...>
 
 Built at the first call of such a size (seconds), on every rank (the ranks are given the same
 inputs), and kept: later calls take the first graph whose conditions they meet. At most
-`MAX_GRAPHS`; past that, or where the graph cannot be built (no skeleton, LoRA folded into
-the weights), the call raises `InputError` quoting the broken condition, before any rank
-reaches a collective.
+`MAX_GRAPHS` are kept; a new one then replaces the least recently used, with a warning.
+Where no graph can be built (no skeleton, LoRA folded into the weights), the call raises
+`InputError` quoting the broken condition, before any rank reaches a collective.
 """
 from __future__ import annotations
 
+import warnings
 import weakref
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
 from ._transform import transform
-from .capture.export import Captured, capture
+from .capture.export import Captured, capture, model_device
 from .capture.linear import split_biases
+from .capture.on_device import faked_on, unfake
 from .errors import FxtpError, InputError
 from .guards import recorded_conditions
 from .modes import is_folded
@@ -81,31 +84,39 @@ class SizeGraphs:
 
     def choose(self, args: tuple, kwargs: dict, broken: InputError) -> None:
         """Routes this call to a graph whose conditions these inputs meet, building one if
-        none does; raises `broken` (with why) when it cannot."""
+        none does (dropping the least recently used past `MAX_GRAPHS`); raises `broken` (with
+        why) when it cannot."""
         tp = self._tp()
-        for graph, shared, conditions in self.graphs:
+        for i, (graph, shared, conditions) in enumerate(self.graphs):
             try:
                 conditions(graph, args, kwargs)
             except InputError:
                 continue
+            self.graphs.append(self.graphs.pop(i))      # the most recently used last
+            self.built.append(self.built.pop(i))
             shared.bind(tp, _replaced)
             self.route = graph
             return
         why = self._cannot_build(tp)
         if why:
             raise InputError(f"{broken} ({why})") from broken
-        graph = self._build(tp, args, kwargs, broken)
+        graph, conditions = self._build(tp, args, kwargs, broken)
         shared = SharedTensors.match(tp, graph, set(), _refuse(broken))
         shared.bind(tp, _replaced)
-        self.graphs.append((graph, shared, recorded_conditions(graph) or _always))
+        if len(self.graphs) >= MAX_GRAPHS:
+            warnings.warn(
+                f"fxtp: {MAX_GRAPHS} graphs for other input sizes are kept, the most fxtp "
+                f"keeps: the least recently used one (built for {self.built[0]}) is dropped "
+                f"for {_shapes(args, kwargs)}. Calls that cycle through more size classes "
+                "than that build a graph again each time (seconds); pad the inputs to fewer "
+                "sizes.", stacklevel=4)
+            del self.graphs[0], self.built[0]
+        self.graphs.append((graph, shared, conditions))
         self.built.append(_shapes(args, kwargs))
         self.route = graph
 
     def _cannot_build(self, tp: fx.GraphModule) -> str:
         info = tp.meta[META_KEY]
-        if len(self.graphs) >= MAX_GRAPHS:
-            return (f"{MAX_GRAPHS} graphs for other sizes are built already "
-                    f"({'; '.join(self.built)}), the most fxtp keeps")
         if info.skeleton is None:
             return f"no other graph can be built: {info.skeleton_error}"
         if is_folded(tp):
@@ -113,21 +124,30 @@ class SizeGraphs:
                     "fxtp.unfold_lora(tp) first")
         return ""
 
+    @classmethod
+    def _build(cls, tp: fx.GraphModule, args: tuple, kwargs: dict,
+               broken: InputError) -> tuple[fx.GraphModule, Callable]:
+        """The graph for these inputs' sizes, and its conditions."""
+        graph = cls._transform(tp, _meta_inputs(args, kwargs), broken)
+        return graph, recorded_conditions(graph) or _always
+
     @staticmethod
-    def _build(tp: fx.GraphModule, args: tuple, kwargs: dict,
-               broken: InputError) -> fx.GraphModule:
+    def _transform(tp: fx.GraphModule, example: tuple, broken: InputError) -> fx.GraphModule:
         """Captures, plans (with `tp`'s overrides, and its whole modules kept whole) and
-        rewrites the skeleton for these inputs' shapes, on meta."""
+        rewrites the skeleton for `example`'s shapes, faked on tp's device. Sizes the capture
+        fixes stay fixed (torch.export fixes a size of 1), and the graph's own guards refuse
+        other sizes: a graph captured at 2 would also serve 1, but without the guard on a
+        branch the model's code takes for 1 only (`if batch == 1`), which would then be a
+        silent wrong answer."""
         global _building
         info = tp.meta[META_KEY]
-        example = pytree.tree_map_only(
-            torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"),
-            (tuple(args), dict(kwargs)))
         group = named_group(info.group_name)
         skel = info.skeleton
         _building += 1
         try:
-            captured = capture(skel, example)
+            with faked_on(skel, example, model_device(tp)) as on_tp_device:
+                captured = capture(skel, on_tp_device, keep_fixed=True)
+            unfake(captured.gm, skel)
             split_biases(captured.gm)
             plan = build_plan(captured, info.world_size, model_name(skel),
                               _kept_whole(info.plan, captured), info.plan.vocab_parallel)
@@ -145,6 +165,12 @@ class SizeGraphs:
         graph.eval()
         graph.meta[META_KEY].state.check_inputs = False    # tp's hook checked them already
         return graph
+
+
+def _meta_inputs(args: tuple, kwargs: dict) -> tuple:
+    return pytree.tree_map_only(
+        torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"),
+        (tuple(args), dict(kwargs)))
 
 
 def _kept_whole(plan: Plan, captured: Captured) -> dict[str, str]:

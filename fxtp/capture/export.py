@@ -102,11 +102,14 @@ def _dynamic_shapes(args: tuple, kwargs: dict, hf: bool) -> tuple:
     return tuple(spec(a) for a in args), {k: spec(v, k) for k, v in kwargs.items()}
 
 
-def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
+def capture(model: nn.Module, example_inputs: Any = None, *,
+            keep_fixed: bool = False) -> Captured:
     """Exports `model` to an ATen-level GraphModule with dynamic batch/sequence dims.
 
     `example_inputs` is an args tuple, a kwargs dict, or a pair (args, kwargs). Required for
-    modules that are not Hugging Face models.
+    modules that are not Hugging Face models. `keep_fixed`: a batch or sequence size the
+    capture fixes is kept, not refused (a graph meant for these sizes only, whose own guards
+    then refuse other sizes: size_graphs.py).
     """
     hf = is_hf_model(model)
     args, kwargs = _own_inputs(*_split_inputs(model, example_inputs, hf))
@@ -124,7 +127,7 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
         while True:
             gm, error, fixed = _export(model, args, kwargs, hf, (dyn_args, dyn_kwargs), opaque)
             if error is None:
-                dims = fixed_token_dims(gm) if hf else []
+                dims = fixed_token_dims(gm) if hf and not keep_fixed else []
                 why = cause(fixed, dims[0][2]) if dims else None
                 if not dims or not (why and why.module and why.module not in opaque):
                     break
@@ -145,7 +148,7 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
         model.train(was_training)
         if had_cache and "use_cache" not in kwargs:
             cfg.use_cache = had_cache
-    if hf:
+    if hf and not keep_fixed:
         _refuse_fixed_sizes(model, gm, fixed)
     drop_no_ops(gm)
     defaults = {}
