@@ -59,3 +59,25 @@ def test_compile_option_switches_per_call_without_compiling_again(monkeypatch):
     assert len(compiled) == 2 and compiled[1]["mode"] == "default"   # the generator's CUDA graphs
     tg._set_compile(gen, {"mode": "reduce-overhead"})
     assert len(compiled) == 2
+
+
+def test_the_decode_step_takes_the_device_branch_of_tp_s_device(monkeypatch):
+    """The step is captured from the weightless skeleton as fake tensors on tp's device, not
+    as meta tensors: model code that branches on the device takes the side it takes when the
+    step runs (on meta it took the other side, and generated other tokens)."""
+    from transformers.models.llama import modeling_llama
+
+    own = modeling_llama.LlamaRMSNorm.forward
+
+    def forward(self, hidden_states):
+        out = own(self, hidden_states)
+        return out if hidden_states.device.type == "cpu" else out * 2
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", forward)
+    model = tiny_model("llama").eval()
+    tp = fxtp.transform(model, 1)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    want = model.generate(ids, max_new_tokens=6, do_sample=False,
+                          attention_mask=torch.ones_like(ids))
+    assert torch.equal(tp.generate(ids, max_new_tokens=6, do_sample=False), want)
+    assert {t.device.type for t in tp.generate.skeleton.parameters()} == {"meta"}

@@ -28,11 +28,13 @@ from ..graph.tensors import tensor_attrs
 
 
 @contextlib.contextmanager
-def faked_on(model: nn.Module, example: Any, device: torch.device) -> Iterator[Any]:
+def faked_on(model: nn.Module, example: Any, device: torch.device, *,
+             active: bool = False) -> Iterator[Any]:
     """Within: `model`'s meta parameters and buffers are fake tensors on `device` (tied ones
     stay tied), and the yielded `example` has its meta tensors faked alike; real tensors stay
-    as they are. torch.export takes the fake mode from the inputs. A `device` of meta changes
-    nothing."""
+    as they are. torch.export takes the fake mode from the inputs. `active`: the fake mode is
+    entered too, so that tensors made within (a KV cache, inputs) are fake as well. A `device`
+    of meta changes nothing."""
     if device.type == "meta":
         yield example
         return
@@ -56,7 +58,9 @@ def faked_on(model: nn.Module, example: Any, device: torch.device) -> Iterator[A
                     if t is not None and t.device.type == "meta":
                         swapped.append((table, name, t))
                         table[name] = fake(t)
-        yield pytree.tree_map_only(torch.Tensor, fake, example)
+        faked = pytree.tree_map_only(torch.Tensor, fake, example)
+        with mode if active else contextlib.nullcontext():
+            yield faked
     finally:
         for table, name, t in reversed(swapped):
             table[name] = t

@@ -12,7 +12,9 @@ weights and `del model` frees them. Buffers that `tp`'s own graph holds under th
 buffers and plain tensor attributes (small computed state, not weights) are copied as they are.
 
 The decode step (`decode_step.capture_step` + the plan and rewrite of `fxtp.generator`) is
-captured from the skeleton at the first call, on meta, then *bound* to `tp`: every parameter
+captured from the skeleton at the first call, as fake tensors on `tp`'s device (no memory, but
+the model's device checks answer as they will when the step runs: capture/on_device.py), then
+*bound* to `tp`: every parameter
 of the step is replaced by `tp`'s parameter object of the same name (the same tensor: same
 data pointer, no copy; the plan must have given it the same local slice, checked, else
 `GenerationError`), its buffers by `tp`'s where `tp` holds them, and its KV cache is made of
@@ -41,7 +43,9 @@ import torch.distributed as dist
 from torch import fx, nn
 
 from .._transform import transform
+from ..capture.export import model_device
 from ..capture.linear import split_biases
+from ..capture.on_device import faked_on, unfake
 from ..capture.lora import find_lora_branches
 from ..errors import (
     CacheOverflowError,
@@ -246,8 +250,9 @@ class TPGenerate:
     # -- building and binding the step -------------------------------------------------------
     def _build(self, tp: fx.GraphModule, max_len: int, max_batch: int,
                group: Optional[dist.ProcessGroup]) -> None:
-        """Captures, plans and rewrites the decode step of the skeleton (on meta, as
-        `fxtp.generator` does for a model built under `fxtp.init_empty()`), with `tp`'s plan
+        """Captures, plans and rewrites the decode step of the skeleton (faked on `tp`'s
+        device, its tensors then meta again, as `fxtp.generator` takes a model built under
+        `fxtp.init_empty()`), with `tp`'s plan
         overrides and vocab_parallel choice, and checks that it can run on `tp`'s tensors. The
         old step is dropped first (its cache freed before the new one is made)."""
         global _building
@@ -257,7 +262,9 @@ class TPGenerate:
         hf = _generation_model(skel)
         _building += 1
         try:
-            captured = capture_step(skel, hf, max_batch, max_len)
+            with faked_on(skel, None, model_device(tp), active=True):
+                captured = capture_step(skel, hf, max_batch, max_len)
+            unfake(captured.gm, skel)
             split_biases(captured.gm)
             plan = build_plan(captured, info.world_size, model_name(skel), info.plan.overrides,
                               info.plan.vocab_parallel)
