@@ -45,8 +45,8 @@ from torch import fx, nn
 from .._transform import transform
 from ..capture.export import model_device
 from ..capture.linear import split_biases
-from ..capture.on_device import faked_on, unfake
 from ..capture.lora import find_lora_branches
+from ..capture.on_device import faked_on, unfake
 from ..errors import (
     CacheOverflowError,
     FxtpError,
