@@ -237,36 +237,32 @@ def _structures_case(ws: int) -> dict[str, Any]:
         if name in ("looped_experts", "ssm_one_group", "torch_norms"):
             # the opaque experts train (their backward runs again), and so does the mixer
             # (the conv's cut weight, the einsums, the statistic's all-reduce in backward)
-            tp = fxtp.transform(model, ws, example_inputs={"x": inputs[0]})   # by keyword
-            grads = check_gradients(model, tp, tensor_inputs(shapes, dynamic_dims=(0, 1)).map(
-                lambda t: {"x": t[0]}), max_examples=3, loss_fn=lambda y, _: y.pow(2).mean())
+            grads = check_gradients(model, tp, tensor_inputs(shapes, dynamic_dims=(0, 1)),
+                                    max_examples=3, loss_fn=lambda y, _: y.pow(2).mean())
             out[name].update(grad_error=grads.max_error, grads_compared=grads.compared,
                              grads_missing=grads.missing)
         if name == "torch_norms":
             out[name].update(_bf16_errors(name, ws))
         if name == "windowed_attention":
-            out[name].update(_short_inputs(model, tp, inputs[0], ws))
+            out[name].update(_short_inputs(model, tp))
     return out
 
 
-def _short_inputs(model, tp, example: torch.Tensor, ws: int) -> dict[str, Any]:
+def _short_inputs(model, tp) -> dict[str, Any]:
     """Inputs shorter than the window break the capture's size condition: they run a graph
-    built for them (`tp.size_graphs`) on tp's own shards, forward and backward (the backward
-    on a graph captured by keyword, as check_gradients calls it)."""
+    built for them (`tp.size_graphs`) on tp's own shards, forward and backward."""
     from hypothesis import strategies as st
 
     short = torch.randn(3, 2, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         error = float((model(short) - tp(short)).abs().max())
-    graph = tp.size_graphs.graphs[0][0]
-    by_keyword = fxtp.transform(model, ws, example_inputs={"x": example})
-    grads = check_gradients(model, by_keyword, st.just({"x": short}), max_examples=1,
+    graph = tp.size_graphs.graphs[-1][0]          # the most recently used: this call's
+    grads = check_gradients(model, tp, st.just((short,)), max_examples=1,
                             loss_fn=lambda y, _: y.pow(2).mean())
     return {"short_error": error, "short_grad_error": grads.max_error,
             "short_grads_compared": grads.compared, "size_graphs": len(tp.size_graphs.graphs),
             "short_all_reduces": len(_all_reduce_nodes(graph)),
-            "shards_shared": all(p is graph.get_parameter(n) for n, p in tp.named_parameters()),
-            "keyword_size_graphs": len(by_keyword.size_graphs.graphs)}
+            "shards_shared": all(p is graph.get_parameter(n) for n, p in tp.named_parameters())}
 
 
 def _bf16_errors(name: str, ws: int) -> dict[str, float]:

@@ -17,6 +17,13 @@ def llama():
     return tiny_model("llama")
 
 
+@pytest.fixture(scope="module")
+def plans(llama):
+    """The model's plans at world 1 and 2, captured once for the tests that do not test the
+    capture (an override is solved again from the plan's capture)."""
+    return {1: fxtp.plan(llama, 1), 2: fxtp.plan(llama, 2)}
+
+
 def test_every_error_is_an_fxtp_error():
     for cls in (fxtp.CaptureError, fxtp.InputError, fxtp.NotDivisibleError,
                 fxtp.PlanOverrideError, fxtp.ProcessGroupError, fxtp.WorldSizeMismatchError):
@@ -45,14 +52,14 @@ def test_a_bad_world_size_is_one_error_class_wherever_it_is_given(llama):
             call()
 
 
-def test_world_size_mismatch(llama):
+def test_world_size_mismatch(llama, plans):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                             world_size=1)
     try:
         with pytest.raises(fxtp.WorldSizeMismatchError, match="world_size=2 but the process group has 1"):
             fxtp.transform(llama, 2)
         # the matching size works inside the group
-        tp = fxtp.transform(llama, 1)
+        tp = fxtp.transform(llama, 1, plan=plans[1])
         assert tp.meta["fxtp"].group_name == dist.group.WORLD.group_name
     finally:
         dist.destroy_process_group()
@@ -68,17 +75,17 @@ def test_non_hf_model_needs_example_inputs():
         fxtp.plan(PlainMLP(), 2)
 
 
-def test_override_of_unknown_module(llama):
-    plan = fxtp.plan(llama, 2)
+def test_override_of_unknown_module(llama, plans):
+    plan = plans[2]
     with pytest.raises(fxtp.PlanOverrideError, match=r"model\.layers\.9\.mlp.*not in the model"):
         plan.override({"model.layers.9.mlp": "replicate"})
     with pytest.raises(fxtp.PlanOverrideError, match="Did you mean"):
         plan.override({"model.layers.0.mpl": "replicate"})
 
 
-def test_override_with_unsupported_choice(llama):
+def test_override_with_unsupported_choice(llama, plans):
     with pytest.raises(fxtp.PlanOverrideError, match="supported: replicate, shard"):
-        fxtp.plan(llama, 2).override({"model.layers.0.mlp": "column"})
+        plans[2].override({"model.layers.0.mlp": "column"})
 
 
 def test_override_that_would_be_wrong_is_refused():
@@ -90,17 +97,17 @@ def test_override_that_would_be_wrong_is_refused():
         plan.override({"fc": "shard"})
 
 
-def test_shard_override_of_a_shardable_module_is_accepted(llama):
-    plan = fxtp.plan(llama, 2).override({"model.layers.0.self_attn": "shard"})
+def test_shard_override_of_a_shardable_module_is_accepted(llama, plans):
+    plan = plans[2].override({"model.layers.0.self_attn": "shard"})
     assert plan.placement_of("model.layers.0.self_attn.o_proj") == "row"
     with pytest.raises(fxtp.PlanOverrideError, match="no linear layer"):
-        fxtp.plan(llama, 2).override({"model.norm": "shard"})
+        plans[2].override({"model.norm": "shard"})
     with pytest.raises(fxtp.PlanOverrideError, match="lm_head.*cannot be sharded safely"):
-        fxtp.plan(llama, 2).override({"lm_head": "shard"})
+        plans[2].override({"lm_head": "shard"})
 
 
-def test_plan_for_other_world_size_is_refused(llama):
-    plan = fxtp.plan(llama, 2)
+def test_plan_for_other_world_size_is_refused(llama, plans):
+    plan = plans[2]
     with pytest.raises(fxtp.PlanOverrideError, match="world_size=2, not 1"):
         fxtp.transform(llama, 1, plan=plan)
 
@@ -123,8 +130,8 @@ def test_indivisible_structure_reported_by_plan():
     assert any("cannot be shared out" in why for why in plan.replicated.values())
 
 
-def test_unknown_input_names_the_accepted_ones(llama):
-    tp = fxtp.transform(llama, 1)
+def test_unknown_input_names_the_accepted_ones(llama, plans):
+    tp = fxtp.transform(llama, 1, plan=plans[1])
     ids = torch.randint(0, 128, (1, 4))
     with pytest.raises(fxtp.InputError, match="input_ids"):
         tp(input_ids=ids, pixel_values=ids)
@@ -145,8 +152,8 @@ def test_training_a_model_with_dropout_is_a_named_error():
     assert tp.eval() is tp and not tp.training
 
 
-def test_training_at_world_size_one_gives_the_model_gradients(llama):
-    tp = fxtp.transform(llama, 1)
+def test_training_at_world_size_one_gives_the_model_gradients(llama, plans):
+    tp = fxtp.transform(llama, 1, plan=plans[1])
     assert tp.train() is tp and tp.training
     ids = torch.arange(10).view(2, 5)
     for m in (llama, tp):
@@ -157,8 +164,8 @@ def test_training_at_world_size_one_gives_the_model_gradients(llama):
         assert torch.allclose(p.grad, full[name].grad, atol=1e-6), name
 
 
-def test_fold_lora_without_adapters_names_the_model(llama):
-    tp = fxtp.transform(llama, 1)
+def test_fold_lora_without_adapters_names_the_model(llama, plans):
+    tp = fxtp.transform(llama, 1, plan=plans[1])
     with pytest.raises(fxtp.NoLoraError, match="no LoRA branch found .*LlamaForCausalLM"):
         fxtp.fold_lora(tp)
     with pytest.raises(fxtp.LoraStateError, match="not folded"):

@@ -233,8 +233,9 @@ def test_hand_built_structures_equivalent(ws):
         short = r["windowed_attention"]     # a length the capture did not hold for
         assert short["short_error"] <= TOL and short["short_grad_error"] <= TOL
         assert short["short_grads_compared"] == 12 and short["shards_shared"]
-        # the drawn inputs (lengths 1 to 6) may have built one for length 1 too
-        assert 1 <= short["size_graphs"] <= 2 and short["keyword_size_graphs"] == 1
+        # the drawn inputs (lengths 1 to 6) may have built graphs for a size of 1 too (each
+        # for that size only: torch.export fixes a size of 1)
+        assert 1 <= short["size_graphs"] <= 4
         assert short["short_all_reduces"] == 2
 
 

@@ -17,6 +17,18 @@ def llama_plan():
     return fxtp.plan(tiny_model("llama"), 2)
 
 
+@pytest.fixture(scope="module")
+def llama4():
+    """A model and its plan at world 4, captured apart from llama_plan's."""
+    model = tiny_model("llama")
+    return model, fxtp.plan(model, 4)
+
+
+@pytest.fixture(scope="module")
+def llama_plan1():
+    return fxtp.plan(tiny_model("llama"), 1)
+
+
 def test_plan_prints_a_table(llama_plan):
     text = str(llama_plan)
     for word in ("module", "placement", "why", "collectives", "model.layers.0.self_attn.q_proj",
@@ -67,8 +79,8 @@ def test_tied_weight_stays_replicated():
     assert "tied" in plan.replicated["lm_head"]
 
 
-def test_gqa_kv_heads_fewer_than_ranks_are_replicated_per_rank_group():
-    plan = fxtp.plan(tiny_model("llama"), 4)
+def test_gqa_kv_heads_fewer_than_ranks_are_replicated_per_rank_group(llama4):
+    plan = llama4[1]
     entry = {e.module: e for e in plan.entries}["model.layers.0.self_attn.k_proj"]
     assert entry.placement == "column"
     assert "2 parts, each held by 2 ranks" in entry.shard
@@ -112,9 +124,8 @@ def test_vocab_parallel_table_override():
     assert "(outside the layers)" not in kept.all_reduces
 
 
-def test_plan_bytes_per_rank_count_every_parameter_once():
-    model = tiny_model("llama")
-    plan = fxtp.plan(model, 4)
+def test_plan_bytes_per_rank_count_every_parameter_once(llama4):
+    model, plan = llama4
     full = sum(p.numel() * p.element_size() for p in model.parameters())
     assert plan.full_param_bytes == full
     linears = {e.parameter: e for e in plan.entries}
@@ -139,7 +150,7 @@ def test_uneven_plan_reports_each_ranks_bytes():
     assert "rank 3" in str(plan)
 
 
-def test_plan_from_json_is_equal_and_transforms_the_model(llama_plan):
+def test_plan_from_json_is_equal_and_transforms_the_model(llama_plan, llama_plan1):
     loaded = fxtp.Plan.from_json(llama_plan.to_json())
     assert loaded == llama_plan and loaded.captured is None
     assert loaded.mismatches(llama_plan) == []
@@ -147,13 +158,13 @@ def test_plan_from_json_is_equal_and_transforms_the_model(llama_plan):
     again = fxtp.Plan.from_json(overridden.to_json())
     assert again.overrides == {"model.layers.1.mlp": "replicate"} and again == overridden
     # world_size 1 needs no process group: a loaded plan is re-derived from the model
-    plan1 = fxtp.plan(tiny_model("llama"), 1)
-    tp = fxtp.transform(tiny_model("llama"), 1, plan=fxtp.Plan.from_json(plan1.to_json()))
-    assert tp.meta["fxtp"].plan == plan1
+    tp = fxtp.transform(tiny_model("llama"), 1,
+                        plan=fxtp.Plan.from_json(llama_plan1.to_json()))
+    assert tp.meta["fxtp"].plan == llama_plan1
 
 
-def test_loaded_plan_that_does_not_match_the_model_is_refused():
-    plan1 = fxtp.plan(tiny_model("llama"), 1)
+def test_loaded_plan_that_does_not_match_the_model_is_refused(llama_plan1):
+    plan1 = llama_plan1
     data = json.loads(plan1.to_json())
     data["entries"][0]["placement"] = "replicate"               # a hand-edited decision
     with pytest.raises(fxtp.PlanOverrideError, match="does not match.*q_proj.weight.*overrides"):
@@ -169,10 +180,10 @@ def test_a_file_that_is_not_a_plan_is_a_named_error():
         fxtp.Plan.from_json('{"model": "x"}')
 
 
-def test_replan_reuses_the_capture(llama_plan):
+def test_replan_reuses_the_capture(llama_plan, llama4):
     at4 = llama_plan.replan(4)
     assert at4.world_size == 4 and at4.captured is llama_plan.captured
-    assert at4.mismatches(fxtp.plan(tiny_model("llama"), 4)) == []
+    assert at4.mismatches(llama4[1]) == []
     vocab = llama_plan.override({"model.layers.0.mlp": "replicate"}).replan(vocab_parallel=True)
     assert vocab.vocab_parallel and vocab.overrides == {"model.layers.0.mlp": "replicate"}
     assert {e.parameter: e.placement for e in vocab.entries}["lm_head.weight"] == "column"

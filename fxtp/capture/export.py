@@ -62,12 +62,21 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def config_vocab(cfg: Any) -> Optional[int]:
+    """The vocabulary size a config gives, or its text config's (a multimodal model's
+    top-level config has none of its own)."""
+    vocab = getattr(cfg, "vocab_size", None)
+    if vocab is None and hasattr(cfg, "get_text_config"):
+        vocab = getattr(cfg.get_text_config(), "vocab_size", None)
+    return vocab
+
+
 def hf_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> dict[str, Any]:
     """Dummy inputs for a Hugging Face model, from its config: token ids within the vocab, on
     the model's device (a CUDA model is captured with CUDA inputs, a meta-built one with meta
     inputs: torch.export propagates devices and rejects a mix)."""
     cfg = model.config
-    vocab = getattr(cfg, "vocab_size", None) or 32
+    vocab = config_vocab(cfg) or 32
     dev = model_device(model)
     ids = torch.randint(0, vocab, (batch, seq), device="cpu").to(dev)
     params = inspect.signature(model.forward).parameters

@@ -192,9 +192,9 @@ class GradientReport:
 
 def check_gradients(model: nn.Module, tp: nn.Module, strategy, max_examples: int = 5,
                     loss_fn: Callable = token_loss) -> GradientReport:
-    """Backward through `model` and `tp` on hypothesis-drawn inputs; compares every trainable
-    local parameter's gradient with the matching slice of the model's. Records, never raises
-    on a mismatch (so all ranks stay in step)."""
+    """Backward through `model` and `tp` on hypothesis-drawn inputs (a tuple: positional, a
+    dict: keyword); compares every trainable local parameter's gradient with the matching
+    slice of the model's. Records, never raises on a mismatch (so all ranks stay in step)."""
     from hypothesis import HealthCheck, Phase, given, settings
 
     report = GradientReport()
@@ -207,9 +207,10 @@ def check_gradients(model: nn.Module, tp: nn.Module, strategy, max_examples: int
     def run(inputs):
         model.zero_grad(set_to_none=True)
         tp.zero_grad(set_to_none=True)
-        ref = loss_fn(model(**inputs), inputs)
+        args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
+        ref = loss_fn(model(*args, **kwargs), inputs)
         ref.backward()
-        got = loss_fn(tp(**inputs), inputs)
+        got = loss_fn(tp(*args, **kwargs), inputs)
         got.backward()
         report.examples += 1
         report.loss_error = max(report.loss_error, abs(float(got.detach()) - float(ref.detach())))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..capture.export import config_vocab
+
 
 def hf_inputs(vocab: int, max_batch: int = 3, max_seq: int = 24, encoder_decoder: bool = False):
     """Hypothesis strategy of HF kwargs: batch, sequence length(s) and token ids drawn."""
@@ -29,7 +31,7 @@ def hf_inputs(vocab: int, max_batch: int = 3, max_seq: int = 24, encoder_decoder
 def hf_inputs_for(model: nn.Module, **kw):
     """`hf_inputs` matching a Hugging Face model's config (vocab, encoder-decoder)."""
     cfg = model.config
-    return hf_inputs(int(cfg.vocab_size), encoder_decoder=bool(getattr(cfg, "is_encoder_decoder", False)),
+    return hf_inputs(int(config_vocab(cfg) or 32), encoder_decoder=bool(getattr(cfg, "is_encoder_decoder", False)),
                      **kw)
 
 
