@@ -214,6 +214,18 @@ def test_a_submodule_that_fixes_the_sequence_length_is_an_opaque_call():
     assert "modeling_mamba.py" in why and "for index in range(seq_len)" in why
 
 
+def test_an_opaque_part_of_a_weightless_model_is_a_named_capture_error():
+    """An opaque part's shapes come from an eager run of the model, which a model without
+    values (built on meta; fxtp's weightless copy, faked on a device, for a size graph)
+    cannot do: a CaptureError that says so, never a part that runs on fake state."""
+    from .modules import structure
+
+    model, inputs = structure("looped_experts")
+    with pytest.raises(fxtp.CaptureError, match=r"moe of AttentionThenLoopedExperts.*eager "
+                                                r"run of the model with its weights"):
+        fxtp.plan(model.to("meta"), 2, example_inputs=(inputs[0].to("meta"),))
+
+
 def test_a_size_fixed_by_the_model_itself_is_refused_naming_the_line():
     """The loop is in the model's own forward: nothing smaller to call whole, so the capture
     fails at transform time, naming the line, instead of a graph failing on the next length."""

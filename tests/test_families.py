@@ -33,15 +33,13 @@ _cache: dict[int, list] = {}
 
 # at world 4 only the families whose layout there differs from world 2's: kv heads fewer than
 # the ranks (llama_bias with its k/v biases, phi3_gqa's fused chunks held by pairs of ranks,
-# Falcon-40B's kv groups) and heads that do not divide 4 (llama_uneven, gpt2_3heads). The
-# others slice the same way at any world size (their world-2 run covers them; 4 ranks share
-# this machine's 2 CPU cores, ~11 s a family); tests/test_multirank.py runs Llama, GPT-2 and
-# BERT at world 4 as well
+# Falcon-40B's kv groups, Bamba's one group of B and C held whole beside its 8 SSM heads cut
+# in 4, and its graph for other lengths) and heads that do not divide 4 (llama_uneven,
+# gpt2_3heads). The others slice the same way at any world size (their world-2 run covers
+# them; 4 ranks share this machine's 2 CPU cores, ~11 s a family); tests/test_multirank.py
+# runs Llama, GPT-2 and BERT at world 4 as well
 AT_4 = ("llama_bias", "phi3_gqa", "falcon", "llama_uneven", "gpt2_3heads", "gptj", "olmo2",
-        "llama4_text", "modernbert", "gpt_oss", "mamba", "gpt_bigcode")
-# Bamba runs at world 2 only (~60 s at 4 on this machine's 2 cores): its Mamba-2 mixer is
-# checked at world 4 by the hand-built `ssm_one_group` / `ssm_groups` (tests/test_structures.py,
-# tests/test_multirank.py), equivalence and gradients
+        "llama4_text", "modernbert", "gpt_oss", "mamba", "gpt_bigcode", "bamba")
 
 
 def sizes(*names: str) -> list[tuple[int, str]]:
@@ -150,12 +148,13 @@ def test_moe_experts_sharded_router_replicated(ws, name):
         assert gate_up == (4, 2 * inter // ws, 64) and down == (4, 64, inter // ws)
 
 
-def test_lengths_the_capture_did_not_hold_for_get_a_graph_of_their_own():
+@pytest.mark.parametrize("ws", worlds_of("bamba"))
+def test_lengths_the_capture_did_not_hold_for_get_a_graph_of_their_own(ws):
     """Bamba's scan pads a length that does not fill its chunks (`if pad_size > 0`): captured
     at 8 tokens, its graph holds for such lengths only. 32 tokens run a second graph, built at
     that call, on the same shards. The other families record no such condition (equalities
     between inputs' sizes, T5's, are not a path the code took: no size graphs)."""
-    for rank_facts in family(2, "bamba"):
+    for rank_facts in family(ws, "bamba"):
         assert rank_facts["other_size_error"] <= TOL and rank_facts["size_graphs"] == 1
         assert "(32 + -1 * (attention_mask.size()[1] % 32)) % 32 > 0" in rank_facts["conditions"]
     others = {name for ws, name in RUNS if "size_graphs" in family(ws, name)[0]}

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.export import Dim
 
 from ..errors import CaptureError
@@ -192,7 +193,14 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, hf: bool, dynamic: tupl
 def _recorded_calls(model: nn.Module, opaque: dict[str, str], args: tuple, kwargs: dict,
                     hf: bool) -> list:
     """The opaque submodules' calls in eager runs of the model: two batch and sequence
-    sizes for a Hugging Face model, the example inputs otherwise."""
+    sizes for a Hugging Face model, the example inputs otherwise. A model without values
+    (meta, or faked on a device: capture/on_device.py) cannot run them."""
+    if any(t.device.type == "meta" or isinstance(t, FakeTensor) for t in model.parameters()):
+        raise CaptureError(
+            f"fxtp could not capture {', '.join(sorted(opaque))} of {type(model).__name__} "
+            f"({next(iter(opaque.values()))}), and calling it as an opaque part needs an eager "
+            "run of the model with its weights, which a weightless model (built on meta, or "
+            "fxtp's weightless copy) cannot do")
     if hf and not args:
         inputs = [hf_example_inputs(model, 2, 8), hf_example_inputs(model, 3, 5)]
         runs = [lambda kw=kw: model(**kw) for kw in inputs]
