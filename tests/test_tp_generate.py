@@ -81,3 +81,28 @@ def test_the_decode_step_takes_the_device_branch_of_tp_s_device(monkeypatch):
                           attention_mask=torch.ones_like(ids))
     assert torch.equal(tp.generate(ids, max_new_tokens=6, do_sample=False), want)
     assert {t.device.type for t in tp.generate.skeleton.parameters()} == {"meta"}
+
+
+def test_a_model_with_opaque_parts_gets_a_generate_that_says_why(monkeypatch):
+    """The decode step is captured from the weightless copy, which cannot run an opaque part:
+    tp.generate names the parts instead of failing inside torch.export."""
+    from transformers.models.llama import modeling_llama
+
+    own = modeling_llama.LlamaMLP.forward
+
+    def forward(self, x):
+        if x.sum() > 0:                 # data-dependent Python: the MLP is an opaque part
+            return own(self, x)
+        return own(self, x) * 1.0
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", forward)
+    model = tiny_model("llama").eval()
+    tp = fxtp.transform(model, 1)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        assert torch.allclose(tp(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.raises(fxtp.GenerationError, match=r"LlamaForCausalLM \(llama\) has parts torch.export "
+                                                   r"cannot capture \(model.layers.0.mlp, "
+                                                   r"model.layers.1.mlp: called as opaque"):
+        tp.generate(ids, max_new_tokens=2)
+    assert "unavailable" in repr(tp.generate)

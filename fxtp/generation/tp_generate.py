@@ -95,8 +95,18 @@ def attach(tp: fx.GraphModule, model: nn.Module) -> None:
     skel = None
     if reason is None:
         info = tp.meta[META_KEY]
+        opaque = list(info.plan.opaque)
         skel = info.skeleton        # made by fxtp.transform (capture/skeleton.py)
-        if skel is None:
+        if opaque:
+            # the step is captured from the weightless copy: an opaque part's shapes need an
+            # eager run with the weights, and its code stopped torch.export once already
+            reason = (f"{model_name(model)} has parts torch.export cannot capture "
+                      f"({', '.join(opaque[:3])}{', ...' if len(opaque) > 3 else ''}: called "
+                      "as opaque parts in tp's graph), and fxtp cannot capture a decode step "
+                      "with opaque parts yet; tp itself computes the model's outputs (a loop "
+                      "of tp calls without a KV cache decodes, slowly)")
+            skel = None
+        elif skel is None:
             reason = f"{info.skeleton_error}; use fxtp.generator(model, ws)"
     tp.generate = TPGenerate(tp, skel, reason)
 
