@@ -30,6 +30,20 @@ def _randomise_zeros(model, seed: int):
     return model
 
 
+_PLANS: dict[tuple, "fxtp.Plan"] = {}
+
+
+def _transform(name: str, model, ws: int, vocab_parallel: bool = False):
+    """`fxtp.transform(model, ws)` with the plan captured from this rank process's first model
+    of that name (the cases build the same seeded weights again: transform binds the plan's
+    graph to this instance's tensors instead of capturing it again)."""
+    if (name, ws) not in _PLANS:
+        _PLANS[name, ws] = fxtp.plan(model, ws)
+    plan = _PLANS[name, ws]
+    return fxtp.transform(model, ws, plan=plan.replan(vocab_parallel=True) if vocab_parallel
+                          else plan)
+
+
 def grad_case(name: str, ws: int, vocab_parallel: bool = False, family: bool = False) -> dict[str, Any]:
     """Full fine-tuning: every local parameter's gradient vs the slice of the model's.
     `family`: a config of fxtp/testing/families.py (uneven shards, whole kv chunks, heads in batch)."""
@@ -39,7 +53,7 @@ def grad_case(name: str, ws: int, vocab_parallel: bool = False, family: bool = F
         model = _randomise_zeros(family_model(name), 0)
     else:
         model = train_model(name)
-    tp = fxtp.transform(model, ws, vocab_parallel=vocab_parallel)
+    tp = _transform(name, model, ws, vocab_parallel)
     tp.train()
     rep = check_gradients(model, tp, hf_inputs(model.config.vocab_size, max_batch=2, max_seq=12),
                           max_examples=4)
@@ -181,7 +195,7 @@ def optimizer_case(name: str, ws: int, opt: str, steps: int = 3) -> dict[str, An
     """A few optimizer steps on the TP graph and on the model, from the same weights: the local
     parameters stay the slices of the model's, step by step."""
     model = train_model(name)
-    tp = fxtp.transform(model, ws)
+    tp = _transform(name, model, ws)
     tp.train()
     make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9),
             # eps 1e-6, not 1e-8: GPT-2's key bias has a gradient that is zero in exact arithmetic
