@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import fx
@@ -100,7 +100,8 @@ class SizeGraphs:
         why = self._cannot_build(tp)
         if why:
             raise InputError(f"{broken} ({why})") from broken
-        graph, conditions = self._build(tp, args, kwargs, broken)
+        graph = self._build(tp, args, kwargs, broken)
+        conditions = recorded_conditions(graph) or _always
         shared = SharedTensors.match(tp, graph, set(), _refuse(broken))
         shared.bind(tp, _replaced)
         if len(self.graphs) >= MAX_GRAPHS:
@@ -124,23 +125,20 @@ class SizeGraphs:
                     "fxtp.unfold_lora(tp) first")
         return ""
 
-    @classmethod
-    def _build(cls, tp: fx.GraphModule, args: tuple, kwargs: dict,
-               broken: InputError) -> tuple[fx.GraphModule, Callable]:
-        """The graph for these inputs' sizes, and its conditions."""
-        graph = cls._transform(tp, _meta_inputs(args, kwargs), broken)
-        return graph, recorded_conditions(graph) or _always
-
     @staticmethod
-    def _transform(tp: fx.GraphModule, example: tuple, broken: InputError) -> fx.GraphModule:
+    def _build(tp: fx.GraphModule, args: tuple, kwargs: dict,
+               broken: InputError) -> fx.GraphModule:
         """Captures, plans (with `tp`'s overrides, and its whole modules kept whole) and
-        rewrites the skeleton for `example`'s shapes, faked on tp's device. Sizes the capture
+        rewrites the skeleton for these inputs' shapes, faked on tp's device. Sizes the capture
         fixes stay fixed (torch.export fixes a size of 1), and the graph's own guards refuse
         other sizes: a graph captured at 2 would also serve 1, but without the guard on a
         branch the model's code takes for 1 only (`if batch == 1`), which would then be a
         silent wrong answer."""
         global _building
         info = tp.meta[META_KEY]
+        example = pytree.tree_map_only(
+            torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"),
+            (tuple(args), dict(kwargs)))
         group = named_group(info.group_name)
         skel = info.skeleton
         _building += 1
@@ -165,12 +163,6 @@ class SizeGraphs:
         graph.eval()
         graph.meta[META_KEY].state.check_inputs = False    # tp's hook checked them already
         return graph
-
-
-def _meta_inputs(args: tuple, kwargs: dict) -> tuple:
-    return pytree.tree_map_only(
-        torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"),
-        (tuple(args), dict(kwargs)))
 
 
 def _kept_whole(plan: Plan, captured: Captured) -> dict[str, str]:

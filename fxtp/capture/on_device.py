@@ -74,7 +74,7 @@ def unfake(gm: fx.GraphModule, model: nn.Module) -> None:
            **dict(model.named_buffers(remove_duplicate=False))}
     metas: dict[int, torch.Tensor] = {}
     for name, t in tensor_attrs(gm).items():
-        if not isinstance(t, FakeTensor) and not isinstance(getattr(t, "data", None), FakeTensor):
+        if not isinstance(t, FakeTensor):      # a Parameter of a fake tensor is one too
             continue
         if name in own and own[name].shape == t.shape:
             _store(gm, name, own[name])

@@ -96,7 +96,6 @@ def attach(tp: fx.GraphModule, model: nn.Module) -> None:
     if reason is None:
         info = tp.meta[META_KEY]
         opaque = list(info.plan.opaque)
-        skel = info.skeleton        # made by fxtp.transform (capture/skeleton.py)
         if opaque:
             # the step is captured from the weightless copy: an opaque part's shapes need an
             # eager run with the weights, and its code stopped torch.export once already
@@ -105,9 +104,10 @@ def attach(tp: fx.GraphModule, model: nn.Module) -> None:
                       "as opaque parts in tp's graph), and fxtp cannot capture a decode step "
                       "with opaque parts yet; tp itself computes the model's outputs (a loop "
                       "of tp calls without a KV cache decodes, slowly)")
-            skel = None
-        elif skel is None:
+        elif info.skeleton is None:
             reason = f"{info.skeleton_error}; use fxtp.generator(model, ws)"
+        else:
+            skel = info.skeleton        # made by fxtp.transform (capture/skeleton.py)
     tp.generate = TPGenerate(tp, skel, reason)
 
 
