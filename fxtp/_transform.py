@@ -22,8 +22,8 @@ from .runtime.group import resolve_group
 
 def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
               group: Optional[dist.ProcessGroup] = None, example_inputs: Any = None,
-              vocab_parallel: bool = False, check_weights: bool = True,
-              check_inputs: bool = False) -> fx.GraphModule:
+              vocab_parallel: bool = False, sequence_parallel: bool = False,
+              check_weights: bool = True, check_inputs: bool = False) -> fx.GraphModule:
     """Returns this rank's tensor-parallel GraphModule of `model`.
 
     Call it on every rank of an initialised process group (`group`, default WORLD) with the
@@ -36,6 +36,9 @@ def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
     model built on the meta device is checked by `fxtp.load` instead. `check_inputs` (default
     off: it costs a gather and a host sync per call): every call compares a checksum of the
     inputs across the ranks and raises `InputMismatchError` on every rank when they differ.
+    `sequence_parallel=True` (Megatron-SP): the norms and residual adds between the layers hold
+    1/N of the tokens per rank, each layer's all-reduce becoming a reduce-scatter and an
+    all-gather (the same bytes); the plan says where and why an all-reduce stays.
     """
     info = resolve_group(world_size, group)
     if plan is not None and not isinstance(plan, Plan):
@@ -45,7 +48,8 @@ def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
                                             if isinstance(plan, dict) else ""))
     if plan is None:
         plan = plan_model(model, world_size, example_inputs=example_inputs,
-                          vocab_parallel=vocab_parallel, probe=False)
+                          vocab_parallel=vocab_parallel, sequence_parallel=sequence_parallel,
+                          probe=False)
     elif plan.world_size != world_size:
         raise PlanOverrideError(f"the plan was made for world_size={plan.world_size}, not "
                                 f"{world_size}: rebuild it with fxtp.plan(model, {world_size})")
@@ -85,7 +89,7 @@ def _rederive(model: nn.Module, saved: Plan, example_inputs: Any) -> Plan:
     or a hand-edited entry would otherwise be applied silently)."""
     fresh = plan_model(model, saved.world_size, example_inputs=example_inputs,
                        overrides=saved.overrides, vocab_parallel=saved.vocab_parallel,
-                       probe=False)
+                       sequence_parallel=saved.sequence_parallel, probe=False)
     diffs = saved.mismatches(fresh)
     if diffs:
         shown = "; ".join(diffs[:5]) + (f"; ... {len(diffs) - 5} more" if len(diffs) > 5 else "")

@@ -148,7 +148,8 @@ class SizeGraphs:
             unfake(captured.gm, skel)
             split_biases(captured.gm)
             plan = build_plan(captured, info.world_size, model_name(skel),
-                              _kept_whole(info.plan, captured), info.plan.vocab_parallel)
+                              _kept_whole(info.plan, captured), info.plan.vocab_parallel,
+                              info.plan.sequence_parallel)
             # its weights are tp's (checked by tp's transform or load): no weight check
             graph = transform(skel, info.world_size, plan=plan, group=group,
                               check_weights=False)

@@ -263,8 +263,9 @@ class TPGenerate:
         """Captures, plans and rewrites the decode step of the skeleton (faked on `tp`'s
         device, its tensors then meta again, as `fxtp.generator` takes a model built under
         `fxtp.init_empty()`), with `tp`'s plan
-        overrides and vocab_parallel choice, and checks that it can run on `tp`'s tensors. The
-        old step is dropped first (its cache freed before the new one is made)."""
+        overrides and vocab_parallel choice (not sequence parallelism: a decode step's one
+        token cannot be split), and checks that it can run on `tp`'s tensors. The old step is
+        dropped first (its cache freed before the new one is made)."""
         global _building
         self.release()
         info = tp.meta[META_KEY]

@@ -1,7 +1,8 @@
 """fxtp.draw: the rewritten graph as Graphviz, with what fxtp changed highlighted.
 
-Sliced parameters are green, collectives red, slices of replicated inputs (narrows) yellow and
-ops whose size constants were rewritten blue. One layer by default (a whole model is too big to
+Sliced parameters are green, collectives red, slices of replicated inputs (narrows) yellow,
+ops whose size constants were rewritten blue and, with sequence parallelism, the ops that hold
+this rank's tokens only lilac. One layer by default (a whole model is too big to
 read), every layer with `layer="all"`. A `.dot` path is written directly (no dependency); other
 formats (`.svg`, `.png`, `.pdf`) are rendered by Graphviz's `dot` program.
 """
@@ -23,7 +24,7 @@ from ..rewrite.local_slices import NARROW_META
 from .explain import _info, _layer, graph_layers
 
 _COLOURS = {"sharded": "#b7e4b0", "collective": "#f4a6a6", "narrow": "#fbe7a1",
-            "constant": "#a9c8f0", "plain": "#ffffff"}
+            "constant": "#a9c8f0", "sequence": "#d9c6f0", "plain": "#ffffff"}
 
 
 def _quote(text: str) -> str:
@@ -52,6 +53,8 @@ def to_dot(tp: fx.GraphModule, layer: Optional[str] = None) -> str:
         raise UnknownLayerError(f"fxtp.draw: no layer {layer!r}; layers: {layers} or 'all'")
     sharded = set(info.sharded_params) | set(info.sliced_attrs)
     rewritten = {name for name, _, _ in info.rewritten_constants}
+    act = info.plan.solution.actions if info.plan.solution else None
+    tokens = set(act.sequence.dims) if act is not None and act.sequence is not None else set()
     keep = [n for n in tp.graph.nodes
             if layer == "all" or (n.op == "call_function" and _layer(module_path(n)) == layer)]
     kept = set(keep)
@@ -73,6 +76,8 @@ def to_dot(tp: fx.GraphModule, layer: Optional[str] = None) -> str:
             kind = "narrow"
         elif n.name in rewritten:
             kind = "constant"
+        elif n.name in tokens:
+            kind = "sequence"
         target = n.target if n.op == "get_attr" else getattr(n.target, "__name__", str(n.target))
         label = f"{n.name}\\n{target}"
         val = _tensor(tp, n) if n.op == "get_attr" else n.meta.get("val")

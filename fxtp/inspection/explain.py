@@ -16,11 +16,11 @@ from torch import fx
 
 from ..capture.linear import module_path
 from ..errors import NotTransformedError, UnknownLayerError
-from ..planning.describe import _partial_producer
 from ..planning.plan import OUTSIDE_LAYERS, layer_of
 from ..rewrite.collectives import COLLECTIVE_META
 from ..rewrite.local_slices import NARROW_META
 from ..rewrite.record import META_KEY
+from ..solve.sequence import partial_producer
 
 
 @dataclass
@@ -59,16 +59,19 @@ class Explanation:
         out = [f"fxtp explain: {self.model_name}, rank {self.rank} of {self.world_size}"]
         for name, lay in self.layers.items():
             n_ar = sum(1 for c in lay.collectives if c["op"] == "all_reduce")
+            seq = [sum(1 for c in lay.collectives if c["op"] == op)
+                   for op in ("reduce_scatter", "all_gather")]
             out.append(f"\n[{name}]  {len(lay.sharded)} sharded parameters, "
-                       f"{len(lay.constants)} rewritten constants, {n_ar} all-reduce(s)")
+                       f"{len(lay.constants)} rewritten constants, {n_ar} all-reduce(s)"
+                       + (f", {seq[0]} reduce-scatter(s), {seq[1]} all-gather(s)"
+                          if any(seq) else ""))
             for p, full, local in lay.sharded:
                 out.append(f"  shard     {p}: {list(full)} -> {list(local)}")
             for node, op, old, new in lay.constants:
                 out.append(f"  constant  {node} ({op}): {old} -> {new}")
             for c in lay.collectives:
                 users = ", ".join(c["users"]) or "-"
-                out.append(f"  {c['op']:<9} {c['node']}: sums {c['of']} ({c['why']}); "
-                           f"read by {users}")
+                out.append(f"  {c['op']:<9} {c['node']}: {c['why']}; read by {users}")
             if lay.narrows:
                 out.append(f"  narrow    {', '.join(lay.narrows)} (this rank's slice of a "
                            "replicated value, no communication)")
@@ -118,12 +121,19 @@ def explain(tp: fx.GraphModule, layer: Optional[str] = None) -> Explanation:
             producer = None
             if act is not None and of in captured:
                 try:
-                    producer = _partial_producer(captured, act, of)
+                    producer = partial_producer(captured, act, of)
                 except (KeyError, AttributeError):
                     producer = None
-            src = module_path(producer) if producer is not None else module_path(n)
-            why = (f"partial sum of row-parallel {src}" if meta.get("op") == "all_reduce"
-                   else f"sharded output of {src}")
+            op = meta.get("op")
+            src = (module_path(producer) if producer is not None and op in ("all_reduce",
+                   "reduce_scatter") else module_path(n))
+            why = {"all_reduce": f"sums the partial sum of row-parallel {src}",
+                   "reduce_scatter": f"sums the partial sum of row-parallel {src}, each rank "
+                                     "keeping its tokens (sequence parallel)",
+                   "all_gather": f"gathers the whole sequence of {of} for readers that need "
+                                 "it (sequence parallel)",
+                   "scatter": f"keeps this rank's tokens of {of}, no communication "
+                              "(sequence parallel)"}.get(op, f"gathers the sharded output of {src}")
             at(src).collectives.append(
                 {"op": meta.get("op", "collective"), "node": n.name, "of": of, "why": why,
                  "users": [u.name for u in n.users]})

@@ -12,24 +12,30 @@ from ..capture.export import Captured
 from ..capture.linear import find_linears, module_path, tensor_key
 from ..graph.nodes import get_arg, get_tensor_attr, nodes_by_name
 from ..graph.ops import SDPA, SOFTMAX, aten
-from ..solve.placements import Partial
 from ..solve.records import ReasonKind, Solution
+from ..solve.sequence import bytes_per_token, partial_producer
+from ..solve.sequence import decide as decide_sequence
 from ..solve.solver import sliced_in_place, solve
 from .overrides import check_overrides, check_shard_overrides, override_reasons
 from .plan import OUTSIDE_LAYERS, Plan, PlanEntry, PlanSource, layer_of
+from .sequence_summary import summarise
 
 
 def build_plan(captured: Captured, world_size: int, model_name: str,
-               overrides: Optional[dict[str, str]] = None, vocab_parallel: bool = False) -> Plan:
-    """Solves the sharding of a captured (bias-split) graph and describes it."""
+               overrides: Optional[dict[str, str]] = None, vocab_parallel: bool = False,
+               sequence_parallel: bool = False) -> Plan:
+    """Solves the sharding of a captured (bias-split) graph and describes it; with
+    `sequence_parallel`, the replicated region between the layers then holds 1/N of the
+    tokens per rank (solve/sequence.py)."""
     overrides = check_overrides(overrides)
     linears = find_linears(captured.gm)
     reasons = override_reasons(captured, linears, overrides)
     replicated = frozenset(m for m, c in overrides.items() if c == "replicate")
 
     def solved(partial_statistics: bool):
-        return solve(captured.gm, world_size, linears, reasons, vocab_parallel=vocab_parallel,
-                     replicate_modules=replicated, partial_statistics=partial_statistics)
+        sol = solve(captured.gm, world_size, linears, reasons, vocab_parallel=vocab_parallel,
+                    replicate_modules=replicated, partial_statistics=partial_statistics)
+        return decide_sequence(captured.gm, sol) if sequence_parallel and world_size > 1 else sol
 
     sol = solved(True)
     check_shard_overrides(linears, sol, overrides)
@@ -38,6 +44,7 @@ def build_plan(captured: Captured, world_size: int, model_name: str,
         # the other choice: those norms' regions kept whole, no statistic all-reduced
         plan = choose_statistics(plan, describe(captured, solved(False), model_name, overrides))
     plan.vocab_parallel = vocab_parallel
+    plan.sequence_parallel = sequence_parallel
     return plan
 
 
@@ -54,23 +61,11 @@ def choose_statistics(with_: Plan, without: Plan) -> Plan:
     return chosen
 
 
-def _replan(plan: Plan, world_size: int, overrides: dict[str, str], vocab_parallel: bool) -> Plan:
+def _replan(plan: Plan, world_size: int, overrides: dict[str, str], vocab_parallel: bool,
+            sequence_parallel: bool = False) -> Plan:
     """`Plan.override`/`replan` of a plan solved from a whole capture."""
-    return build_plan(plan.captured, world_size, plan.model_name, overrides, vocab_parallel)
-
-
-def _partial_producer(nodes: dict, act, value: str) -> fx.Node:
-    """The op that made a partial sum (a row-parallel linear, a vocab-parallel lookup), found by
-    walking back through the ops it flowed through; all-reduces are attributed to its layer."""
-    node = nodes[value]
-    while (node.name not in act.rows and node.name not in act.vocab_embeddings
-           and isinstance(act.placements.get(node.name), Partial)):
-        partial_args = [a for a in node.all_input_nodes
-                        if isinstance(act.placements.get(a.name), Partial)]
-        if not partial_args:
-            break
-        node = partial_args[0]
-    return node
+    return build_plan(plan.captured, world_size, plan.model_name, overrides, vocab_parallel,
+                      sequence_parallel)
 
 
 def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict[str, str]) -> Plan:
@@ -96,13 +91,14 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
             sinks_of.setdefault(comp, []).append(linears[row].module)
         sources_of_row[row] = sorted(linears[s].module for s in region)
 
+    seq = summarise(captured.gm, act)
     sites = []
     per_layer: dict[str, int] = {}
     statistics: list[str] = []
     order = {name: i for i, name in enumerate(nodes)}
     for value in sorted([*act.reduces, *act.norm_statistics], key=order.__getitem__):
         producer = (nodes[value] if value in act.norm_statistics
-                    else _partial_producer(nodes, act, value))
+                    else partial_producer(nodes, act, value))
         mod = module_path(producer)
         sites.append((mod, value))
         layer = layer_of(mod) or OUTSIDE_LAYERS
@@ -131,6 +127,8 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
             sinks = sorted(set(sinks_of.get(comp, [])))
             why = f"column-parallel: its {region_kind(comp)} feed {', '.join(sinks) or 'a row-parallel linear'}"
             collective = "none (input replicated)"
+            if name in seq.gathered_columns:
+                collective = "all_gather of the input along the sequence (sequence parallel)"
             if any(act.regions.get(v, frozenset()) >= {name} for v in gathered):
                 why = "column-parallel output projection (vocab_parallel): its output is a model output"
                 collective = "all_gather of the output" if ws > 1 else "none"
@@ -139,6 +137,8 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
         elif name in act.rows:
             spec = act.rows[name]
             ar = "all_reduce(sum) of the output" if ws > 1 else "none (world_size=1)"
+            if name in seq.scattered_rows:
+                ar = "reduce_scatter(sum) of the output along the sequence (sequence parallel)"
             why = f"row-parallel: its input is sharded by {', '.join(sources_of_row.get(name, []))}"
             entries.append(PlanEntry(m.module, m.weight, "row", f"Shard({m.in_dim}): {spec.describe()}",
                                      why, ar, *_sizes(captured.gm, m.weight, numel, spec, ws)))
@@ -162,7 +162,9 @@ def describe(captured: Captured, sol: Solution, model_name: str, overrides: dict
                 overrides=overrides, full_param_bytes=full_bytes, local_param_bytes=local_bytes,
                 param_shares=shares, statistics=statistics, opaque=dict(captured.opaque),
                 conditions=list(captured.conditions),
-                site_bytes={v: _bytes_per_token(nodes[v], act.norm_statistics) for _, v in sites},
+                site_bytes={**seq.value_bytes,
+                            **{v: _bytes_per_token(nodes[v], act.norm_statistics) for _, v in sites}},
+                sequence_sites=seq.sites, sequence_kept=seq.kept, sequence_ops=seq.ops,
                 live=PlanSource(captured, sol, _replan))
 
 
@@ -172,13 +174,7 @@ def _bytes_per_token(value: fx.Node, norm_statistics: dict[str, int]) -> int:
     features and their squares for a LayerNorm, of the squares for an RMSNorm or an L2 norm)."""
     if value.name in norm_statistics:
         return 4 * (2 if value.target == aten.layer_norm.default else 1)
-    val = value.meta.get("val")
-    if val is None:
-        return 0
-    numel = 1
-    for size in val.shape:
-        numel *= size if isinstance(size, int) else 1
-    return numel * val.element_size()
+    return bytes_per_token(value.meta.get("val"))
 
 
 def _sizes(gm: fx.GraphModule, weight: str, numel: int, spec, ws: int) -> tuple:

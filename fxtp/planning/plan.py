@@ -60,8 +60,8 @@ class PlanSource:
 
     captured: Captured
     solution: Solution
-    # replanner(plan, world_size, overrides, vocab_parallel) -> Plan: `override`/`replan`; a
-    # module-level function, so it holds nothing beyond these fields
+    # replanner(plan, world_size, overrides, vocab_parallel, sequence_parallel) -> Plan:
+    # `override`/`replan`; a module-level function, so it holds nothing beyond these fields
     replanner: Callable[..., "Plan"]
     # a probe plan (fxtp.planning.repeats): the repeated lists, the model (transform captures
     # it whole; override/replan plan it again) and its example inputs
@@ -87,6 +87,7 @@ class Plan:
     not_divisible: list[Reason]
     overrides: dict[str, str] = field(default_factory=dict)
     vocab_parallel: bool = False
+    sequence_parallel: bool = False
     # bytes of all model parameters (a tied tensor counted once): full, and held by each rank
     full_param_bytes: int = 0
     local_param_bytes: tuple[int, ...] = ()
@@ -101,6 +102,13 @@ class Plan:
     # when partial statistics were possible: "with"/"without" -> [all-reduced bytes per token,
     # the largest rank's parameter bytes], and "chosen" (the fewer parameter bytes)
     statistics_costs: Optional[dict] = None
+    # sequence parallelism: its collectives (module, value, "reduce_scatter" | "all_gather" |
+    # "scatter") in graph order, the layers' all-reduces it kept (module, why), the ops that
+    # hold 1/N of the tokens, and the forward's bytes per token by collective
+    sequence_sites: list[tuple[str, str, str]] = field(default_factory=list, compare=False)
+    sequence_kept: list[tuple[str, str]] = field(default_factory=list)
+    sequence_ops: dict[str, int] = field(default_factory=dict)     # layer -> ops
+    sequence_bytes_per_token: dict[str, int] = field(default_factory=dict)
     # all-reduced value -> its bytes per token (not serialised: the total above is)
     site_bytes: dict = field(default_factory=dict, repr=False, compare=False)
     # the plan not chosen between partial statistics and whole regions (not serialised)
@@ -114,6 +122,11 @@ class Plan:
         if self.site_bytes:
             self.all_reduced_bytes_per_token = sum(
                 self.site_bytes.get(v, 0) for _, v in self.all_reduce_sites)
+            moved: dict[str, int] = {}
+            for _, v, op in self.sequence_sites:
+                if op != "scatter":
+                    moved[op] = moved.get(op, 0) + self.site_bytes.get(v, 0)
+            self.sequence_bytes_per_token = moved
 
     # -- the live side -----------------------------------------------------------------------
     @property
@@ -133,6 +146,29 @@ class Plan:
     @property
     def total_all_reduces(self) -> int:
         return sum(self.all_reduces.values())
+
+    @property
+    def sequence_collectives(self) -> dict[str, dict[str, int]]:
+        """layer -> {"reduce_scatter": n, "all_gather": n} of sequence parallelism (forward);
+        scatters move nothing and are not counted."""
+        out: dict[str, dict[str, int]] = {}
+        for module, _, op in self.sequence_sites:
+            if op != "scatter":
+                per = out.setdefault(layer_of(module) or OUTSIDE_LAYERS, {})
+                per[op] = per.get(op, 0) + 1
+        return out
+
+    @property
+    def communicated_bytes_per_token(self) -> float:
+        """Bytes each rank sends per token in the forward's collectives, with ring
+        algorithms: an all-reduce of B bytes sends 2 (N - 1) / N x B, a reduce-scatter or an
+        all-gather (N - 1) / N x B. The measure to compare layouts by (bench/activations.py
+        measures it)."""
+        n = self.world_size
+        if n == 1:
+            return 0.0
+        rest = sum(self.sequence_bytes_per_token.values())
+        return (n - 1) / n * (2 * self.all_reduced_bytes_per_token + rest)
 
     def placement_of(self, module: str) -> str:
         for e in self.entries:
@@ -163,19 +199,23 @@ class Plan:
             raise PlanOverrideError("this plan was loaded without its captured graph; rebuild it "
                                     "with fxtp.plan(model, world_size) to override it")
         merged = {**self.overrides, **check_overrides(decisions)}
-        return self.live.replanner(self, self.world_size, merged, self.vocab_parallel)
+        return self.live.replanner(self, self.world_size, merged, self.vocab_parallel,
+                                   self.sequence_parallel)
 
     def replan(self, world_size: Optional[int] = None, *,
-               vocab_parallel: Optional[bool] = None) -> "Plan":
+               vocab_parallel: Optional[bool] = None,
+               sequence_parallel: Optional[bool] = None) -> "Plan":
         """The same captured model planned again at another world size or with another
-        vocab_parallel choice, overrides kept: no second capture (the slow step)."""
+        vocab_parallel / sequence_parallel choice, overrides kept: no second capture (the
+        slow step)."""
         if self.live is None:
             raise PlanOverrideError("this plan was loaded without its captured graph; rebuild it "
                                     "with fxtp.plan(model, world_size)")
         ws = check_world_size(self.world_size if world_size is None else world_size,
                               "Plan.replan")
         vp = self.vocab_parallel if vocab_parallel is None else vocab_parallel
-        return self.live.replanner(self, ws, self.overrides, vp)
+        sp = self.sequence_parallel if sequence_parallel is None else sequence_parallel
+        return self.live.replanner(self, ws, self.overrides, vp, sp)
 
     # -- output ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -189,6 +229,11 @@ class Plan:
             "not_divisible": [r.__dict__ for r in self.not_divisible],
             "overrides": dict(self.overrides),
             "vocab_parallel": self.vocab_parallel,
+            "sequence_parallel": self.sequence_parallel,
+            "sequence_sites": [list(x) for x in self.sequence_sites],
+            "sequence_kept": [list(x) for x in self.sequence_kept],
+            "sequence_ops": dict(self.sequence_ops),
+            "sequence_bytes_per_token": dict(self.sequence_bytes_per_token),
             "param_fraction_layers": self.param_fraction(),
             "full_param_bytes": self.full_param_bytes,
             "local_param_bytes": list(self.local_param_bytes),
@@ -217,6 +262,11 @@ class Plan:
                        not_divisible=[Reason(**r) for r in data["not_divisible"]],
                        overrides=dict(data.get("overrides", {})),
                        vocab_parallel=bool(data.get("vocab_parallel", False)),
+                       sequence_parallel=bool(data.get("sequence_parallel", False)),
+                       sequence_sites=[tuple(x) for x in data.get("sequence_sites", ())],
+                       sequence_kept=[tuple(x) for x in data.get("sequence_kept", ())],
+                       sequence_ops=dict(data.get("sequence_ops", {})),
+                       sequence_bytes_per_token=dict(data.get("sequence_bytes_per_token", {})),
                        full_param_bytes=int(data.get("full_param_bytes", 0)),
                        local_param_bytes=tuple(data.get("local_param_bytes", ())),
                        opaque=dict(data.get("opaque", {})),
@@ -242,9 +292,11 @@ class Plan:
     def mismatches(self, other: "Plan") -> list[str]:
         """Decisions that differ between two plans of one model, one line each."""
         out = []
-        if (self.world_size, self.vocab_parallel) != (other.world_size, other.vocab_parallel):
-            out.append(f"world_size/vocab_parallel {self.world_size}/{self.vocab_parallel} vs "
-                       f"{other.world_size}/{other.vocab_parallel}")
+        mine_opts = (self.world_size, self.vocab_parallel, self.sequence_parallel)
+        their_opts = (other.world_size, other.vocab_parallel, other.sequence_parallel)
+        if mine_opts != their_opts:
+            out.append("world_size/vocab_parallel/sequence_parallel "
+                       f"{'/'.join(map(str, mine_opts))} vs {'/'.join(map(str, their_opts))}")
         mine = {e.parameter: (e.placement, e.shard) for e in self.entries}
         theirs = {e.parameter: (e.placement, e.shard) for e in other.entries}
         for name in sorted(set(mine) | set(theirs)):
@@ -252,6 +304,9 @@ class Plan:
                 out.append(f"{name}: {mine.get(name, 'absent')} vs {theirs.get(name, 'absent')}")
         if self.all_reduces != other.all_reduces:
             out.append(f"all-reduces per layer: {self.all_reduces} vs {other.all_reduces}")
+        if self.sequence_collectives != other.sequence_collectives:
+            out.append(f"sequence collectives per layer: {self.sequence_collectives} vs "
+                       f"{other.sequence_collectives}")
         return out
 
     def table(self):
@@ -286,6 +341,8 @@ class Plan:
                          f"({self.memory_fraction():.3f})")
         if self.all_reduces:
             lines.append(f"all-reduced per token (forward): {_human(self.all_reduced_bytes_per_token)}")
+        if self.sequence_parallel:
+            lines += self._sequence_lines()
         if self.statistics:
             lines.append(f"partial statistics: {len(self.statistics)} norm(s) over sharded features "
                          f"all-reduce a per-token statistic instead of keeping their layers' "
@@ -308,6 +365,26 @@ class Plan:
                          + (f"; and {more} more (Plan.conditions)" if more > 0 else ""))
         for module, why in self.replicated.items():
             lines.append(f"replicated: {module}: {why}")
+        return lines
+
+    def _sequence_lines(self) -> list[str]:
+        per_layer = self.sequence_collectives
+        kinds = sorted({tuple(sorted(c.items())) for k, c in per_layer.items()
+                        if k != OUTSIDE_LAYERS})
+        shown = "; ".join(", ".join(f"{n} {op}" for op, n in k) for k in kinds) or "none"
+        lines = [f"sequence parallel: {sum(self.sequence_ops.values())} ops hold 1/{self.world_size} of the "
+                 f"tokens per rank; per layer (forward): {shown}"
+                 + ("; outside the layers: " + ", ".join(
+                     f"{n} {op}" for op, n in sorted(per_layer[OUTSIDE_LAYERS].items()))
+                    if OUTSIDE_LAYERS in per_layer else "")]
+        moved = self.sequence_bytes_per_token
+        if moved:
+            lines.append("reduce-scattered / all-gathered per token (forward): "
+                         f"{_human(moved.get('reduce_scatter', 0))} / "
+                         f"{_human(moved.get('all_gather', 0))}; sent per token and rank (ring): "
+                         f"{_human(int(self.communicated_bytes_per_token))}")
+        for module, why in self.sequence_kept:
+            lines.append(f"sequence parallel kept the all-reduce of {module}: {why}")
         return lines
 
     def __str__(self) -> str:

@@ -25,12 +25,15 @@ def model_name(model: nn.Module) -> str:
 
 def plan_model(model: nn.Module, world_size: int, *, example_inputs: Any = None,
                overrides: Optional[dict[str, str]] = None, vocab_parallel: bool = False,
-               probe: bool = True) -> Plan:
+               sequence_parallel: bool = False, probe: bool = True) -> Plan:
     """The sharding decisions for `model` at `world_size`; needs no process group.
 
     `vocab_parallel=True` also splits embedding tables by rows (masked lookup + all-reduce) and
     makes output projections (lm_head) column-parallel with their logits all-gathered; tied
-    weights stay tied (both uses slice the same rows). A deep model is planned from a capture
+    weights stay tied (both uses slice the same rows). `sequence_parallel=True` splits the
+    replicated region between the layers (norms, residual adds) along the sequence, with a
+    reduce-scatter and an all-gather in place of each of the layers' all-reduces
+    (`fxtp.solve.sequence`). A deep model is planned from a capture
     of a few of its repeated layers (`fxtp.planning.repeats`; `probe=False` captures every layer).
     """
     world_size = check_world_size(world_size, "fxtp.plan")
@@ -49,17 +52,19 @@ def plan_model(model: nn.Module, world_size: int, *, example_inputs: Any = None,
         # opaque parts run the model's own code, which a probe's cut lists can break (an
         # expert index past the list): capture every layer
         return plan_model(model, world_size, example_inputs=example_inputs, overrides=overrides,
-                          vocab_parallel=vocab_parallel, probe=False)
+                          vocab_parallel=vocab_parallel, sequence_parallel=sequence_parallel,
+                          probe=False)
     split_biases(captured.gm)
     if not repeats:
-        return build_plan(captured, world_size, model_name(model), overrides, vocab_parallel)
+        return build_plan(captured, world_size, model_name(model), overrides, vocab_parallel,
+                          sequence_parallel)
     return plan_from_probe(captured, model, tuple(repeats), world_size, overrides,
-                           vocab_parallel, example_inputs)
+                           vocab_parallel, example_inputs, sequence_parallel)
 
 
 def plan_from_probe(captured: Captured, model: nn.Module, repeats: tuple, world_size: int,
                     overrides: Optional[dict[str, str]], vocab_parallel: bool,
-                    example_inputs: Any) -> Plan:
+                    example_inputs: Any, sequence_parallel: bool = False) -> Plan:
     """Solves the probe capture and writes its decisions for every repeated layer; captures
     every layer instead when the graph does not confirm that the layers are the same, an
     override names a repeated layer (the layers then differ), or the probe's layers were
@@ -68,19 +73,21 @@ def plan_from_probe(captured: Captured, model: nn.Module, repeats: tuple, world_
     plan = None
     if (all(same_layers(captured.gm, r) for r in repeats)
             and not any(_inside_repeat(module, repeats) for module in overrides or {})):
-        plan = build_plan(captured, world_size, model_name(model), overrides, vocab_parallel)
+        plan = build_plan(captured, world_size, model_name(model), overrides, vocab_parallel,
+                          sequence_parallel)
     if plan is None or not same_decisions(plan, repeats):
         return plan_model(model, world_size, example_inputs=example_inputs, overrides=overrides,
-                          vocab_parallel=vocab_parallel, probe=False)
+                          vocab_parallel=vocab_parallel, sequence_parallel=sequence_parallel,
+                          probe=False)
     return expand_plan(plan, model, repeats, example_inputs, _replan_probe)
 
 
 def _replan_probe(plan: Plan, world_size: int, overrides: dict[str, str],
-                  vocab_parallel: bool) -> Plan:
+                  vocab_parallel: bool, sequence_parallel: bool = False) -> Plan:
     """`Plan.override`/`replan` of a plan solved from a probe capture."""
     live = plan.live
     return plan_from_probe(live.captured, live.model, live.probe, world_size, overrides,
-                           vocab_parallel, live.example_inputs)
+                           vocab_parallel, live.example_inputs, sequence_parallel)
 
 
 def _inside_repeat(module: str, repeats: list) -> bool:

@@ -226,8 +226,15 @@ def expand_plan(plan, model: nn.Module, repeats: list[Repeat], example_inputs: A
     statistics = _in_layer_order(plan.statistics, lambda m: m, lambda m, swap: swap(m), repeats)
     opaque = dict(_in_layer_order(list(plan.opaque.items()), lambda kv: kv[0],
                                   lambda kv, swap: (swap(kv[0]), kv[1]), repeats))
+    seq_sites = _in_layer_order(plan.sequence_sites, lambda mvo: mvo[0],
+                                lambda mvo, swap: (swap(mvo[0]), *mvo[1:]), repeats)
+    seq_kept = _in_layer_order(plan.sequence_kept, lambda mw: mw[0],
+                               lambda mw, swap: (swap(mw[0]), mw[1]), repeats)
+    seq_ops = dict(_in_layer_order(list(plan.sequence_ops.items()), lambda kv: kv[0],
+                                   lambda kv, swap: (swap(kv[0]), kv[1]), repeats))
     full, local = _model_bytes(model, plan, repeats)
     whole = replace(plan, entries=entries, all_reduces=all_reduces, all_reduce_sites=sites,
+                    sequence_sites=seq_sites, sequence_kept=seq_kept, sequence_ops=seq_ops,
                     replicated=replicated, not_divisible=not_div, full_param_bytes=full,
                     local_param_bytes=local, statistics=statistics, opaque=opaque,
                     statistics_costs=None,

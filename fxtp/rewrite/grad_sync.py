@@ -27,7 +27,8 @@ from ..capture.linear import LinearMatch
 from ..graph.nodes import get_arg, get_tensor_attr, nodes_by_name
 from ..graph.ops import functional_twin
 from ..runtime.collectives import all_reduce_sum, copy_to_region, sum_over_replicas
-from ..solve.placements import REPLICATE, DimShard, Partial, Sharded
+from ..runtime.sequence import all_gather_seq, rank0_grad
+from ..solve.placements import REPLICATE, DimShard, Partial, SequenceShard, Sharded
 from ..solve.solver import Actions
 from .context import RewriteContext
 from .local_slices import NARROW_META
@@ -39,7 +40,14 @@ GRAD_SYNC_META = "fxtp_grad_sync"
 def _distributed(p) -> bool:
     if isinstance(p, (list, tuple)):
         return any(_distributed(x) for x in p)
-    return isinstance(p, (Sharded, Partial))
+    return isinstance(p, (Sharded, Partial, SequenceShard))
+
+
+def _gathered(n: fx.Node) -> str:
+    """The backward of a sequence all-gather (rewrite/sequence.py): "sum" or "slice"; else ""."""
+    if n.op == "call_function" and n.target is all_gather_seq:
+        return n.args[6]
+    return ""
 
 
 def _attr(gm: fx.GraphModule, n: fx.Node):
@@ -107,7 +115,9 @@ def insert_grad_syncs(ctx: RewriteContext) -> tuple[str, ...]:
     # input, sum_over_replicas on the parameter)
     local: set[fx.Node] = set()
     for n in g.nodes:
-        if n.op == "get_attr":
+        if _gathered(n) == "sum":     # readers with partial gradients: its backward sums them
+            local.add(n)
+        elif n.op == "get_attr":
             if id(_attr(gm, n)) in sliced_ids:
                 local.add(n)
         elif placements.get(n.name) is REPLICATE and any(
@@ -118,7 +128,8 @@ def insert_grad_syncs(ctx: RewriteContext) -> tuple[str, ...]:
         """A replicated value, equal on every rank (gradient complete only when synced)."""
         if n in local or not _float_tensor(gm, n):
             return False
-        return placements.get(n.name) is REPLICATE or n.target is all_reduce_sum
+        return (placements.get(n.name) is REPLICATE or n.target in (all_reduce_sum, rank0_grad)
+                or _gathered(n) == "slice")
 
     synced: dict[fx.Node, fx.Node] = {}
 

@@ -18,6 +18,7 @@ from .local_slices import insert_local_slices
 from .norm_statistics import expand_norm_statistics
 from .partial_means import rescale_partial_means
 from .record import META_KEY, TPInfo
+from .sequence import shard_sequence
 from .shape_constants import rewrite_shape_constants
 from .shard_params import shard_linear_params
 from .vocab import gather_vocab_outputs, mask_vocab_embeddings
@@ -47,6 +48,7 @@ PASSES: tuple[Pass, ...] = (
     Pass("all_reduces", insert_all_reduces, "all_reduce_nodes"),
     Pass("vocab_outputs", gather_vocab_outputs, "all_gather_nodes"),
     Pass("rank0_adds", keep_constant_adds_on_rank0),
+    Pass("sequence", shard_sequence, "sequence_nodes"),
     Pass("grad_syncs", insert_grad_syncs, "grad_sync_nodes"),
     Pass("norm_statistics", expand_norm_statistics),
     Pass("partial_means", rescale_partial_means),

@@ -29,6 +29,7 @@ class TPInfo:
     all_reduce_nodes: tuple[str, ...] = ()
     all_gather_nodes: tuple[str, ...] = ()
     grad_sync_nodes: tuple[str, ...] = ()
+    sequence_nodes: tuple[str, ...] = ()   # sequence parallelism's collectives (rewrite/sequence)
     # parameter/buffer name (every alias of a tied one) -> (dim, runs (global start, length) of
     # the indices this rank keeps, in order): plain ints, so nothing here is on a device
     param_slices: dict[str, tuple[int, tuple[tuple[int, int], ...]]] = field(default_factory=dict)

@@ -2,6 +2,8 @@
 
 A value in the graph is either replicated (every rank holds all of it), partial (every rank
 holds a summand; the true value is the sum over ranks) or sharded along one or more dimensions.
+With sequence parallelism, a value of the replicated region may instead be split along the
+sequence (:class:`SequenceShard`, decided after the other placements: solve/sequence.py).
 
 A sharded dimension is described by :class:`DimShard`. It generalises DTensor's ``Shard(dim)``
 in the two ways tensor parallelism of transformers needs:
@@ -289,6 +291,17 @@ class Partial:
         return "Partial(sum)"
 
 
+@dataclass(frozen=True)
+class SequenceShard:
+    """Sequence parallelism: every rank holds its own tokens of the whole value (the sequence
+    split along `dim`, `runtime.sequence`'s split), whole along every other dim."""
+
+    dim: int
+
+    def describe(self) -> str:
+        return f"SequenceShard(dim {self.dim})"
+
+
 class _Replicate:
     def __repr__(self) -> str:
         return "Replicate()"
@@ -298,7 +311,7 @@ class _Replicate:
 
 
 REPLICATE = _Replicate()
-Placement = Union[_Replicate, Partial, Sharded]
+Placement = Union[_Replicate, Partial, Sharded, SequenceShard]
 
 
 def split_dims_only(p: Placement) -> Placement:

@@ -115,6 +115,35 @@ class Gather(NamedTuple):
     users: list[str]
 
 
+class SequenceGather(NamedTuple):
+    """The sequence-sharded `value` is all-gathered on `dim` for `users` that need every token:
+    `sharded_users` compute sharded or partial results (their gradient is summed over the
+    ranks), the others are replicated (the model output, a replicated linear)."""
+    value: str
+    dim: int
+    users: tuple
+    sharded_users: tuple
+
+
+@dataclass
+class SequenceActions:
+    """Sequence parallelism's instructions (solve/sequence.py): where each sequence-sharded
+    value's sequence dim is and what enters and leaves the region."""
+    input: str                     # the placeholder whose dim `input_dim` is the sequence
+    input_dim: int
+    symbol: str                    # the sequence's size symbol in the captured graph ("s53")
+    dims: dict[str, int] = field(default_factory=dict)              # node -> its sequence dim
+    # partial value -> (dim, users): reduce-scattered instead of all-reduced
+    reduce_scatters: dict[str, tuple] = field(default_factory=dict)
+    # replicated value (or an all-reduced partial sum) -> (dim, users): each rank's tokens
+    scatters: dict[str, tuple] = field(default_factory=dict)
+    gathers: list[SequenceGather] = field(default_factory=list)
+    # (node, path) of size arguments that are the sequence length: this rank's length instead
+    local_sizes: list[tuple] = field(default_factory=list)
+    # reduce sites kept as all-reduces: partial value -> why
+    kept: dict[str, "Reason"] = field(default_factory=dict)
+
+
 @dataclass
 class Actions:
     """Rank-independent rewrite instructions, keyed by node name."""
@@ -133,6 +162,7 @@ class Actions:
     norm_statistics: dict[str, int] = field(default_factory=dict)
     placements: dict[str, Placement] = field(default_factory=dict)
     regions: dict[str, frozenset] = field(default_factory=dict)    # node -> sources feeding it
+    sequence: Optional[SequenceActions] = None     # sequence_parallel=True (solve/sequence.py)
 
 
 @dataclass
