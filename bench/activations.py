@@ -1,25 +1,35 @@
-"""Activation bytes saved for backward, per rank, in the all-reduce layout: the baseline that
-sequence parallelism (issue 19) is measured against. Each rank of a gloo group builds the same
-Llama-shaped model, transforms it and runs one forward under a saved-tensors hook that counts
-every activation autograd keeps for backward (each storage once; the weights are not counted). The untouched model is counted
-the same way, in the same process.
+"""Sequence parallelism against the all-reduce layout, per rank: activation bytes saved for
+backward, bytes communicated per token, and forward+backward time, side by side in one run.
+
+Each rank of a gloo group builds the same Llama-shaped model and transforms it twice, with
+and without `sequence_parallel=True`. Saved bytes are counted in one training forward by a
+saved-tensors hook (each storage once; weights not counted; with sequence parallelism the
+hook fxtp installs to gather the readers' inputs again in backward is counted through, so a
+regathered input counts as the rank's tokens it keeps). The untouched model is counted the
+same way, in the same process. Communication is counted by a dispatch mode that sees every
+functional collective the graph runs, forward and backward, as the bytes one rank sends
+with ring algorithms (an all-reduce of B bytes: 2 (N - 1) / N x B; a reduce-scatter of B
+bytes or an all-gather into B bytes: (N - 1) / N x B).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/activations.py [--hidden 256] [--layers 4]
-        [--seq 256] [--batch 2] [--world-sizes 2 4]
+        [--seq 256] [--batch 2] [--world-sizes 2 4] [--repeats 5]
 
-"replicated region" is what every rank holds whole: saved tensors of `batch x seq x hidden`
-elements (the norms' inputs and outputs, the residual stream, the inputs of column-parallel
-linears). Sequence parallelism would hold 1/N of it per rank; the rest (sharded attention and
-MLP activations) is 1/N already. `[b, ., s, s]` counts saved masks and attention weights: they
-grow with the square of the sequence.
+"replicated region": saved tensors whose last dim is the hidden width (the norms' inputs and
+outputs, the residual stream, the inputs of column-parallel linears): every rank holds them
+whole in the all-reduce layout, its own tokens of them with sequence parallelism (goal: at
+most 1/N + 5% of the all-reduce layout's). `[b, ., s, s]` counts saved masks and attention
+weights: they grow with the square of the sequence.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -35,30 +45,55 @@ def config(args):
 
 
 def saved_bytes(module: torch.nn.Module, ids: torch.Tensor, width: int) -> tuple[int, int, int]:
-    """(every saved activation's bytes, those of `batch x seq x width` elements, those shaped
-    `[batch, ., seq, seq]`: masks and attention weights), one forward; the weights (and views
-    of them: a linear saves its weight transposed) are not counted."""
-    seen: set = {(p.untyped_storage().data_ptr(), p.dtype) for p in module.parameters()}
-    total, whole, square = [0], [0], [0]
-    tokens = ids.numel()
-    batch, seq = ids.shape
+    """(every saved activation's bytes, those whose last dim is `width`, those shaped
+    `[batch, ., seq, seq]`) of one training forward, then its backward."""
+    from fxtp.testing.memory import saved_activation_bytes
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        key = (t.untyped_storage().data_ptr(), t.dtype)
-        if key not in seen and t.device.type != "meta":
-            seen.add(key)
-            n = t.untyped_storage().nbytes()
-            total[0] += n
-            if t.numel() == tokens * width and t.shape[-1] == width and t.dim() <= 3:
-                whole[0] += n
-            if t.dim() == 4 and t.shape[0] == batch and tuple(t.shape[2:]) == (seq, seq):
-                square[0] += n
-        return t
+    got = saved_activation_bytes(module, lambda: module(input_ids=ids).logits, width)
+    got["output"].float().pow(2).mean().backward()
+    return got["total"], got["width"], got["square"]
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+
+class Sent(TorchDispatchMode):
+    """Bytes one rank sends in the functional collectives it runs (ring algorithms)."""
+
+    def __init__(self, world_size: int):
+        super().__init__()
+        self.n, self.bytes = world_size, 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        if name.startswith("_c10d_functional::"):
+            x, share = args[0], (self.n - 1) / self.n
+            if "all_reduce" in name:
+                self.bytes += 2 * share * x.nbytes
+            elif "reduce_scatter" in name:
+                self.bytes += share * x.nbytes
+            elif "all_gather" in name:
+                self.bytes += share * x.nbytes * self.n
+        return func(*args, **(kwargs or {}))
+
+
+def sent_per_token(module, ids, world_size: int) -> tuple[float, float]:
+    """(forward, backward) bytes sent per token by this rank in one training step."""
+    with Sent(world_size) as fwd:
         out = module(input_ids=ids).logits
-    out.float().pow(2).mean().backward()
-    return total[0], whole[0], square[0]
+    loss = out.float().pow(2).mean()
+    with Sent(world_size) as bwd:
+        loss.backward()
+    return fwd.bytes / ids.numel(), bwd.bytes / ids.numel()
+
+
+def step_seconds(modules: dict, ids, repeats: int) -> dict:
+    """Median forward+backward seconds of each module, the modules taking turns."""
+    times: dict = {k: [] for k in modules}
+    for _ in range(repeats):
+        for name, m in modules.items():
+            torch.distributed.barrier()
+            t0 = time.perf_counter()
+            m(input_ids=ids).logits.float().pow(2).mean().backward()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def rank_main(rank: int, ws: int, args) -> dict:
@@ -69,10 +104,17 @@ def rank_main(rank: int, ws: int, args) -> dict:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config(args)).train()
     ids = torch.randint(0, 512, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
-    tp = fxtp.for_training(fxtp.transform(model, ws))
-    mine = saved_bytes(tp, ids, args.hidden)
-    full = saved_bytes(model, ids, args.hidden) if rank == 0 else (0, 0, 0)
-    return {"tp": mine, "model": full}
+    plan = fxtp.plan(model, ws)
+    layouts = {"all-reduce": fxtp.for_training(fxtp.transform(model, ws, plan=plan)),
+               "sequence": fxtp.for_training(fxtp.transform(
+                   model, ws, plan=plan.replan(sequence_parallel=True)))}
+    out = {name: {"saved": saved_bytes(tp, ids, args.hidden),
+                  "sent": sent_per_token(tp, ids, ws)} for name, tp in layouts.items()}
+    seconds = step_seconds(layouts, ids, args.repeats)
+    for name in layouts:
+        out[name]["seconds"] = seconds[name]
+    out["model"] = saved_bytes(model, ids, args.hidden) if rank == 0 else (0, 0, 0)
+    return out
 
 
 def main() -> None:
@@ -84,20 +126,30 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     mb = 1 / 2 ** 20
     print(f"Llama-shaped: hidden {args.hidden}, {args.layers} layers, batch {args.batch} x "
-          f"seq {args.seq}, fp32; saved-for-backward MiB per rank, all-reduce layout")
+          f"seq {args.seq}, fp32; per rank: saved-for-backward MiB, bytes sent per token "
+          f"(forward / backward), forward+backward seconds (median of {args.repeats})")
     for ws in args.world_sizes:
-        ranks = run_ranks(rank_main, ws, args, timeout=900)
-        total, whole, square = ranks[0]["model"]
+        ranks = run_ranks(rank_main, ws, args, timeout=1800)
+        total, region, square = ranks[0]["model"]
         print(f"world {ws}: untouched model {total * mb:7.1f} (replicated region "
-              f"{whole * mb:6.1f}, [b, ., s, s] {square * mb:6.1f})")
+              f"{region * mb:6.1f}, [b, ., s, s] {square * mb:6.1f})")
         for r, out in enumerate(ranks):
-            t, w, q = out["tp"]
-            print(f"  rank {r}: {t * mb:7.1f} = {t / total:.3f} of the model; replicated region "
-                  f"{w * mb:6.1f} = {w / whole:.3f} of the model's, {w / t:.0%} of this rank's; "
-                  f"[b, ., s, s] {q * mb:6.1f}")
+            base = out["all-reduce"]
+            for name in ("all-reduce", "sequence"):
+                t, w, q = out[name]["saved"]
+                fwd, bwd = out[name]["sent"]
+                line = (f"  rank {r} {name:>10}: saved {t * mb:7.1f} = {t / total:.3f} of the "
+                        f"model; region {w * mb:6.1f} = {w / base['saved'][1]:.3f} of the "
+                        f"all-reduce layout's; [b, ., s, s] {q * mb:5.1f}; sent/token "
+                        f"{fwd:7.1f} / {bwd:7.1f} B; {out[name]['seconds'] * 1e3:7.1f} ms")
+                if name == "sequence":
+                    line += (f" ({out[name]['seconds'] / base['seconds']:.2f}x); sent "
+                             f"{(fwd + bwd) / sum(base['sent']):.3f}x")
+                print(line)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from .planning.plan import Plan
 from .planning.planner import model_name, plan_model
 from .rewrite.pipeline import rewrite
 from .rewrite.record import META_KEY
+from .runtime import regather
 from .runtime.group import resolve_group
 
 
@@ -50,6 +51,11 @@ def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
         plan = plan_model(model, world_size, example_inputs=example_inputs,
                           vocab_parallel=vocab_parallel, sequence_parallel=sequence_parallel,
                           probe=False)
+    elif sequence_parallel and not plan.sequence_parallel:
+        raise PlanOverrideError(
+            "sequence_parallel=True with a plan made without it: pass "
+            "plan=plan.replan(sequence_parallel=True), or fxtp.plan(model, ws, "
+            "sequence_parallel=True)")
     elif plan.world_size != world_size:
         raise PlanOverrideError(f"the plan was made for world_size={plan.world_size}, not "
                                 f"{world_size}: rebuild it with fxtp.plan(model, {world_size})")
@@ -72,6 +78,8 @@ def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
     install_input_defaults(gm, gm.meta[META_KEY].plan.captured)   # shapes only
     guard_training(gm)
     guard_moves(gm)
+    if gm.meta[META_KEY].sequence_nodes:
+        regather.install(gm)    # all-gathered sequences are gathered again in backward
     # function-level import: tp_generate builds its decode step with transform()
     from .generation.tp_generate import attach
 

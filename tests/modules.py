@@ -77,6 +77,34 @@ class PlainMLP(nn.Module):
         return x + self.fc2(torch.relu(self.fc1(x)))
 
 
+class MixesTokensAfterRow(nn.Module):
+    """A row-parallel output read at once by an op that mixes tokens (a cumsum along the
+    sequence): sequence parallelism keeps that all-reduce."""
+
+    def __init__(self, dim: int = 16, hidden: int = 32):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.cumsum(self.fc2(torch.relu(self.fc1(x))), dim=1)
+
+
+class ManyWholeReaders(nn.Module):
+    """A residual stream whose token-wise values are read whole by three ops that mix tokens:
+    holding its tokens would take three all-gathers for one reduce-scatter."""
+
+    def __init__(self, dim: int = 16, hidden: int = 32):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x + self.fc2(torch.relu(self.fc1(x)))
+        return (torch.cumsum(z * 2, dim=1) + torch.flip(z * 3, dims=(1,))
+                + torch.cummax(z * 4, dim=1).values)
+
+
 class ReducesFeatures(nn.Module):
     """A linear whose features are maximised over: a max is no partial sum, sharding it would
     need a gather, so it stays replicated."""

@@ -303,9 +303,11 @@ def run_all(rank: int, world_size: int) -> dict[str, Any]:
         cases["compile_llama"] = lambda: _compile_case("llama", world_size)
         if world_size == 2:     # at world 4 Llama's (kv heads held by pairs of ranks) only
             cases["compile_gpt2"] = lambda: _compile_case("gpt2", world_size)
+        from .sequence_workers import cases as sequence_cases
         from .train_workers import cases as training_cases
 
         cases.update(training_cases(world_size))
+        cases.update(sequence_cases(world_size))
     return _run_timed(cases)
 
 

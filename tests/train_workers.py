@@ -33,15 +33,17 @@ def _randomise_zeros(model, seed: int):
 _PLANS: dict[tuple, "fxtp.Plan"] = {}
 
 
-def _transform(name: str, model, ws: int, vocab_parallel: bool = False):
+def _transform(name: str, model, ws: int, vocab_parallel: bool = False,
+               sequence_parallel: bool = False):
     """`fxtp.transform(model, ws)` with the plan captured from this rank process's first model
     of that name (the cases build the same seeded weights again: transform binds the plan's
     graph to this instance's tensors instead of capturing it again)."""
     if (name, ws) not in _PLANS:
         _PLANS[name, ws] = fxtp.plan(model, ws)
     plan = _PLANS[name, ws]
-    return fxtp.transform(model, ws, plan=plan.replan(vocab_parallel=True) if vocab_parallel
-                          else plan)
+    if vocab_parallel or sequence_parallel:
+        plan = plan.replan(vocab_parallel=vocab_parallel, sequence_parallel=sequence_parallel)
+    return fxtp.transform(model, ws, plan=plan)
 
 
 def grad_case(name: str, ws: int, vocab_parallel: bool = False, family: bool = False) -> dict[str, Any]:
@@ -191,11 +193,12 @@ def _step_error(model, tp) -> float:
     return err
 
 
-def optimizer_case(name: str, ws: int, opt: str, steps: int = 3) -> dict[str, Any]:
+def optimizer_case(name: str, ws: int, opt: str, steps: int = 3,
+                   sequence_parallel: bool = False) -> dict[str, Any]:
     """A few optimizer steps on the TP graph and on the model, from the same weights: the local
     parameters stay the slices of the model's, step by step."""
     model = train_model(name)
-    tp = _transform(name, model, ws)
+    tp = _transform(name, model, ws, sequence_parallel=sequence_parallel)
     tp.train()
     make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9),
             # eps 1e-6, not 1e-8: GPT-2's key bias has a gradient that is zero in exact arithmetic

@@ -4,9 +4,10 @@ Rank r holds tokens [start(r), start(r) + length(r)) of a sequence of s tokens, 
 s % N ranks one token more than the others (`torch.tensor_split`'s split). The lengths are
 computed from s at run time (`local_length`), so batch and sequence stay dynamic and s need
 not divide by N. The collectives work on dim 0 of equal blocks, as NCCL's and gloo's
-`reduce_scatter_tensor` / `all_gather_into_tensor` do: the sequence dim is moved to the front
-and, when s does not divide, every rank's piece is padded to ceil(s / N) tokens (zeros, so
-the sums are unchanged) and cut back after. Padding costs at most N - 1 tokens of traffic; no
+`reduce_scatter_tensor` / `all_gather_into_tensor` do: the tokens are laid out as
+[N, ..., ceil(s / N), ...], rank r's block at index r (one copy each way unless the sequence
+is the first dim), and when s does not divide, every rank's piece is padded to ceil(s / N)
+tokens (zeros, so the sums are unchanged) and cut back after. Padding costs at most N - 1 tokens of traffic; no
 rank ever computes on a padded token.
 
     reduce_scatter_seq   partial [.., s, ..] -> this rank's tokens of the sum   (backward: gather)
@@ -23,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .collectives import ALL_GATHER, WAIT
+from .regather import note_gathered
 
 REDUCE_SCATTER = torch.ops._c10d_functional.reduce_scatter_tensor.default
 
@@ -42,38 +44,41 @@ def local_start(s, world_size: int, rank: int):
 
 
 def _blocks(x: torch.Tensor, dim: int, world_size: int) -> torch.Tensor:
-    """`x` with `dim` moved to the front and every rank's piece padded to one block:
-    [N * ceil(s / N), ...], contiguous."""
-    moved = x.movedim(dim, 0)
-    s = moved.shape[0]
+    """`x` as [N, ..., ceil(s / N), ...]: rank r's tokens (zero-padded to one block) at index r,
+    contiguous (one copy; none when the sequence is the first dim and divides)."""
+    s = x.shape[dim]
     block = local_length(s, world_size, 0)
     if block * world_size == s:
-        return moved.contiguous()
-    out = moved.new_zeros((block * world_size, *moved.shape[1:]))
+        return x.unflatten(dim, (world_size, block)).movedim(dim, 0).contiguous()
+    out = x.new_zeros((world_size, *x.shape[:dim], block, *x.shape[dim + 1:]))
     for r in range(world_size):
         start, length = local_start(s, world_size, r), local_length(s, world_size, r)
-        out[r * block:r * block + length] = moved[start:start + length]
+        out[r].narrow(dim, 0, length).copy_(x.narrow(dim, start, length))
     return out
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, world_size: int, rank: int,
                     group_name: str) -> torch.Tensor:
     s = x.shape[dim]
-    summed = WAIT(REDUCE_SCATTER(_blocks(x, dim, world_size), "sum", world_size, group_name))
-    return summed[:local_length(s, world_size, rank)].movedim(0, dim).contiguous()
+    blocks = _blocks(x, dim, world_size)
+    summed = WAIT(REDUCE_SCATTER(blocks.flatten(0, 1) if blocks.dim() > 1 else blocks, "sum",
+                                 world_size, group_name)).view(blocks.shape[1:])
+    length = local_length(s, world_size, rank)
+    return summed if length == summed.shape[dim] else summed.narrow(dim, 0, length)
 
 
 def _all_gather(x: torch.Tensor, dim: int, world_size: int, rank: int, group_name: str,
                 s) -> torch.Tensor:
     block = local_length(s, world_size, 0)
-    moved = x.movedim(dim, 0)
-    if moved.shape[0] != block:
-        moved = torch.cat([moved, moved.new_zeros((block - moved.shape[0], *moved.shape[1:]))])
-    gathered = WAIT(ALL_GATHER(moved.contiguous(), world_size, group_name))
-    if block * world_size != s:
-        gathered = torch.cat([gathered[r * block:r * block + local_length(s, world_size, r)]
-                              for r in range(world_size)])
-    return gathered.movedim(0, dim).contiguous()
+    if x.shape[dim] != block:
+        pad = list(x.shape)
+        pad[dim] = block - x.shape[dim]
+        x = torch.cat([x, x.new_zeros(pad)], dim)
+    gathered = WAIT(ALL_GATHER(x.contiguous().unsqueeze(0), world_size, group_name))
+    if block * world_size != s:    # [N, ..., block, ...]: each rank's tokens, unpadded
+        return torch.cat([gathered[r].narrow(dim, 0, local_length(s, world_size, r))
+                          for r in range(world_size)], dim)
+    return gathered.movedim(0, dim).flatten(dim, dim + 1).contiguous()
 
 
 def _slice(x: torch.Tensor, dim: int, world_size: int, rank: int) -> torch.Tensor:
@@ -166,7 +171,10 @@ def all_gather_seq(x: torch.Tensor, dim: int, world_size: int, rank: int, group_
     for readers with sharded results, "slice" for replicated readers."""
     if not _needs_autograd(x):
         return _all_gather(x, dim, world_size, rank, group_name, s)
-    return _AllGatherSeq.apply(x, dim, world_size, rank, group_name, s, grad)
+    out = _AllGatherSeq.apply(x, dim, world_size, rank, group_name, s, grad)
+    # its readers save `out` for backward: regather.py keeps `x` instead, and gathers again
+    note_gathered(x, out, lambda shard: _all_gather(shard, dim, world_size, rank, group_name, s))
+    return out
 
 
 def scatter_seq(x: torch.Tensor, dim: int, world_size: int, rank: int,

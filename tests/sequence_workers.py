@@ -1,0 +1,119 @@
+"""Sequence parallelism cases run inside the spawned gloo ranks of tests/test_multirank.py (the
+same spawn): outputs, gradients and SGD steps against the untouched model, the collectives in
+the graph, the activations saved for backward, torch.compile, and tp.generate."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import fxtp
+from fxtp.runtime.collectives import all_reduce_sum
+from fxtp.runtime.sequence import all_gather_seq, reduce_scatter_seq, scatter_seq
+from fxtp.testing.checks import check_equivalence, check_gradients
+from fxtp.testing.memory import saved_activation_bytes
+from fxtp.testing.strategies import hf_inputs
+
+from .train_workers import _transform, optimizer_case, train_model
+
+NAMES = ("llama", "gpt2")
+
+
+def _counts(tp) -> dict[str, int]:
+    targets = [n.target for n in tp.graph.nodes if n.op == "call_function"]
+    return {"all_reduce": targets.count(all_reduce_sum),
+            "reduce_scatter": targets.count(reduce_scatter_seq),
+            "all_gather": targets.count(all_gather_seq), "scatter": targets.count(scatter_seq)}
+
+
+def _width_bytes(tp, ids: torch.Tensor, width: int) -> dict[int, int]:
+    """Bytes of hidden-width activations one training forward saves (then its backward), by
+    their token counts."""
+    got = saved_activation_bytes(tp, lambda: tp(input_ids=ids).logits, width)
+    got["output"].float().pow(2).mean().backward()
+    tp.zero_grad(set_to_none=True)
+    return got["width_by_tokens"]
+
+
+def sequence_case(name: str, ws: int) -> dict[str, Any]:
+    """Outputs on hypothesis inputs (sequences shorter than the ranks and not divisible by
+    them included), gradients of every parameter, the graph's collectives, and the saved
+    hidden-width activations against the all-reduce layout's."""
+    model = train_model(name)
+    tp = _transform(name, model, ws, sequence_parallel=True)
+    strategy = hf_inputs(model.config.vocab_size, max_batch=2, max_seq=12)
+    eq = check_equivalence(model, tp, strategy, max_examples=6)
+    lengths = {}          # shorter than the ranks, not divisible by them, divisible
+    for length in (1, 3, 5, 8):
+        ids = (torch.arange(2 * length).view(2, length) * 7 + length) % model.config.vocab_size
+        with torch.no_grad():
+            lengths[length] = float((tp(input_ids=ids).logits
+                                     - model(input_ids=ids).logits).abs().max())
+    tp.train()
+    grads = check_gradients(model, tp, strategy, max_examples=3)
+    plain = fxtp.for_training(_transform(name, model, ws))
+    ids = (torch.arange(2 * 24).view(2, 24) * 5) % model.config.vocab_size
+    width = model.config.hidden_size
+    info = tp.meta["fxtp"]
+    return {"max_error": eq.worst, "examples": eq.examples,
+            "length_errors": lengths,
+            "grad_error": grads.max_error, "loss_error": grads.loss_error,
+            "compared": grads.compared, "missing": grads.missing,
+            "params": len([p for p in tp.parameters() if p.requires_grad]),
+            "counts": _counts(tp), "plain_counts": _counts(plain),
+            "width_bytes": (_width_bytes(tp, ids, width), _width_bytes(plain, ids, width)),
+            "tokens": ids.numel(),
+            "sequence_nodes": len(info.sequence_nodes),
+            "plan_collectives": info.plan.sequence_collectives,
+            "plan_all_reduces": info.plan.all_reduces}
+
+
+def module_case(ws: int) -> dict[str, Any]:
+    """A plain module (no Hugging Face config): the sequence is its input's dim 1, drawn from
+    1 to 6 tokens with the batch; outputs and gradients."""
+    from fxtp.testing.strategies import tensor_inputs
+
+    from .modules import PlainMLP
+
+    torch.manual_seed(0)
+    model = PlainMLP()
+    tp = fxtp.transform(model, ws, example_inputs=(torch.randn(2, 8, 16),),
+                        sequence_parallel=True)
+    strategy = tensor_inputs([(2, 8, 16)], dynamic_dims=(0, 1))
+    eq = check_equivalence(model, tp, strategy, max_examples=6)
+    grads = check_gradients(model, tp, strategy, max_examples=3,
+                            loss_fn=lambda out, _inputs: out.pow(2).mean())
+    return {"max_error": eq.worst, "grad_error": grads.max_error, "compared": grads.compared,
+            "counts": _counts(tp)}
+
+
+def compile_case(ws: int) -> dict[str, Any]:
+    """The sequence-parallel Llama graph under torch.compile(fullgraph=True, dynamic=True):
+    forward and backward (AOT autograd) at uneven sequence lengths, against eager."""
+    from .compile_workers import backward_calls, compile_counts
+
+    model = train_model("llama")
+    tp = fxtp.for_training(_transform("llama", model, ws, sequence_parallel=True))
+    return compile_counts(tp, backward_calls(model.config.vocab_size), backend="aot_eager")
+
+
+def generate_case(ws: int) -> dict[str, Any]:
+    """tp.generate of a sequence-parallel graph: its decode step has no sequence to split
+    (built without it); greedy tokens equal model.generate's."""
+    model = train_model("llama")
+    tp = _transform("llama", model, ws, sequence_parallel=True)
+    ids = (torch.arange(2 * 5).view(2, 5) * 3) % model.config.vocab_size
+    want = model.generate(ids, max_new_tokens=4, do_sample=False)
+    got = tp.generate(ids, max_new_tokens=4, do_sample=False)
+    return {"equal": bool(torch.equal(want, got))}
+
+
+def cases(ws: int) -> dict[str, Any]:
+    out: dict[str, Any] = {f"sp_{n}": (lambda n=n: sequence_case(n, ws)) for n in NAMES}
+    out["sp_sgd_llama"] = lambda: optimizer_case("llama", ws, "sgd", sequence_parallel=True)
+    out["sp_sgd_gpt2"] = lambda: optimizer_case("gpt2", ws, "sgd", sequence_parallel=True)
+    if ws == 2:
+        out["sp_module"] = lambda: module_case(ws)
+        out["sp_compile_llama"] = lambda: compile_case(ws)
+        out["sp_generate_llama"] = lambda: generate_case(ws)
+    return out
