@@ -84,7 +84,7 @@ def _world_size(value: str) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     model = _model(args.model)
     with _step(f"capturing and planning for {args.world_size} ranks"):
-        plan = plan_model(model, args.world_size)
+        plan = plan_model(model, args.world_size, sequence_parallel=args.sequence_parallel)
     print(plan.to_json() if args.json else plan)
     return 0
 
@@ -104,7 +104,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _verify(model, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with _step(f"{args.world_size} gloo ranks: transform, {args.examples} examples each"):
-        reports = verify(model, args.world_size, max_examples=args.examples, timeout=args.timeout)
+        reports = verify(model, args.world_size, max_examples=args.examples, timeout=args.timeout,
+                         sequence_parallel=getattr(args, "sequence_parallel", False))
     return _report(reports, time.perf_counter() - t0)
 
 
@@ -117,7 +118,9 @@ def _report(reports: list, elapsed: float) -> int:
         per_output = ", ".join(f"{k} {v:.2e}" for k, v in r["max_error"].items())
         print(f"  rank {r['rank']}: {r['examples']} examples, max |tp - model| / (1 + |model|) = "
               f"{worst:.2e} [{per_output}] (worst input {r['worst_input']}), {r['all_reduces']} "
-              f"all-reduces in the graph, local linear params {r['param_fraction']:.3f} of full")
+              f"all-reduces" + (f" and {r['sequence_collectives']} sequence collectives"
+                                if r.get("sequence_collectives") else "")
+              + f" in the graph, local linear params {r['param_fraction']:.3f} of full")
     print(f"equivalence check: {'PASSED' if ok else 'FAILED'} (tolerance 1e-4, {elapsed:.1f}s)")
     return 0 if ok else 1
 
@@ -130,9 +133,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _inspect_rank(rank: int, world_size: int, spec: str, what: str, layer: Optional[str],
-                  path: Optional[str], show: int) -> Optional[str]:
+                  path: Optional[str], show: int, sequence_parallel: bool = False) -> Optional[str]:
     """Runs in each spawned rank: transform, then explain/diff/draw on rank `show` only."""
-    tp = transform(_load_model(spec), world_size)
+    tp = transform(_load_model(spec), world_size, sequence_parallel=sequence_parallel)
     if rank != show:
         return None
     if what == "draw":
@@ -149,11 +152,12 @@ def _inspect(args: argparse.Namespace, what: str, path: Optional[str] = None) ->
     _model(args.model)               # a bad name or path fails here, before any spawn
     if args.world_size == 1:         # no collective: no process group, no spawn
         with _step(f"transform, {what}"):
-            out = _inspect_rank(0, 1, args.model, what, args.layer, path, 0)
+            out = _inspect_rank(0, 1, args.model, what, args.layer, path, 0,
+                                args.sequence_parallel)
     else:
         with _step(f"{args.world_size} gloo ranks: transform, {what} rank {args.rank}"):
             out = run_ranks(_inspect_rank, args.world_size, args.model, what, args.layer, path,
-                            args.rank, timeout=args.timeout)[args.rank]
+                            args.rank, args.sequence_parallel, timeout=args.timeout)[args.rank]
     print(out if what != "draw" else f"wrote {out} (rank {args.rank} of {args.world_size})")
     return 0
 
@@ -174,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="tiny built-in model (llama, gpt2, bert) or a local HF directory")
     p.add_argument("-n", "--world-size", type=_world_size, default=2)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _sequence_arg(p)
     p.set_defaults(func=cmd_plan)
     d = sub.add_parser("demo", help="tiny Llama on N gloo ranks: plan + equivalence check")
     d.add_argument("-n", "--world-size", type=_world_size, default=2)
@@ -206,6 +211,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                                  "directory")
     p.add_argument("-n", "--world-size", type=_world_size, default=2)
     p.add_argument("--timeout", type=float, default=600.0)
+    _sequence_arg(p)
+
+
+def _sequence_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="norms and residual adds hold 1/N of the tokens per rank (Megatron-SP)")
 
 
 def _rank_args(p: argparse.ArgumentParser) -> None:

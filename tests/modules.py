@@ -90,9 +90,10 @@ class MixesTokensAfterRow(nn.Module):
         return x + torch.cumsum(self.fc2(torch.relu(self.fc1(x))), dim=1)
 
 
-class ManyWholeReaders(nn.Module):
-    """A residual stream whose token-wise values are read whole by three ops that mix tokens:
-    holding its tokens would take three all-gathers for one reduce-scatter."""
+class WidensBeforeMixing(nn.Module):
+    """A row-parallel output whose first user doubles its width (a cat with the input) before
+    an op that mixes tokens: holding that user's tokens would gather twice the bytes the
+    reduce-scatter saves, so the all-reduce stays."""
 
     def __init__(self, dim: int = 16, hidden: int = 32):
         super().__init__()
@@ -100,9 +101,26 @@ class ManyWholeReaders(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = x + self.fc2(torch.relu(self.fc1(x)))
-        return (torch.cumsum(z * 2, dim=1) + torch.flip(z * 3, dims=(1,))
-                + torch.cummax(z * 4, dim=1).values)
+        return torch.cumsum(torch.cat([self.fc2(torch.relu(self.fc1(x))), x], dim=-1), dim=1)
+
+
+class ParallelBlocks(nn.Module):
+    """Blocks with two branches beside each other on one residual stream, each behind its own
+    norm (GPT-NeoX, Falcon): x + (down1(up1(ln1(x))) + down2(up2(ln2(x)))), one all-reduce of
+    the branches' sum per block."""
+
+    def __init__(self, dim: int = 16, hidden: int = 32, layers: int = 2):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            ln1=nn.LayerNorm(dim), ln2=nn.LayerNorm(dim), up1=nn.Linear(dim, hidden),
+            down1=nn.Linear(hidden, dim), up2=nn.Linear(dim, hidden),
+            down2=nn.Linear(hidden, dim))) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = x + (b["down1"](torch.relu(b["up1"](b["ln1"](x))))
+                     + b["down2"](torch.relu(b["up2"](b["ln2"](x)))))
+        return x
 
 
 class ReducesFeatures(nn.Module):

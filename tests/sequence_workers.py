@@ -55,7 +55,14 @@ def sequence_case(name: str, ws: int) -> dict[str, Any]:
     ids = (torch.arange(2 * 24).view(2, 24) * 5) % model.config.vocab_size
     width = model.config.hidden_size
     info = tp.meta["fxtp"]
-    return {"max_error": eq.worst, "examples": eq.examples,
+    from fxtp.inspection.draw import to_dot
+
+    explained = str(fxtp.explain(tp))
+    return {"explain_lines": {op: explained.count(f"  {op} ") for op in
+                              ("all_reduce", "reduce_scatter", "all_gather", "scatter")},
+            "explain_header": explained.splitlines()[2],
+            "dot_sequence_ops": to_dot(tp).count("#d9c6f0"),
+            "max_error": eq.worst, "examples": eq.examples,
             "length_errors": lengths,
             "grad_error": grads.max_error, "loss_error": grads.loss_error,
             "compared": grads.compared, "missing": grads.missing,
@@ -69,22 +76,27 @@ def sequence_case(name: str, ws: int) -> dict[str, Any]:
 
 
 def module_case(ws: int) -> dict[str, Any]:
-    """A plain module (no Hugging Face config): the sequence is its input's dim 1, drawn from
-    1 to 6 tokens with the batch; outputs and gradients."""
+    """Plain modules (no Hugging Face config): the sequence is their input's dim 1, drawn from
+    1 to 6 tokens with the batch; outputs and gradients. PlainMLP holds its whole residual
+    add as tokens; ParallelBlocks (two norms on one residual) the cheapest part of it."""
     from fxtp.testing.strategies import tensor_inputs
 
-    from .modules import PlainMLP
+    from .modules import ParallelBlocks, PlainMLP
 
-    torch.manual_seed(0)
-    model = PlainMLP()
-    tp = fxtp.transform(model, ws, example_inputs=(torch.randn(2, 8, 16),),
-                        sequence_parallel=True)
-    strategy = tensor_inputs([(2, 8, 16)], dynamic_dims=(0, 1))
-    eq = check_equivalence(model, tp, strategy, max_examples=6)
-    grads = check_gradients(model, tp, strategy, max_examples=3,
-                            loss_fn=lambda out, _inputs: out.pow(2).mean())
-    return {"max_error": eq.worst, "grad_error": grads.max_error, "compared": grads.compared,
-            "counts": _counts(tp)}
+    out = {}
+    for make in (PlainMLP, ParallelBlocks):
+        torch.manual_seed(0)
+        model = make()
+        tp = fxtp.transform(model, ws, example_inputs=(torch.randn(2, 8, 16),),
+                            sequence_parallel=True)
+        strategy = tensor_inputs([(2, 8, 16)], dynamic_dims=(0, 1))
+        eq = check_equivalence(model, tp, strategy, max_examples=6)
+        grads = check_gradients(model, tp, strategy, max_examples=3,
+                                loss_fn=lambda out, _inputs: out.pow(2).mean())
+        out[make.__name__] = {"max_error": eq.worst, "grad_error": grads.max_error,
+                              "compared": grads.compared,
+                              "params": len(list(model.parameters())), "counts": _counts(tp)}
+    return out
 
 
 def compile_case(ws: int) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import torch
 import fxtp
 from fxtp.testing.models import tiny_model
 
-from .modules import ManyWholeReaders, MixesTokensAfterRow, PlainMLP
+from .modules import MixesTokensAfterRow, ParallelBlocks, PlainMLP, WidensBeforeMixing
 from .rank_workers import world_sizes
 from .test_multirank import case
 
@@ -101,8 +101,10 @@ def test_a_plain_module_holds_its_tokens_after_its_row_parallel_linear():
 
 @pytest.mark.parametrize("module, why", [
     (MixesTokensAfterRow(), "a user needs the whole sequence: cumsum (cumsum.default) mixes tokens"),
-    (ManyWholeReaders(), "holding its tokens would gather 192 bytes per token for the 64 bytes "
-                         "its reduce-scatters save"),
+    # a reduce-scatter (64 bytes a token) and an all-gather of the cat (128) for an
+    # all-reduce of 64 bytes (128 in reduce-scatter units)
+    (WidensBeforeMixing(), "holding the tokens of its users would send 192 bytes per token for "
+                           "the all-reduce's 128"),
 ])
 def test_an_all_reduce_is_kept_with_its_reason(module, why):
     plan = fxtp.plan(module, 2, example_inputs=(torch.randn(2, 8, 16),), sequence_parallel=True)
@@ -111,6 +113,22 @@ def test_an_all_reduce_is_kept_with_its_reason(module, why):
     assert [m for m, _ in plan.sequence_kept] == ["fc2"]
     assert plan.sequence_kept[0][1].startswith(why), plan.sequence_kept
     assert f"sequence parallel kept the all-reduce of fc2: {why}" in str(plan)
+
+
+def test_parallel_branches_hold_the_residual_stream_only():
+    """Two norms read each block's residual stream (GPT-NeoX, Falcon): holding the norms'
+    tokens too would gather twice per block for one reduce-scatter. The cheapest layout (a
+    minimum cut) gathers the residual once, before both norms: the all-reduce's bytes."""
+    model = ParallelBlocks()
+    plain = fxtp.plan(model, 2, example_inputs=(torch.randn(2, 8, 16),))
+    plan = plain.replan(sequence_parallel=True)
+    assert plain.all_reduces == {"blocks.0": 1, "blocks.1": 1}
+    assert plan.all_reduces == {} and not plan.sequence_kept
+    assert plan.sequence_collectives == {"blocks.0": {"reduce_scatter": 1},
+                                         "blocks.1": {"reduce_scatter": 1},
+                                         "(outside the layers)": {"all_gather": 2}}
+    assert plan.communicated_bytes_per_token == plain.communicated_bytes_per_token
+    assert plan.sequence_ops == {"(outside the layers)": 2}     # the two residual adds
 
 
 def test_an_input_without_a_sequence_keeps_the_all_reduce():
@@ -156,6 +174,14 @@ def test_the_graph_has_no_all_reduce_left(ws, name):
     assert r["sequence_nodes"] == 10 and r["plan_all_reduces"] == {}
 
 
+def test_explain_and_draw_show_the_sequence_collectives_and_region():
+    r = case(2, "sp_llama")[0]
+    assert r["explain_lines"] == {"all_reduce": 0, "reduce_scatter": 4, "all_gather": 5,
+                                  "scatter": 1}
+    assert r["explain_header"].endswith("0 all-reduce(s), 2 reduce-scatter(s), 2 all-gather(s)")
+    assert r["dot_sequence_ops"] == 14       # layer 0's two norms and two residual adds
+
+
 @pytest.mark.parametrize("ws, name", world_sizes(("sp_llama", "sp_gpt2"), ("sp_llama", "sp_gpt2")))
 def test_the_replicated_region_saves_a_rank_s_tokens_only(ws, name):
     """Hidden-width activations saved for backward (24 tokens a sequence): the region's are
@@ -181,10 +207,15 @@ def test_three_sgd_steps_track_the_untouched_model(ws, name):
         assert len(r["param_errors"]) == 3 and max(r["param_errors"]) <= TOL, r["param_errors"]
 
 
-def test_a_plain_module_over_gloo():
+def test_plain_modules_over_gloo():
     for r in case(2, "sp_module"):
-        assert r["max_error"] <= TOL and r["grad_error"] <= TOL and r["compared"] == 4
-        assert r["counts"]["all_reduce"] == 0 and r["counts"]["reduce_scatter"] == 1
+        for name, got in r.items():
+            assert got["max_error"] <= TOL and got["grad_error"] <= TOL, (name, got)
+            assert got["compared"] == got["params"], (name, got)
+        assert r["PlainMLP"]["counts"] == {"all_reduce": 0, "reduce_scatter": 1,
+                                           "all_gather": 1, "scatter": 1}
+        assert r["ParallelBlocks"]["counts"] == {"all_reduce": 0, "reduce_scatter": 2,
+                                                 "all_gather": 2, "scatter": 1}
 
 
 def test_it_compiles_with_its_backward():

@@ -49,6 +49,7 @@ from ..graph.ops import (
 )
 from .placements import REPLICATE, Partial, SequenceShard, Sharded, group_dims
 from .records import Actions, Reason, SequenceActions, SequenceGather, Solution
+from .sequence_cut import cheapest_region
 
 SHAPE_KEEPING = TRANSPOSES | {aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
                               aten.squeeze.default}
@@ -162,6 +163,10 @@ def _token_dim(n: fx.Node, symbol: str) -> Optional[int]:
             if da is not None and da + out.dim() - v.dim() != d:
                 return None
         return d
+    if t is aten.cat.default:       # along another dim, every piece's tokens lined up
+        axis = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        ok = axis % out.dim() != d and all(seq_dim(a.meta["val"], symbol) == d for a in inputs)
+        return d if ok else None
     others = inputs[1:]
     if d_in is None or any(seq_dim(a.meta["val"], symbol) is not None
                            or any(_mentions(s, symbol) for s in a.meta["val"].shape)
@@ -181,10 +186,13 @@ def _token_dim(n: fx.Node, symbol: str) -> Optional[int]:
         return d if d_in < ndim - len(n.args[1]) else None
     if t in ALONG_A_DIM:
         axis = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
-        if t is aten.cat.default:
-            return d if axis % out.dim() != d and not others else None
         return d if axis % ndim != d_in else None
     return None
+
+
+def _size_of(u: fx.Node) -> bool:
+    """A `sym_size` read of a value: it needs no data, only the whole length."""
+    return u.op == "call_function" and u.target is aten.sym_size.int
 
 
 def _why_not(n: fx.Node, symbol: str) -> str:
@@ -209,17 +217,17 @@ def bytes_per_token(val) -> int:
 class _Region:
     """The sequence-sharded nodes being decided, and what they read and feed."""
 
-    def __init__(self, gm: fx.GraphModule, act: Actions, symbol: str):
+    def __init__(self, gm: fx.GraphModule, act: Actions, found: tuple[str, int, str]):
         self.nodes = {n.name: n for n in gm.graph.nodes}
         self.order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-        self.act, self.symbol = act, symbol
+        self.act, self.input, self.symbol = act, found[0], found[2]
         self.sp: dict[str, int] = {}
         self.scattered: set[str] = set()
         sites = [v for v in act.reduces
                  if partial_producer(self.nodes, act, v).name in (*act.rows, *act.vocab_embeddings)]
         self.layer_sites = sites
         self.site_users = {v: set(act.reduces[v]) for v in sites
-                           if seq_dim(self.nodes[v].meta.get("val"), symbol) is not None}
+                           if seq_dim(self.nodes[v].meta.get("val"), self.symbol) is not None}
 
     def replicated(self, a: fx.Node) -> bool:
         return (self.act.placements.get(a.name, REPLICATE) is REPLICATE
@@ -266,8 +274,7 @@ class _Region:
 
     def outside_readers(self, name: str) -> list[fx.Node]:
         """Readers of a region node that need the whole sequence (sizes are not read)."""
-        return [u for u in self.nodes[name].users if u.name not in self.sp
-                and not (u.op == "call_function" and u.target is aten.sym_size.int)]
+        return [u for u in self.nodes[name].users if u.name not in self.sp and not _size_of(u)]
 
     def prune(self) -> None:
         """Drops the ops that joined only because they read a value cut to the tokens (not
@@ -321,27 +328,49 @@ class _Region:
         return list(groups.values())
 
     def drop_costly(self) -> dict[str, Reason]:
-        """Keeps the parts of the region whose all-gathers move at most what its
-        reduce-scatters save (an all-reduce is a reduce-scatter plus an all-gather), plus the
-        one all-gather that brings the sequence back at its end; the others keep their
-        all-reduces, with the reason."""
+        """Keeps each part of the region whose collectives send at most what the all-reduces
+        it replaces send (an all-reduce moves as much as a reduce-scatter plus an all-gather
+        of the same value), or at most 1/8 more than the part's cheapest layout: Megatron's,
+        whose only extra is the all-gather at the model's end, for two layers or more. Other
+        parts are cut down to that cheapest layout (`sequence_cut`, a minimum cut: never more
+        bytes than the all-reduces); the all-reduces it keeps are returned with the reason."""
         kept: dict[str, Reason] = {}
         for comp in self.components():
             sites = sorted({v for v in self.site_users if self.converted(v)
                             and self.site_users[v] & comp}, key=self.order.__getitem__)
-            gathered = [bytes_per_token(self.nodes[k].meta.get("val")) for k in comp
-                        if self.outside_readers(k)]
-            saved = sum(bytes_per_token(self.nodes[v].meta.get("val")) for v in sites)
-            if sites and sum(gathered) - max(gathered, default=0) <= saved:
+            whole = self._sent(comp, sites)
+            reduced = 2 * sum(self.bytes(v) for v in sites)
+            if whole <= reduced:
                 continue
-            for k in comp:
+            keep = cheapest_region(
+                comp, {v: self.site_users[v] for v in sites},
+                lambda v: [u.name for u in self.nodes[v].users if not _size_of(u)],
+                self.bytes) if sites else set()
+            if whole * 8 <= self._sent(keep, sites) * 9:
+                continue
+            for k in comp - keep:
                 del self.sp[k]
-            why = (f"holding its tokens would gather {sum(gathered)} bytes per token for the "
-                   f"{saved} bytes its reduce-scatters save")
             for v in sites:
-                kept[v] = Reason(why, v)
+                if not self.converted(v):
+                    kept[v] = Reason(f"holding the tokens of its users would send {whole} bytes "
+                                     f"per token for the all-reduce's {reduced}", v)
         self._recount_scattered()
         return kept
+
+    def _sent(self, region: set[str], sites: list[str]) -> int:
+        """Bytes per token (in units of a reduce-scatter's) that `region` sends: a
+        reduce-scatter of each site all of whose users it holds, an all-reduce (twice) of the
+        others, an all-gather of each value it holds that something outside reads."""
+        sent = 0
+        for v in sites:
+            sent += self.bytes(v) * (1 if self.site_users[v] <= region else 2)
+        for k in region:
+            if any(u.name not in region and not _size_of(u) for u in self.nodes[k].users):
+                sent += self.bytes(k)
+        return sent
+
+    def bytes(self, name: str) -> int:
+        return bytes_per_token(self.nodes[name].meta.get("val"))
 
     def reasons_kept(self) -> dict[str, Reason]:
         """Why each layer's all-reduce that is not reduce-scattered stays."""
@@ -350,8 +379,9 @@ class _Region:
             if self.converted(v):
                 continue
             if v not in self.site_users:
-                out[v] = Reason("the partial sum has no sequence dim of its own (merged with "
-                                "another dim, or absent)", v)
+                out[v] = Reason(f"the partial sum has no dim of the sequence's length "
+                                f"({self.input} dim 1) of its own (its tokens are merged into "
+                                "one dim, or it is another sequence)", v)
                 continue
             outside = sorted((u for u in self.site_users[v] if u not in self.sp),
                              key=self.order.__getitem__)
@@ -399,7 +429,7 @@ def decide(gm: fx.GraphModule, sol: Solution) -> Solution:
         why = Reason("no input has a dynamic sequence dim (dim 1): nothing to split")
         seq = SequenceActions("", 0, "", kept={v: why for v in act.reduces})
         return dataclasses.replace(sol, actions=dataclasses.replace(act, sequence=seq))
-    region = _Region(gm, act, found[2])
+    region = _Region(gm, act, found)
     region.grow()
     region.prune()
     costly = region.drop_costly()

@@ -130,8 +130,10 @@ def _first_ranks_draw(inputs: Any, tp: nn.Module) -> Any:
 
 
 def _verify_rank(rank: int, world_size: int, model: nn.Module, example_inputs: Any,
-                 strategy_factory: Optional[Callable], max_examples: int) -> dict[str, Any]:
-    tp = transform(model, world_size, example_inputs=example_inputs)
+                 strategy_factory: Optional[Callable], max_examples: int,
+                 sequence_parallel: bool = False) -> dict[str, Any]:
+    tp = transform(model, world_size, example_inputs=example_inputs,
+                   sequence_parallel=sequence_parallel)
     info = tp.meta["fxtp"]
     strategy = strategy_factory() if strategy_factory is not None else None
     if strategy is None:
@@ -139,14 +141,16 @@ def _verify_rank(rank: int, world_size: int, model: nn.Module, example_inputs: A
     report = check_equivalence(model, tp, strategy, max_examples)
     return {"rank": rank, "examples": report.examples, "max_error": report.max_error,
             "worst_input": report.worst_input, "all_reduces": len(info.all_reduce_nodes),
+            "sequence_collectives": len(info.sequence_nodes),
             "param_fraction": info.plan.param_fraction()}
 
 
 def verify(model: nn.Module, world_size: int, *, example_inputs: Any = None,
            strategy_factory: Optional[Callable] = None, max_examples: int = 10,
-           timeout: float = 600.0) -> list[dict[str, Any]]:
-    """Spawns `world_size` gloo ranks, transforms `model` in each and compares it with the
-    untouched model on hypothesis-drawn inputs. Returns one report dict per rank.
+           timeout: float = 600.0, sequence_parallel: bool = False) -> list[dict[str, Any]]:
+    """Spawns `world_size` gloo ranks, transforms `model` in each (with `sequence_parallel`
+    when asked) and compares it with the untouched model on hypothesis-drawn inputs. Returns
+    one report dict per rank.
 
     HF models get token-id inputs drawn from their vocab; other models need
     `strategy_factory`, a picklable function returning a hypothesis strategy of inputs (see
@@ -157,7 +161,7 @@ def verify(model: nn.Module, world_size: int, *, example_inputs: Any = None,
                          "function returning a hypothesis strategy of its inputs (e.g. one of "
                          "fxtp.testing.strategies.tensor_inputs)")
     return run_ranks(_verify_rank, world_size, model.eval(), example_inputs, strategy_factory,
-                     max_examples, timeout=timeout)
+                     max_examples, sequence_parallel, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------
