@@ -3,9 +3,9 @@ backward, bytes communicated per token, and forward+backward time, side by side 
 
 Each rank of a gloo group builds the same Llama-shaped model and transforms it twice, with
 and without `sequence_parallel=True`. Saved bytes are counted in one training forward by a
-saved-tensors hook (each storage once; weights not counted; with sequence parallelism the
-hook fxtp installs to gather the readers' inputs again in backward is counted through, so a
-regathered input counts as the rank's tokens it keeps). The untouched model is counted the
+saved-tensors hook (`fxtp.testing.memory`: each storage once, weights not counted; it packs
+through fxtp's regather, so an all-gathered input its readers gather again in backward counts
+as the rank's tokens it keeps). The untouched model is counted the
 same way, in the same process. Communication is counted by a dispatch mode that sees every
 functional collective the graph runs, forward and backward, as the bytes one rank sends
 with ring algorithms (an all-reduce of B bytes: 2 (N - 1) / N x B; a reduce-scatter of B

@@ -35,6 +35,25 @@ def _width_bytes(tp, ids: torch.Tensor, width: int) -> dict[int, int]:
     return got["width_by_tokens"]
 
 
+def _checkpointed_grad_error(model, tp, ids: torch.Tensor) -> float:
+    """Gradients of `tp` run under activation checkpointing (its own saved-tensor hooks, on
+    top of which fxtp's regather steps aside) against the model's."""
+    from torch.utils.checkpoint import checkpoint
+
+    from fxtp.testing.checks import local_slice
+
+    def loss(logits):
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
+
+    model.zero_grad(set_to_none=True)
+    tp.zero_grad(set_to_none=True)
+    loss(model(input_ids=ids).logits).backward()
+    loss(checkpoint(lambda i: tp(input_ids=i).logits, ids, use_reentrant=False)).backward()
+    full = dict(model.named_parameters())
+    return max(float((p.grad - local_slice(tp, n, full[n].grad)).abs().max())
+               for n, p in tp.named_parameters())
+
+
 def sequence_case(name: str, ws: int) -> dict[str, Any]:
     """Outputs on hypothesis inputs (sequences shorter than the ranks and not divisible by
     them included), gradients of every parameter, the graph's collectives, and the saved
@@ -51,6 +70,8 @@ def sequence_case(name: str, ws: int) -> dict[str, Any]:
                                      - model(input_ids=ids).logits).abs().max())
     tp.train()
     grads = check_gradients(model, tp, strategy, max_examples=3)
+    checkpointed = _checkpointed_grad_error(
+        model, tp, (torch.arange(2 * 7).view(2, 7) * 3) % model.config.vocab_size)
     plain = fxtp.for_training(_transform(name, model, ws))
     ids = (torch.arange(2 * 24).view(2, 24) * 5) % model.config.vocab_size
     width = model.config.hidden_size
@@ -65,6 +86,7 @@ def sequence_case(name: str, ws: int) -> dict[str, Any]:
             "max_error": eq.worst, "examples": eq.examples,
             "length_errors": lengths,
             "grad_error": grads.max_error, "loss_error": grads.loss_error,
+            "checkpointed_grad_error": checkpointed,
             "compared": grads.compared, "missing": grads.missing,
             "params": len([p for p in tp.parameters() if p.requires_grad]),
             "counts": _counts(tp), "plain_counts": _counts(plain),
@@ -99,6 +121,28 @@ def module_case(ws: int) -> dict[str, Any]:
     return out
 
 
+def lora_case(ws: int) -> dict[str, Any]:
+    """A PEFT LoRA Llama: A reads the gathered norm output beside the column-parallel base
+    (through `rank0_grad`, its gradient counted once). Outputs, adapter gradients, and the
+    fold for generation and back."""
+    from .train_workers import lora_model
+
+    model = lora_model("llama")
+    tp = fxtp.transform(model, ws, sequence_parallel=True)
+    strategy = hf_inputs(model.config.vocab_size, max_batch=2, max_seq=12)
+    out = {"max_error": check_equivalence(model, tp, strategy, max_examples=3).worst}
+    tp.train()
+    grads = check_gradients(model, tp, strategy, max_examples=2)
+    out.update(grad_error=grads.max_error, compared=grads.compared, missing=grads.missing)
+    fxtp.for_generation(tp)
+    out["folded_error"] = check_equivalence(model, tp, strategy, max_examples=2).worst
+    out["folded_adapters"] = not any("lora_" in str(n.target) for n in tp.graph.nodes
+                                     if n.op == "get_attr")
+    fxtp.for_training(tp)
+    out["unfolded_error"] = check_equivalence(model, tp, strategy, max_examples=2).worst
+    return out
+
+
 def compile_case(ws: int) -> dict[str, Any]:
     """The sequence-parallel Llama graph under torch.compile(fullgraph=True, dynamic=True):
     forward and backward (AOT autograd) at uneven sequence lengths, against eager."""
@@ -126,6 +170,7 @@ def cases(ws: int) -> dict[str, Any]:
     out["sp_sgd_gpt2"] = lambda: optimizer_case("gpt2", ws, "sgd", sequence_parallel=True)
     if ws == 2:
         out["sp_module"] = lambda: module_case(ws)
+        out["sp_lora_llama"] = lambda: lora_case(ws)
         out["sp_compile_llama"] = lambda: compile_case(ws)
         out["sp_generate_llama"] = lambda: generate_case(ws)
     return out

@@ -141,6 +141,7 @@ def test_an_input_without_a_sequence_keeps_the_all_reduce():
 def test_world_size_one_has_nothing_to_split():
     plan = fxtp.plan(tiny_model("llama"), 1, sequence_parallel=True)
     assert plan.sequence_parallel and plan.sequence_collectives == {} and not plan.sequence_kept
+    assert "sequence parallel: nothing to split at world size 1" in str(plan)
 
 
 def test_a_plan_without_it_is_refused_with_the_flag():
@@ -161,6 +162,8 @@ def test_outputs_and_gradients_equal_the_untouched_model(ws, name):
         assert max(r["length_errors"].values()) <= TOL, r["length_errors"]
         assert r["compared"] >= r["params"] and not r["missing"]
         assert r["grad_error"] <= TOL and r["loss_error"] <= TOL, r
+        # under torch.utils.checkpoint (saved-tensor hooks of its own) as well
+        assert r["checkpointed_grad_error"] <= TOL, r["checkpointed_grad_error"]
 
 
 @pytest.mark.parametrize("ws, name", world_sizes(("sp_llama", "sp_gpt2"), ("sp_llama", "sp_gpt2")))
@@ -216,6 +219,13 @@ def test_plain_modules_over_gloo():
                                            "all_gather": 1, "scatter": 1}
         assert r["ParallelBlocks"]["counts"] == {"all_reduce": 0, "reduce_scatter": 2,
                                                  "all_gather": 2, "scatter": 1}
+
+
+def test_lora_adapters_train_and_fold():
+    for r in case(2, "sp_lora_llama"):
+        assert r["max_error"] <= TOL and r["grad_error"] <= TOL and not r["missing"], r
+        assert r["compared"] > 0
+        assert r["folded_adapters"] and r["folded_error"] <= TOL and r["unfolded_error"] <= TOL
 
 
 def test_it_compiles_with_its_backward():

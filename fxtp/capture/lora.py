@@ -16,6 +16,7 @@ from torch import fx
 
 from ..graph.ops import DROPOUT, IDENTITY, VIEWS, dropout_active
 from ..runtime.collectives import GRAD_SYNC_OPS, grad_only_add
+from ..runtime.sequence import rank0_grad
 from .linear import LinearMatch, module_path
 
 aten = torch.ops.aten
@@ -35,9 +36,11 @@ class LoraBranch:
 
 
 def _through(n: object) -> object:
-    """Looks through ops that do not change values (identity, views, inactive dropout, f)."""
+    """Looks through ops that do not change values (identity, views, inactive dropout, f,
+    sequence parallelism's `rank0_grad`)."""
     while isinstance(n, fx.Node) and n.op == "call_function" and (
             n.target in IDENTITY or n.target in GRAD_SYNC_OPS or n.target in VIEWS
+            or n.target is rank0_grad
             or (n.target in DROPOUT and not dropout_active(n))):
         n = n.args[0]
     return n

@@ -368,6 +368,8 @@ class Plan:
         return lines
 
     def _sequence_lines(self) -> list[str]:
+        if self.world_size == 1:
+            return ["sequence parallel: nothing to split at world size 1"]
         per_layer = self.sequence_collectives
         kinds = sorted({tuple(sorted(c.items())) for k, c in per_layer.items()
                         if k != OUTSIDE_LAYERS})

@@ -11,7 +11,10 @@ and v share one gather) and hands each its view. The record is dropped when its 
 has unpacked it.
 
 Only eager training calls use the hooks: without gradients nothing is saved, and under
-`torch.compile` AOT autograd decides what its compiled backward saves.
+`torch.compile` AOT autograd decides what its compiled backward saves. Saved-tensor hooks
+the caller already has on (activation checkpointing, offloading) are left on top: they
+decide what is kept, and these stay off. Hooks that want the regather too call `_pack` and
+`_unpack` from theirs (`fxtp.testing.memory` does, to count what is saved).
 """
 from __future__ import annotations
 
@@ -81,11 +84,19 @@ def _unpack(packed):
     return rec.unpack().as_strided(shape, stride, offset)
 
 
+def _hooks_on() -> bool:
+    """Whether saved-tensor hooks are on already (the caller's)."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks
+    try:
+        return top(False) is not None
+    except TypeError:          # older torch: no ignore_is_tracing argument
+        return top() is not None
+
+
 def install(module: nn.Module) -> None:
     """Runs `module`'s eager training calls under the hooks (entered before the forward,
     left after it, even when it raises)."""
-    # `_pack` looked up at each call: bench/activations.py counts what is saved through it
-    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: _pack(t), _unpack)
+    hooks = torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
     state = threading.local()
 
     def enter(_module, _args, _kwargs):
@@ -94,14 +105,20 @@ def install(module: nn.Module) -> None:
         if getattr(_forward, "gathers", None) is not None:   # a nested call: already on
             return
         _forward.gathers = {}
-        hooks.__enter__()
-        state.entered = True
+        state.entered = "registry"
+        if not _hooks_on():
+            hooks.__enter__()
+            state.entered = "hooks"
 
     def leave(_module, _args, _kwargs, _output):
-        if not torch.compiler.is_compiling() and getattr(state, "entered", False):
-            state.entered = False
+        if torch.compiler.is_compiling():
+            return
+        entered = getattr(state, "entered", None)
+        if entered:
+            state.entered = None
             _forward.gathers = None
-            hooks.__exit__(None, None, None)
+            if entered == "hooks":
+                hooks.__exit__(None, None, None)
 
     module.register_forward_pre_hook(enter, with_kwargs=True)
     module.register_forward_hook(leave, with_kwargs=True, always_call=True)

@@ -39,17 +39,11 @@ def saved_activation_bytes(module: nn.Module, forward: Callable[[], Any],
         if t.dim() == 4 and t.shape[-1] == t.shape[-2] > 1:
             counts["square"] += n
 
-    fxtp_pack = regather._pack
-
     def pack(t: torch.Tensor):
-        out = fxtp_pack(t)
+        out = regather._pack(t)      # what fxtp's regather keeps (its hooks step aside)
         count(out[0].shard if isinstance(out, tuple) else out)
         return out
 
-    regather._pack = pack            # fxtp's own hooks (sequence parallel) call it
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, regather._unpack):
-            out = forward()
-    finally:
-        regather._pack = fxtp_pack
+    with torch.autograd.graph.saved_tensors_hooks(pack, regather._unpack):
+        out = forward()
     return {**counts, "output": out}
