@@ -118,7 +118,32 @@ def module_case(ws: int) -> dict[str, Any]:
         out[make.__name__] = {"max_error": eq.worst, "grad_error": grads.max_error,
                               "compared": grads.compared,
                               "params": len(list(model.parameters())), "counts": _counts(tp)}
+    out["WindowedAttention"] = _size_graph_case(ws)
     return out
+
+
+def _size_graph_case(ws: int) -> dict[str, Any]:
+    """A module whose code branches on the length (a window): a shorter input runs a graph
+    built for its sizes, with sequence parallelism too."""
+    from hypothesis import strategies as st
+
+    from .modules_mixers import WindowedAttention
+
+    torch.manual_seed(0)
+    model = WindowedAttention()
+    tp = fxtp.transform(model, ws, example_inputs=(torch.randn(2, 8, 32),),
+                        sequence_parallel=True)
+    long, short = (torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(1)),
+                   torch.randn(3, 2, 32, generator=torch.Generator().manual_seed(2)))
+    with torch.no_grad():
+        errors = [float((model(x) - tp(x)).abs().max()) for x in (long, short)]
+    grads = check_gradients(model, tp, st.just((short,)), max_examples=1,
+                            loss_fn=lambda y, _: y.pow(2).mean())
+    graph = tp.size_graphs.graphs[-1][0]
+    return {"max_error": max(errors), "grad_error": grads.max_error, "compared": grads.compared,
+            "params": len(list(model.parameters())), "counts": _counts(tp),
+            "size_graph_counts": _counts(graph),
+            "size_graph_sequence": graph.meta["fxtp"].plan.sequence_parallel}
 
 
 def lora_case(ws: int) -> dict[str, Any]:

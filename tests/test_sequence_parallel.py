@@ -211,6 +211,8 @@ def test_three_sgd_steps_track_the_untouched_model(ws, name):
 
 
 def test_plain_modules_over_gloo():
+    """PlainMLP holds its residual add as tokens, ParallelBlocks the cheapest part of its
+    region; WindowedAttention's short inputs run a size graph (tests/modules_mixers.py)."""
     for r in case(2, "sp_module"):
         for name, got in r.items():
             assert got["max_error"] <= TOL and got["grad_error"] <= TOL, (name, got)
@@ -219,6 +221,11 @@ def test_plain_modules_over_gloo():
                                            "all_gather": 1, "scatter": 1}
         assert r["ParallelBlocks"]["counts"] == {"all_reduce": 0, "reduce_scatter": 2,
                                                  "all_gather": 2, "scatter": 1}
+        # an input shorter than the window runs a graph of its own, sequence-parallel too
+        window = r["WindowedAttention"]
+        assert window["size_graph_sequence"]
+        assert window["size_graph_counts"]["all_reduce"] == 0
+        assert window["size_graph_counts"]["reduce_scatter"] == 2
 
 
 def test_lora_adapters_train_and_fold():
