@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 import fxtp
-from fxtp.runtime.collectives import all_reduce_sum
+from fxtp.runtime.collectives import all_reduce_sum, sum_grads_over_ranks
 from fxtp.runtime.sequence import all_gather_seq, reduce_scatter_seq, scatter_seq
 from fxtp.testing.checks import check_equivalence, check_gradients
 from fxtp.testing.memory import saved_activation_bytes
@@ -93,6 +93,8 @@ def sequence_case(name: str, ws: int) -> dict[str, Any]:
             "width_bytes": (_width_bytes(tp, ids, width), _width_bytes(plain, ids, width)),
             "tokens": ids.numel(),
             "sequence_nodes": len(info.sequence_nodes),
+            "summed_together": [len(n.args) - 1 for n in tp.graph.nodes
+                                if n.target is sum_grads_over_ranks],
             "plan_collectives": info.plan.sequence_collectives,
             "plan_all_reduces": info.plan.all_reduces}
 

@@ -175,6 +175,9 @@ def test_the_graph_has_no_all_reduce_left(ws, name):
     # blocks and one for lm_head; the embeddings cut to the rank's tokens once
     assert r["counts"] == {"all_reduce": 0, "reduce_scatter": 4, "all_gather": 5, "scatter": 1}
     assert r["sequence_nodes"] == 10 and r["plan_all_reduces"] == {}
+    # the norms' weights (2 per layer and the final one, weights and GPT-2's biases) have
+    # their gradients summed over the ranks in one all-reduce
+    assert r["summed_together"] == [5 if name == "sp_llama" else 10]
 
 
 def test_explain_and_draw_show_the_sequence_collectives_and_region():

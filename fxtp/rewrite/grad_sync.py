@@ -12,6 +12,10 @@ two exceptions that this pass fixes:
 - A parameter piece held by several ranks (GQA kv heads replicated when kv_heads < world size):
   each rank's gradient only covers the query heads it holds; `sum_over_replicas` sums it over
   the ranks holding the same piece.
+- With sequence parallelism, a replicated value read by an op that holds the rank's tokens
+  (a norm's weight) has a gradient from those tokens only: f as well; the parameters among them
+  share one `sum_grads_over_ranks` (one all-reduce at the end of backward). An all-gathered
+  sequence whose readers compute sharded results is local (its backward reduce-scatters).
 
 A parameter sliced to this rank (and anything computed from it alone) is local, not
 replicated: its gradient is already the slice of the full one. A constant added to a partial
@@ -20,13 +24,17 @@ Both helpers are identity views forward: inference costs nothing extra.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx
 
 from ..capture.linear import LinearMatch
 from ..graph.nodes import get_arg, get_tensor_attr, nodes_by_name
 from ..graph.ops import functional_twin
-from ..runtime.collectives import all_reduce_sum, copy_to_region, sum_over_replicas
+from ..runtime.collectives import (
+    all_reduce_sum, copy_to_region, sum_grads_over_ranks, sum_over_replicas,
+)
 from ..runtime.sequence import all_gather_seq, rank0_grad
 from ..solve.placements import REPLICATE, DimShard, Partial, SequenceShard, Sharded
 from ..solve.solver import Actions
@@ -94,6 +102,25 @@ def _written_in_place(gm: fx.GraphModule) -> set[int]:
     return out
 
 
+def _sum_together(g: fx.Graph, readers: dict[fx.Node, list[fx.Node]], group_name: str) -> str:
+    """The parameters that sequence-sharded ops read (the norms' weights: each rank's gradient
+    covers its tokens only) get one `sum_grads_over_ranks` for all of them, one all-reduce at
+    the end of backward instead of one per parameter:
+
+        mul(w, x_tokens)  ->  mul(getitem(sum_grads_over_ranks(group, w, w2, ...), 0), x_tokens)"""
+    params = list(readers)
+    with g.inserting_after(max(params, key=lambda p: list(g.nodes).index(p))):
+        together = g.call_function(sum_grads_over_ranks, (group_name, *params))
+    together.meta[GRAD_SYNC_META] = "f"
+    with g.inserting_after(together):
+        for i, p in enumerate(params):
+            one = g.call_function(operator.getitem, (together, i))
+            one.meta.update(val=p.meta.get("val"))
+            for n in readers[p]:
+                n.replace_input_with(p, one)
+    return together.name
+
+
 def insert_grad_syncs(ctx: RewriteContext) -> tuple[str, ...]:
     """Run after the other rewrite passes (reads `ctx.slices`: the tensors sliced to this rank):
 
@@ -132,6 +159,7 @@ def insert_grad_syncs(ctx: RewriteContext) -> tuple[str, ...]:
                 or _gathered(n) == "slice")
 
     synced: dict[fx.Node, fx.Node] = {}
+    by_tokens: dict[fx.Node, list[fx.Node]] = {}     # parameter -> region ops reading it
 
     def f_of(value: fx.Node) -> fx.Node:
         if value not in synced:
@@ -158,7 +186,12 @@ def insert_grad_syncs(ctx: RewriteContext) -> tuple[str, ...]:
             continue
         for a in n.all_input_nodes:
             if a.meta.get(NARROW_META) is None and full(a):
-                n.replace_input_with(a, f_of(a))
+                if a.op == "get_attr" and isinstance(placements.get(n.name), SequenceShard):
+                    by_tokens.setdefault(a, []).append(n)      # summed together, below
+                else:
+                    n.replace_input_with(a, f_of(a))
+    if by_tokens:
+        inserted.append(_sum_together(g, by_tokens, group_name))
 
     for attr in [n for n in g.nodes if n.op == "get_attr"]:
         held = duplicated.get(id(_attr(gm, attr)))

@@ -76,6 +76,33 @@ class _SumOverReplicas(torch.autograd.Function):
         return local, None, None, None, None
 
 
+class _SumGradsOverRanks(torch.autograd.Function):
+    """f for several parameters at once (the norms' weights that sequence parallelism applies
+    to each rank's tokens): identity forward; backward, once every gradient is in (at the end
+    of backward), one all-reduce of them all, as Megatron sums its layer-norm gradients."""
+
+    @staticmethod
+    def forward(ctx, group_name: str, *xs: torch.Tensor):
+        ctx.group_name = group_name
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        summed: list = list(grads)
+        by_dtype: dict = {}
+        for i, g in enumerate(grads):
+            by_dtype.setdefault(g.dtype, []).append(i)
+        for idx in by_dtype.values():
+            flat = WAIT(ALL_REDUCE(torch.cat([grads[i].reshape(-1) for i in idx]), "sum",
+                                   ctx.group_name))
+            at = 0
+            for i in idx:
+                n = grads[i].numel()
+                summed[i] = flat[at:at + n].view_as(grads[i])
+                at += n
+        return (None, *summed)
+
+
 class _GatherDim0(torch.autograd.Function):
     """All-gathers rank-ordered shards along dim 0; the gradient of a shard is its slice of the
     (identical on every rank) gradient of the gathered tensor."""
@@ -137,6 +164,13 @@ def sum_over_replicas(x: torch.Tensor, group_name: str, dim: int, ranges: tuple,
     return _SumOverReplicas.apply(x, group_name, dim, ranges, full_size)
 
 
+def sum_grads_over_ranks(group_name: str, *xs: torch.Tensor) -> tuple:
+    """`xs` forward; backward, their gradients summed over the ranks in one all-reduce."""
+    if not _needs_autograd(*xs):
+        return xs
+    return _SumGradsOverRanks.apply(group_name, *xs)
+
+
 def all_gather_dim0(x: torch.Tensor, world_size: int, group_name: str, rank: int) -> torch.Tensor:
     """All-gather along dim 0 forward, this rank's slice backward (vocab-parallel logits)."""
     if not _needs_autograd(x):
@@ -151,4 +185,4 @@ def grad_only_add(partial: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
     return _GradOnlyAdd.apply(partial, const)
 
 
-GRAD_SYNC_OPS = (copy_to_region, sum_over_replicas)
+GRAD_SYNC_OPS = (copy_to_region, sum_over_replicas, sum_grads_over_ranks)
