@@ -33,7 +33,10 @@ from ..capture.linear import LinearMatch
 from ..graph.nodes import get_arg, get_tensor_attr, nodes_by_name
 from ..graph.ops import functional_twin
 from ..runtime.collectives import (
-    all_reduce_sum, copy_to_region, sum_grads_over_ranks, sum_over_replicas,
+    all_reduce_sum,
+    copy_to_region,
+    sum_grads_over_ranks,
+    sum_over_replicas,
 )
 from ..runtime.sequence import all_gather_seq, rank0_grad
 from ..solve.placements import REPLICATE, DimShard, Partial, SequenceShard, Sharded
