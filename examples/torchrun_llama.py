@@ -5,6 +5,7 @@ the untouched model.
     torchrun --nproc-per-node 2 examples/torchrun_llama.py                  # NCCL on 2 GPUs
     torchrun --nproc-per-node 2 examples/torchrun_llama.py --dtype bf16
     torchrun --nproc-per-node 2 examples/torchrun_llama.py --meta           # meta build + fxtp.load
+    torchrun --nproc-per-node 2 examples/torchrun_llama.py --sequence-parallel   # Megatron-SP
     .venv/bin/torchrun --nproc-per-node 2 examples/torchrun_llama.py --backend gloo   # CPU
 
 torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; init_process_group reads them
@@ -58,6 +59,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--ckpt", default=None,
                     help="--meta: checkpoint directory (written by rank 0 if it holds none; "
                          "default: a temporary directory, single node only)")
+    ap.add_argument("--sequence-parallel", action="store_true",
+                    help="norms and residual adds hold each rank's tokens (Megatron-SP)")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
@@ -110,7 +113,8 @@ def build(device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
 
 
 def build_from_checkpoint(rank: int, world_size: int, device: torch.device, dtype: torch.dtype,
-                          seed: int, ckpt: Optional[str]) -> tuple[nn.Module, str, bool]:
+                          seed: int, ckpt: Optional[str], sequence_parallel: bool = False
+                          ) -> tuple[nn.Module, str, bool]:
     """Meta build -> transform -> fxtp.load: no rank ever holds the full weights (except rank 0
     here, which writes the checkpoint first). Returns (tp, checkpoint dir, dir is temporary)."""
     from transformers import AutoModelForCausalLM
@@ -128,7 +132,7 @@ def build_from_checkpoint(rank: int, world_size: int, device: torch.device, dtyp
     dist.barrier()                           # the checkpoint is complete before anyone reads it
     with fxtp.init_empty():                  # parameters on meta, buffers (inv_freq) real
         meta_model = AutoModelForCausalLM.from_config(llama_config(), dtype=dtype).eval()
-    tp = fxtp.transform(meta_model, world_size)
+    tp = fxtp.transform(meta_model, world_size, sequence_parallel=sequence_parallel)
     fxtp.load(tp, path, device=str(device), dtype=dtype)     # e.g. "cuda:3", torch.bfloat16
     return tp, path, temporary
 
@@ -142,9 +146,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     path, temporary = None, False
     if args.meta:
         tp, path, temporary = build_from_checkpoint(rank, world_size, device, dtype, args.seed,
-                                                    args.ckpt)
+                                                    args.ckpt, args.sequence_parallel)
     else:
-        tp = fxtp.transform(model, world_size)
+        tp = fxtp.transform(model, world_size, sequence_parallel=args.sequence_parallel)
     if rank == 0:
         print(tp.meta["fxtp"].plan)
     g = torch.Generator().manual_seed(args.seed)
@@ -160,6 +164,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if rank == 0:
         where = f"{args.backend}, {device.type}, {args.dtype}"
         where += ", meta + fxtp.load" if args.meta else ""
+        where += ", sequence parallel" if args.sequence_parallel else ""
         print(f"world size {world_size} ({where}): max |tp - model| / max(1, |model|) per rank = "
               f"{[f'{e:.2e}' for e in errors]}")
         tol = TOLERANCE[dtype]

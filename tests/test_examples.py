@@ -26,7 +26,8 @@ def _commands() -> dict[str, tuple[list[str], dict]]:
     return {
         "torchrun": ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                       "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-                      os.path.join(ROOT, "examples", "torchrun_llama.py"), "--backend", "gloo"],
+                      os.path.join(ROOT, "examples", "torchrun_llama.py"), "--backend", "gloo",
+                      "--sequence-parallel"],
                      dict(os.environ)),
         "gpu_bench": ([sys.executable, os.path.join(ROOT, "bench", "gpu.py"), "--device", "cpu",
                        "--quick", "--repeats", "1", "--warmup", "0", "--only", "forward",
@@ -53,8 +54,10 @@ def test_torchrun_example_two_processes(runs):
     r = runs["torchrun"]
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "OK" in r.stdout.splitlines()[-1]
-    assert "(gloo, cpu, fp32)" in r.stdout
+    # with a left-padded row; the plain layout runs everywhere else in the suite
+    assert "(gloo, cpu, fp32, sequence parallel)" in r.stdout
     assert "model.layers.0.self_attn.q_proj" in r.stdout
+    assert "per layer (forward): 2 all_gather, 2 reduce_scatter" in r.stdout
 
 
 def test_gpu_bench_cpu_smoke(runs):

@@ -71,7 +71,8 @@ def _pack(t: torch.Tensor):
         return t
     rec = gathers.get(t.untyped_storage().data_ptr())
     made = rec.made() if rec is not None else None
-    if made is None or made.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+    if (made is None or made.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+            or made.dtype != t.dtype):
         return t
     rec.pending += 1
     return (rec, t.shape, t.stride(), t.storage_offset())
