@@ -1,8 +1,9 @@
 """Sequence parallelism against the all-reduce layout, per rank: activation bytes saved for
 backward, bytes communicated per token, and forward+backward time, side by side in one run.
 
-Each rank of a gloo group builds the same Llama-shaped model and transforms it twice, with
-and without `sequence_parallel=True`. Saved bytes are counted in one training forward by a
+Each rank of a gloo group builds the same Llama-shaped model and transforms it three times:
+without `sequence_parallel=True`, with it, and with it but the gathered inputs saved whole
+(`fxtp.for_training(tp, regather=False)`). Saved bytes are counted in one training forward by a
 saved-tensors hook (`fxtp.testing.memory`: each storage once, weights not counted; it packs
 through fxtp's regather, so an all-gathered input its readers gather again in backward counts
 as the rank's tokens it keeps). The untouched model is counted the
@@ -105,9 +106,12 @@ def rank_main(rank: int, ws: int, args) -> dict:
     model = AutoModelForCausalLM.from_config(config(args)).train()
     ids = torch.randint(0, 512, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     plan = fxtp.plan(model, ws)
+    sp = plan.replan(sequence_parallel=True)
     layouts = {"all-reduce": fxtp.for_training(fxtp.transform(model, ws, plan=plan)),
-               "sequence": fxtp.for_training(fxtp.transform(
-                   model, ws, plan=plan.replan(sequence_parallel=True)))}
+               "sequence": fxtp.for_training(fxtp.transform(model, ws, plan=sp)),
+               # the gathered inputs saved whole: fewer bytes sent, less memory saved
+               "no regather": fxtp.for_training(fxtp.transform(model, ws, plan=sp),
+                                                regather=False)}
     out = {name: {"saved": saved_bytes(tp, ids, args.hidden),
                   "sent": sent_per_token(tp, ids, ws)} for name, tp in layouts.items()}
     seconds = step_seconds(layouts, ids, args.repeats)
@@ -139,14 +143,14 @@ def main() -> None:
               f"{region * mb:6.1f}, [b, ., s, s] {square * mb:6.1f})")
         for r, out in enumerate(ranks):
             base = out["all-reduce"]
-            for name in ("all-reduce", "sequence"):
+            for name in ("all-reduce", "sequence", "no regather"):
                 t, w, q = out[name]["saved"]
                 fwd, bwd = out[name]["sent"]
-                line = (f"  rank {r} {name:>10}: saved {t * mb:7.1f} = {t / total:.3f} of the "
+                line = (f"  rank {r} {name:>11}: saved {t * mb:7.1f} = {t / total:.3f} of the "
                         f"model; region {w * mb:6.1f} = {w / base['saved'][1]:.3f} of the "
                         f"all-reduce layout's; [b, ., s, s] {q * mb:5.1f}; sent/token "
                         f"{fwd:7.1f} / {bwd:7.1f} B; {out[name]['seconds'] * 1e3:7.1f} ms")
-                if name == "sequence":
+                if name != "all-reduce":
                     line += (f" ({out[name]['seconds'] / base['seconds']:.2f}x); sent "
                              f"{(fwd + bwd) / sum(base['sent']):.3f}x")
                 print(line)

@@ -79,7 +79,8 @@ def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
     guard_training(gm)
     guard_moves(gm)
     if gm.meta[META_KEY].sequence_nodes:
-        regather.install(gm)    # all-gathered sequences are gathered again in backward
+        # all-gathered sequences are gathered again in backward (state.regather)
+        regather.install(gm, lambda: gm.meta[META_KEY].state.regather)
     # function-level import: tp_generate builds its decode step with transform()
     from .generation.tp_generate import attach
 

@@ -5,6 +5,8 @@ off by the eval-mode capture) and, with LoRA adapters, whether they are folded i
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import fx
 
 from .capture.lora import find_lora_branches
@@ -59,16 +61,22 @@ def _label(tp: fx.GraphModule) -> str:
     return f"the tensor-parallel graph of {tp.meta[META_KEY].plan.model_name}"
 
 
-def for_training(tp: fx.GraphModule, *, disable_dropout: bool = False) -> fx.GraphModule:
+def for_training(tp: fx.GraphModule, *, disable_dropout: bool = False,
+                 regather: Optional[bool] = None) -> fx.GraphModule:
     """Puts `tp` in training mode (gradients flow through the Megatron f/g collectives).
 
     A model with dropout raises `DropoutError` (the captured graph has dropout off) unless
-    `disable_dropout=True` says training without dropout is intended."""
+    `disable_dropout=True` says training without dropout is intended. With sequence
+    parallelism, `regather=False` has the readers of an all-gathered sequence save it whole
+    instead of gathering it again in backward (the default, `True`): backward then sends
+    about the all-reduce layout's bytes, and the region's memory falls by less than N."""
     _info(tp, "for_training")
     if is_folded(tp):
         unfold_lora(tp)
     if disable_dropout:
         tp.meta[META_KEY].state.dropout_disabled = True
+    if regather is not None:
+        tp.meta[META_KEY].state.regather = bool(regather)
     tp.train()
     return tp
 

@@ -54,6 +54,18 @@ def _checkpointed_grad_error(model, tp, ids: torch.Tensor) -> float:
                for n, p in tp.named_parameters())
 
 
+def _saved_whole(model, tp, strategy, ids_for) -> dict[str, Any]:
+    """fxtp.for_training(tp, regather=False): the gathered inputs saved whole (more bytes of
+    hidden width kept), gradients unchanged; then back to the default."""
+    ids = (torch.arange(2 * 24).view(2, 24) * 5) % ids_for.vocab_size
+    fxtp.for_training(tp, regather=False)
+    whole = _width_bytes(tp, ids, ids_for.hidden_size)
+    grads = check_gradients(model, tp, strategy, max_examples=1)
+    fxtp.for_training(tp, regather=True)
+    return {"width_bytes": whole, "grad_error": grads.max_error,
+            "state_after": tp.meta["fxtp"].state.regather}
+
+
 def sequence_case(name: str, ws: int) -> dict[str, Any]:
     """Outputs on hypothesis inputs (sequences shorter than the ranks and not divisible by
     them included), gradients of every parameter, the graph's collectives, and the saved
@@ -73,6 +85,7 @@ def sequence_case(name: str, ws: int) -> dict[str, Any]:
     checkpointed = _checkpointed_grad_error(
         model, tp, (torch.arange(2 * 7).view(2, 7) * 3) % model.config.vocab_size)
     plain = fxtp.for_training(_transform(name, model, ws))
+    saved_whole = _saved_whole(model, tp, strategy, ids_for=model.config)
     ids = (torch.arange(2 * 24).view(2, 24) * 5) % model.config.vocab_size
     width = model.config.hidden_size
     info = tp.meta["fxtp"]
@@ -91,6 +104,7 @@ def sequence_case(name: str, ws: int) -> dict[str, Any]:
             "params": len([p for p in tp.parameters() if p.requires_grad]),
             "counts": _counts(tp), "plain_counts": _counts(plain),
             "width_bytes": (_width_bytes(tp, ids, width), _width_bytes(plain, ids, width)),
+            "saved_whole": saved_whole,
             "tokens": ids.numel(),
             "sequence_nodes": len(info.sequence_nodes),
             "summed_together": [len(n.args) - 1 for n in tp.graph.nodes

@@ -205,6 +205,16 @@ def test_the_replicated_region_saves_a_rank_s_tokens_only(ws, name):
         assert region_sp <= (1 / ws + 0.05) * region_plain, (sp, plain)
 
 
+@pytest.mark.parametrize("ws, name", world_sizes(("sp_llama", "sp_gpt2"), ("sp_llama", "sp_gpt2")))
+def test_regather_false_saves_the_gathered_inputs_whole(ws, name):
+    """fxtp.for_training(tp, regather=False): the column-parallel inputs are saved with
+    every token (more than the default keeps), the gradients are the same."""
+    for r in case(ws, name):
+        regathered, whole = r["width_bytes"][0], r["saved_whole"]["width_bytes"]
+        assert whole.get(r["tokens"], 0) > regathered.get(r["tokens"], 0), (whole, regathered)
+        assert r["saved_whole"]["grad_error"] <= TOL and r["saved_whole"]["state_after"]
+
+
 @pytest.mark.parametrize("ws, name", world_sizes(("sp_sgd_llama", "sp_sgd_gpt2"),
                                                  ("sp_sgd_llama", "sp_sgd_gpt2")))
 def test_three_sgd_steps_track_the_untouched_model(ws, name):

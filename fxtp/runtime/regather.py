@@ -94,14 +94,14 @@ def _hooks_on() -> bool:
         return top() is not None
 
 
-def install(module: nn.Module) -> None:
+def install(module: nn.Module, enabled: Callable[[], bool] = lambda: True) -> None:
     """Runs `module`'s eager training calls under the hooks (entered before the forward,
-    left after it, even when it raises)."""
+    left after it, even when it raises) while `enabled()` says so."""
     hooks = torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
     state = threading.local()
 
     def enter(_module, _args, _kwargs):
-        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        if torch.compiler.is_compiling() or not torch.is_grad_enabled() or not enabled():
             return
         if getattr(_forward, "gathers", None) is not None:   # a nested call: already on
             return

@@ -22,5 +22,9 @@ class RuntimeState:
     lora_fold: Any = None
     # the latest FoldState (folded or not): its two graphs serve later folds
     lora_last_fold: Any = None
+    # sequence parallelism: the readers of an all-gathered sequence keep the rank's tokens and
+    # gather again in backward (False, fxtp.for_training(tp, regather=False): they save the
+    # whole sequence; backward then sends about what the all-reduce layout sends)
+    regather: bool = True
     # parameters/buffers still on the meta device (a model built on meta, before fxtp.load)
     unloaded: tuple[str, ...] = ()
