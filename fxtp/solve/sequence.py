@@ -19,8 +19,9 @@ a sequence dim that such an op reads (the embeddings at the first residual add) 
 rank's tokens where it is read (no communication), and its other token-wise readers join the
 region (the first layer's norm). Ops that mix tokens (attention, convolutions along time,
 cumsum, masks over [s, s], reshapes that merge the sequence with the batch) keep their whole
-input. A part of the region whose all-gathers would move more than its reduce-scatters save
-stays replicated, and its layers keep their all-reduces, with the reason (`Reason`).
+input. A part of the region that would send more than its all-reduces did, and more than 1/8
+over its cheapest layout, is cut down to that layout (`sequence_cut`, a minimum cut); an
+all-reduce it keeps comes with the reason (`SequenceActions.kept`).
 
 The sequence is dim 1 of the first tensor input (the token ids of a Hugging Face model); the
 shard sizes are computed from its length at run time (`runtime.sequence.local_length`).
