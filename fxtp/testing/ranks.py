@@ -5,7 +5,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import socket
+import tempfile
 import traceback
 from typing import Any, Callable, Optional
 
@@ -40,7 +42,7 @@ def _rank_context():
     return ctx
 
 
-def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple, out: Any,
+def _rank_main(fn: Callable, rank: int, world_size: int, store: str, args: tuple, out: Any,
                env: dict, cwd: str) -> None:
     import torch.distributed as dist
 
@@ -52,7 +54,7 @@ def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple,
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                                 world_size=world_size)
         result = fn(rank, world_size, *args)
         out.put((rank, True, result))
@@ -69,9 +71,13 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 600.0)
     """Runs fn(rank, world_size, *args) in `world_size` gloo processes; returns their results."""
     ctx = _rank_context()
     out = ctx.Queue()
-    port = free_port()
+    # the ranks meet in a file of their own, not on a TCP port: a free port picked here could
+    # be taken by another group starting at the same moment (the suite spawns ranks from two
+    # threads), whose ranks would then join this group's store
+    store_dir = tempfile.mkdtemp(prefix="fxtp-ranks-")
+    store = os.path.join(store_dir, "store")
     procs = [ctx.Process(target=_rank_main, daemon=True,
-                         args=(fn, r, world_size, port, args, out, dict(os.environ), os.getcwd()))
+                         args=(fn, r, world_size, store, args, out, dict(os.environ), os.getcwd()))
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -113,6 +119,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 600.0)
             if p.is_alive():
                 p.kill()
                 p.join()
+        shutil.rmtree(store_dir, ignore_errors=True)
     if deliberate is not None:
         raise deliberate
     if errors:
