@@ -184,6 +184,22 @@ def lora_case(ws: int) -> dict[str, Any]:
     return out
 
 
+def vocab_case(ws: int) -> dict[str, Any]:
+    """With vocab_parallel=True: the embedding lookup's partial sum is reduce-scattered (no
+    all-reduce, no scatter), the final norm's tokens are gathered for the column-parallel
+    lm_head (its backward a reduce-scatter)."""
+    model = train_model("llama")
+    tp = _transform("llama", model, ws, vocab_parallel=True, sequence_parallel=True)
+    strategy = hf_inputs(model.config.vocab_size, max_batch=2, max_seq=12)
+    eq = check_equivalence(model, tp, strategy, max_examples=4)
+    tp.train()
+    grads = check_gradients(model, tp, strategy, max_examples=2)
+    gathers = [n.args[6] for n in tp.graph.nodes if n.target is all_gather_seq]
+    return {"max_error": eq.worst, "grad_error": grads.max_error, "compared": grads.compared,
+            "counts": _counts(tp), "gather_backwards": gathers,
+            "plan_collectives": tp.meta["fxtp"].plan.sequence_collectives}
+
+
 def compile_case(ws: int) -> dict[str, Any]:
     """The sequence-parallel Llama graph under torch.compile(fullgraph=True, dynamic=True):
     forward and backward (AOT autograd) at uneven sequence lengths, against eager."""
@@ -212,6 +228,7 @@ def cases(ws: int) -> dict[str, Any]:
     if ws == 2:
         out["sp_module"] = lambda: module_case(ws)
         out["sp_lora_llama"] = lambda: lora_case(ws)
+        out["sp_vocab_llama"] = lambda: vocab_case(ws)
         out["sp_compile_llama"] = lambda: compile_case(ws)
         out["sp_generate_llama"] = lambda: generate_case(ws)
     return out

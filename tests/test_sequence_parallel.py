@@ -248,6 +248,17 @@ def test_lora_adapters_train_and_fold():
         assert r["folded_adapters"] and r["folded_error"] <= TOL and r["unfolded_error"] <= TOL
 
 
+def test_with_vocab_parallel_the_lookup_is_reduce_scattered():
+    for r in case(2, "sp_vocab_llama"):
+        assert r["max_error"] <= TOL and r["grad_error"] <= TOL and r["compared"] == 21, r
+        assert r["counts"] == {"all_reduce": 0, "reduce_scatter": 5, "all_gather": 5,
+                               "scatter": 0}
+        # every all-gather feeds column-parallel linears now, lm_head included
+        assert r["gather_backwards"] == ["sum"] * 5
+        assert r["plan_collectives"]["(outside the layers)"] == {"reduce_scatter": 1,
+                                                                 "all_gather": 1}
+
+
 def test_it_compiles_with_its_backward():
     """torch.compile(fullgraph=True, dynamic=True, AOT autograd) at 7, 5 and 11 tokens: one
     compilation serves every length, results equal eager's."""
