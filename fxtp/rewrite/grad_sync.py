@@ -112,7 +112,8 @@ def _sum_together(g: fx.Graph, readers: dict[fx.Node, list[fx.Node]], group_name
 
         mul(w, x_tokens)  ->  mul(getitem(sum_grads_over_ranks(group, w, w2, ...), 0), x_tokens)"""
     params = list(readers)
-    with g.inserting_after(max(params, key=lambda p: list(g.nodes).index(p))):
+    order = {n: i for i, n in enumerate(g.nodes)}
+    with g.inserting_after(max(params, key=order.__getitem__)):
         together = g.call_function(sum_grads_over_ranks, (group_name, *params))
     together.meta[GRAD_SYNC_META] = "f"
     with g.inserting_after(together):

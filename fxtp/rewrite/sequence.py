@@ -33,6 +33,7 @@ from ..runtime.sequence import (
     scatter_seq,
 )
 from ..solve.placements import group_dims
+from ..solve.sequence import reads_size
 from .collectives import COLLECTIVE_META
 from .context import RewriteContext
 from .local_slices import NARROW_META
@@ -117,8 +118,7 @@ def shard_sequence(ctx: RewriteContext) -> tuple[str, ...]:
     for name in seq.dims:            # sizes read off a region value: the whole length outside
         n = nodes[name]
         for u in list(n.users):
-            if u.op == "call_function" and u.target is aten.sym_size.int \
-                    and u.args[1] % n.meta["val"].dim() == seq.dims[name]:
+            if reads_size(u) and u.args[1] % n.meta["val"].dim() == seq.dims[name]:
                 u.replace_all_uses_with(whole)
     for name, path in seq.local_sizes:
         set_arg(nodes[name], path, mine)
@@ -128,8 +128,7 @@ def shard_sequence(ctx: RewriteContext) -> tuple[str, ...]:
 
     for gather in seq.gathers:
         value = nodes[gather.value]
-        readers = [u for u in value.users if u.name not in region
-                   and not (u.op == "call_function" and u.target is aten.sym_size.int)]
+        readers = [u for u in value.users if u.name not in region and not reads_size(u)]
         sharded = [u for u in readers if u.name in gather.sharded_users
                    or (NARROW_META in u.meta and u.users
                        and all(w.name in gather.sharded_users for w in u.users))]

@@ -191,7 +191,7 @@ def _token_dim(n: fx.Node, symbol: str) -> Optional[int]:
     return None
 
 
-def _size_of(u: fx.Node) -> bool:
+def reads_size(u: fx.Node) -> bool:
     """A `sym_size` read of a value: it needs no data, only the whole length."""
     return u.op == "call_function" and u.target is aten.sym_size.int
 
@@ -275,7 +275,7 @@ class _Region:
 
     def outside_readers(self, name: str) -> list[fx.Node]:
         """Readers of a region node that need the whole sequence (sizes are not read)."""
-        return [u for u in self.nodes[name].users if u.name not in self.sp and not _size_of(u)]
+        return [u for u in self.nodes[name].users if u.name not in self.sp and not reads_size(u)]
 
     def prune(self) -> None:
         """Drops the ops that joined only because they read a value cut to the tokens (not
@@ -345,7 +345,7 @@ class _Region:
                 continue
             keep = cheapest_region(
                 comp, {v: self.site_users[v] for v in sites},
-                lambda v: [u.name for u in self.nodes[v].users if not _size_of(u)],
+                lambda v: [u.name for u in self.nodes[v].users if not reads_size(u)],
                 self.bytes) if sites else set()
             if whole * 8 <= self._sent(keep, sites) * 9:
                 continue
@@ -366,7 +366,7 @@ class _Region:
         for v in sites:
             sent += self.bytes(v) * (1 if self.site_users[v] <= region else 2)
         for k in region:
-            if any(u.name not in region and not _size_of(u) for u in self.nodes[k].users):
+            if any(u.name not in region and not reads_size(u) for u in self.nodes[k].users):
                 sent += self.bytes(k)
         return sent
 
