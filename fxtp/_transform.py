@@ -66,8 +66,8 @@ def transform(model: nn.Module, world_size: int, *, plan: Optional[Plan] = None,
     if plan.not_divisible:
         r = plan.not_divisible[0]
         raise NotDivisibleError(
-            f"{r.module or r.node}: {r.text} (node {r.node}). Choose a world_size that divides "
-            f"the head count, or keep it replicated: fxtp.transform(model, {world_size}, "
+            f"{r.module or r.node}: {r.text} (node {r.node}). Keep it replicated: "
+            f"fxtp.transform(model, {world_size}, "
             f"plan=fxtp.plan(model, {world_size}).override({{{(r.module or r.node)!r}: 'replicate'}}))")
     gm = rewrite(plan, info, check_weights=check_weights)
     skel, why = try_skeleton(model, set(tensor_attrs(gm)))

@@ -7,8 +7,10 @@ from torch import nn
 
 from .modules_mixers import (
     GatedHeadRows,
+    HeadSplitMultiQuery,
     LatentAttention,
     StateSpaceBlock,
+    TensorSplitGateUp,
     TorchNormsBlock,
     WindowedAttention,
 )
@@ -506,6 +508,8 @@ STRUCTURES = {
     "gated_head_rows": (GatedHeadRows, [(2, 5, 32)]),
     "latent_attention": (LatentAttention, [(2, 5, 32)]),
     "windowed_attention": (WindowedAttention, [(2, 5, 32)]),
+    "head_split_multi_query": (HeadSplitMultiQuery, [(2, 5, 32)]),
+    "tensor_split_gate_up": (TensorSplitGateUp, [(2, 5, 32)]),
 }
 
 

@@ -234,7 +234,7 @@ def _structures_case(ws: int) -> dict[str, Any]:
         rep = check_equivalence(model, tp, tensor_inputs(shapes, dynamic_dims=(0, 1)),
                                 max_examples=4)
         out[name] = {"max_error": rep.worst, "all_reduces": len(_all_reduce_nodes(tp))}
-        if name in ("looped_experts", "ssm_one_group", "torch_norms"):
+        if name in ("looped_experts", "ssm_one_group", "torch_norms", "head_split_multi_query"):
             # the opaque experts train (their backward runs again), and so does the mixer
             # (the conv's cut weight, the einsums, the statistic's all-reduce in backward)
             grads = check_gradients(model, tp, tensor_inputs(shapes, dynamic_dims=(0, 1)),

@@ -9,6 +9,9 @@ import fxtp
 from fxtp.testing.models import tiny_model
 from fxtp.testing.ranks import free_port
 
+from fxtp.solve.placements import ChunkSplit, DimShard
+from fxtp.solve.splits import why_not_whole_heads
+
 from .modules import DataDependent, PlainMLP, TwoHeadSizes
 
 
@@ -127,7 +130,28 @@ def test_indivisible_structure_reported_by_plan():
     plan = fxtp.plan(TwoHeadSizes().eval(), 2, example_inputs=(torch.randn(2, 5, 24),))
     assert plan.not_divisible, "heads of 8 and of 12 in one projection cannot both be whole"
     assert all(e.placement == "replicate" for e in plan.entries)
-    assert any("cannot be shared out" in why for why in plan.replicated.values())
+    why = plan.replicated["proj"]
+    # the reason says what meets: heads of 12 over features an earlier view cut in heads of 8
+    assert "views 24 features as 2 heads of 12" in why and "units of 8" in why
+    assert "blocks of 24 features, 1 of them, fewer than the 2 ranks" in why
+    assert "no world_size above 1 splits it into whole heads" in why
+
+
+def test_not_divisible_reasons_name_the_groups_and_a_world_size_that_works():
+    """The reason a view gives when no split into whole heads fits: its fused groups with their
+    head counts, the group at fault, and the world sizes that would split it."""
+    one = DimShard(splits=(ChunkSplit(64, 4), ChunkSplit(24, 4), ChunkSplit(16, 4)))
+    assert why_not_whole_heads(one, 16, 6) == (
+        "views 104 features as 6 heads of 16, in groups of 4, 1.5, 1 heads: the group of "
+        "features 64-88 is not whole heads; no world_size above 1 splits it into whole heads")
+    lone = DimShard(4, 1, (48,))
+    assert why_not_whole_heads(lone, 16, 3) == (
+        "views 48 features as 3 heads of 16: they are 3 head(s), fewer than the 4 ranks; a "
+        "world_size from 2 to 3 splits it into whole heads")
+    # single heads beside the others are held whole: only the 4 q heads limit the world size
+    mqa = DimShard(splits=(ChunkSplit(64, 8), ChunkSplit(16, 8), ChunkSplit(16, 8)))
+    assert why_not_whole_heads(mqa, 16, 6).endswith("a world_size from 2 to 4 splits it into "
+                                                     "whole heads")
 
 
 def test_unknown_input_names_the_accepted_ones(llama, plans):

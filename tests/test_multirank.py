@@ -212,7 +212,8 @@ def test_hand_built_structures_equivalent(ws):
                             "sink_topk": 1, "fused_qkv_unbind": 1, "interleaved_gate_up": 1,
                             "looped_experts": 1, "ssm_one_group": 2, "ssm_groups": 1,
                             "torch_norms": 7, "gated_head_rows": 1,
-                            "latent_attention": 1, "windowed_attention": 2}
+                            "latent_attention": 1, "windowed_attention": 2,
+                            "head_split_multi_query": 1, "tensor_split_gate_up": 1}
     for r in case(ws, "structures"):
         for name, facts in r.items():
             assert facts["max_error"] <= TOL, name
@@ -223,6 +224,9 @@ def test_hand_built_structures_equivalent(ws):
         mixer = r["ssm_one_group"]     # every parameter of the norm and the mixer
         assert mixer["grad_error"] <= TOL and not mixer["grads_missing"]
         assert mixer["grads_compared"] == 10
+        mqa = r["head_split_multi_query"]   # the whole k and v heads' gradients summed
+        assert mqa["grad_error"] <= TOL and not mqa["grads_missing"]
+        assert mqa["grads_compared"] == 2
         norms = r["torch_norms"]     # the norms' cut weights and biases, the statistics' backward
         assert norms["grad_error"] <= TOL and not norms["grads_missing"]
         assert norms["grads_compared"] == 13

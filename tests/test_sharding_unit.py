@@ -487,3 +487,21 @@ def test_group_dims_widens_a_group_when_neither_product_divides():
     assert group_dims([2, 3], [3, 2]) == [([0, 1], [0, 1])]
     assert group_dims([2, 3, 4], [3, 8]) == [([0, 1, 2], [0, 1])]
     assert group_dims([2, 3], [5]) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# solve/splits.py
+
+
+def test_split_in_heads_holds_a_single_head_chunk_beside_others_whole():
+    """q|k|v of a fused multi-query qkv, cut at its chunks before the view into heads: the 4 q
+    heads are split, the one k and one v head held whole on every rank; a lone single-head
+    source is left to the solver (kept replicated)."""
+    from fxtp.solve.splits import split_in_heads
+
+    fused = DimShard(2, 1, (64, 16, 16))
+    heads = split_in_heads(fused, 16, alone=True)
+    assert [(c.size, c.parts, c.unit) for c in heads.splits] == [(64, 2, 16), (16, 1, 16),
+                                                                  (16, 1, 16)]
+    assert heads.local_sizes(2) == (64, 64)
+    assert split_in_heads(DimShard(2, 1, (16,)), 16, alone=True) is None

@@ -75,6 +75,30 @@ def test_fused_multi_query_keeps_the_kv_heads_whole(ws):
     assert plan.placement_of("o") == "row" and plan.total_all_reduces == 1
 
 
+@pytest.mark.parametrize("ws", (2, 4))
+def test_multi_query_heads_split_from_one_view_keep_kv_whole(ws):
+    """transformers 5.25's Falcon-7B: [b, s, heads + 2, d] split [heads, 1, 1] along the
+    heads: the q heads are cut over the ranks, the one k and one v head held whole."""
+    plan = plan_of("head_split_multi_query", ws)
+    qkv = {e.module: e for e in plan.entries}["qkv"]
+    assert qkv.placement == "column"
+    assert f"chunks 32: {ws} parts, 8: whole, 8: whole" in qkv.shard
+    assert plan.placement_of("o") == "row" and plan.total_all_reduces == 1
+    assert not plan.replicated
+
+
+@pytest.mark.parametrize("ws, offsets", [(2, 24), (5, (10, 10, 10, 9, 9))])
+def test_tensor_split_of_a_fused_output_cuts_each_rank_at_its_own_offset(ws, offsets):
+    """gate | up cut with tensor_split([48]): each rank cuts where its gate shard ends (48
+    features on 5 ranks: 10, 10, 10, 9, 9)."""
+    plan = plan_of("tensor_split_gate_up", ws)
+    gate_up = {e.module: e for e in plan.entries}["gate_up"]
+    assert gate_up.placement == "column" and "2 fused chunks [48, 48]" in gate_up.shard
+    assert plan.placement_of("down") == "row" and plan.total_all_reduces == 1
+    cut = [a for a in plan.solution.actions.int_args if a.node.startswith("tensor_split")]
+    assert [(a.path, a.value) for a in cut] == [((1, 0), offsets)]
+
+
 def test_uneven_heads_name_each_rank_size():
     model, inputs = structure("fused_thirds")
     plan = fxtp.plan(model, 3, example_inputs=inputs)   # 4 heads of 8 on 3 ranks: 2 + 1 + 1
@@ -297,4 +321,5 @@ def test_every_structure_is_listed():
                                "sink_topk", "fused_qkv_unbind", "interleaved_gate_up",
                                "looped_experts", "ssm_one_group", "ssm_groups", "torch_norms",
                                "gated_head_rows", "latent_attention",
-                               "windowed_attention"}
+                               "windowed_attention", "head_split_multi_query",
+                               "tensor_split_gate_up"}

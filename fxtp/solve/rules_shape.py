@@ -26,7 +26,7 @@ from .placements import REPLICATE, DimShard, Origin, Sharded, group_dims
 from .records import IntArg, Narrow, ReasonKind, SymSize
 from .registry import DECLINED, SHARDED_RULES, RuleContext, RuleFailure
 from .shapes import node_shape, norm_dim, per_rank, static_int, static_prod
-from .splits import split_in_heads
+from .splits import split_in_heads, why_not_whole_heads
 
 rule = SHARDED_RULES.rule
 
@@ -205,8 +205,9 @@ def _view_inner(ctx: RuleContext, sp: Sharded, d: int, ds: DimShard, gi: list, g
         if unit is not None:
             alone = ctx.whole_source(sp, d)
             ctx.refine_or_fail(sp, d, lambda cur, _u: split_in_heads(cur, unit, alone))
-        raise RuleFailure(f"splits a dim of {ds.size} into {dst[j]} x {inner_out}: {heads} heads "
-                          f"cannot be shared out over {ds.parts} ranks", ReasonKind.NOT_DIVISIBLE)
+        raise RuleFailure(why_not_whole_heads(
+            *((flat, inner_out) if flat is not None else (ds, 1)), heads),
+                          ReasonKind.NOT_DIVISIBLE)
     return j, new, unit
 
 

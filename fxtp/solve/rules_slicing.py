@@ -172,10 +172,7 @@ def split(ctx: RuleContext, n: fx.Node) -> list:
     ds = sp.get(dim)
     if ds is None:
         return [sp for _ in outs]
-    sizes = [int(o.shape[dim]) for o in outs]
-    cuts = [0]
-    for s in sizes:
-        cuts.append(cuts[-1] + s)
+    cuts = _cuts_of(outs, dim)
     pieces = _cut(ctx, sp, dim, cuts)
     per_rank_sizes = [[p.local_size_of(r) for p in pieces] for r in range(ctx.world_size)]
     if n.target == aten.split_with_sizes.default:
@@ -191,12 +188,49 @@ def split(ctx: RuleContext, n: fx.Node) -> list:
             ctx.actions.int_args.append(
                 IntArg(n.name, (1,), per_rank([loc[0] for loc in per_rank_sizes])))
     # chunk(n) keeps its count: equal local pieces on every rank
-    result = []
-    for p, start in zip(pieces, cuts):
-        dims = sp.as_dict()
-        dims[dim] = p
-        result.append(Sharded.of(dims, sp.piece_origin(dim, start)))
-    return result
+    return [_piece(sp, dim, p, start) for p, start in zip(pieces, cuts)]
+
+
+@rule(aten.tensor_split.indices, aten.tensor_split.sections)
+def tensor_split(ctx: RuleContext, n: fx.Node) -> list:
+    """x.tensor_split(indices, dim): along a dim every rank holds whole, each piece keeps x's
+    placement (Bamba's scan cuts the sequence at a length known at run time); along a sharded
+    dim, constant indices on the boundaries of its shards, rewritten to each rank's offsets."""
+    x, sp, src = ctx.sharded_input(n)
+    outs = n.meta.get("val")
+    dim = norm_dim(n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0), len(src))
+    if sp.get(dim) is None:
+        return [sp for _ in outs]
+    if n.target != aten.tensor_split.indices or not all(isinstance(i, int) for i in n.args[1]):
+        raise RuleFailure("tensor_split of a sharded dim into a count of pieces or at indices "
+                          "computed at run time")
+    cuts = _cuts_of(outs, dim)
+    pieces = _cut(ctx, sp, dim, cuts)
+    for i in range(len(pieces) - 1):
+        ctx.actions.int_args.append(IntArg(n.name, (1, i), per_rank(
+            [sum(p.local_size_of(r) for p in pieces[:i + 1]) for r in range(ctx.world_size)])))
+    return [_piece(sp, dim, p, start) for p, start in zip(pieces, cuts)]
+
+
+def _cuts_of(outs: Any, dim: int) -> list[int]:
+    """The offsets along `dim` where the pieces a split returned start, and the end."""
+    cuts = [0]
+    for o in outs:
+        cuts.append(cuts[-1] + int(o.shape[dim]))
+    return cuts
+
+
+def _piece(sp: Sharded, dim: int, piece: DimShard, start: int) -> Any:
+    """The placement of a piece cut from `dim`: one element every rank holds whole (the one k
+    head of a fused multi-query qkv viewed as heads) is replicated along `dim`, as the index
+    `x[..., [i], :]` picking it is. Wider whole pieces keep their place in the source's split
+    (MLA's shared rope key, which the latent beside it follows)."""
+    dims, origin = sp.as_dict(), sp.piece_origin(dim, start)
+    if piece.size == 1 and all(c.parts == 1 for c in piece.splits):
+        del dims[dim]
+        return sharded_or_replicate(dims, origin)
+    dims[dim] = piece
+    return Sharded.of(dims, origin)
 
 
 @rule(aten.pad.default, aten.constant_pad_nd.default)

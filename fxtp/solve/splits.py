@@ -72,8 +72,10 @@ def split_in_heads(cur: DimShard, head: int, alone: Optional[bool] = None) -> Op
     divide, groups of ranks sharing heads when there are fewer heads than pieces (as vLLM does
     for kv heads), every rank holding all of them when no group size fits. A lone single-head
     source (`alone`: `cur` is all of it; by default when it is one chunk) is left to the
-    solver (kept replicated: MQA's kv projection)."""
-    alone = len(cur.splits) == 1 if alone is None else alone
+    solver (kept replicated: MQA's kv projection). A single-head chunk beside others (the one
+    k and the one v head of a fused multi-query qkv, cut apart by an earlier split) is held
+    whole on every rank instead."""
+    alone = len(cur.splits) == 1 if alone is None else alone and len(cur.splits) == 1
     out = []
     for c in cur.splits:
         if c.parts == 1:
@@ -110,3 +112,45 @@ def refine_within(cur: DimShard, offset: int, length: int, make) -> Optional[Dim
     if part is None:
         return None
     return cur.with_splits(cur.splits[:i] + part.splits + cur.splits[j:])
+
+
+def why_not_whole_heads(cur: DimShard, head: int, heads: int) -> str:
+    """Why a view of the split `cur` as `heads` heads of `head` features finds no split into
+    whole heads: its groups (fused chunks) and their head counts, the group that fails and
+    why, and the world sizes that would split it (the reason a `NotDivisibleError` gives)."""
+    text = f"views {cur.size} features as {heads} heads of {head}"
+    if len(cur.splits) > 1:
+        counts = [str(c.size // head) if c.size % head == 0 else f"{c.size / head:g}"
+                  for c in cur.splits]
+        text += f", in groups of {', '.join(counts)} heads"
+    problems, fits, start = [], [], 0
+    for c in cur.splits:
+        many = len(cur.splits) > 1
+        subject = f"the group of features {start}-{start + c.size}" if many else "they"
+        start += c.size
+        if c.parts == 1:
+            continue
+        unit = math.lcm(c.unit, head)
+        blocks = c.size // unit if c.size % unit == 0 else 0
+        if not (many and blocks == 1):   # one head beside other groups: held whole by all
+            fits.append(blocks)
+        if c.size % head:
+            problems.append(f"{subject} {'is' if many else 'are'} not whole heads")
+        elif unit != head:
+            problems.append(f"another view already cut {subject if many else 'them'} into "
+                            f"units of {c.unit}: whole units of both sizes come in blocks of "
+                            f"{unit} features, {blocks} of them, fewer than the {c.parts} ranks")
+        elif blocks < c.parts and not many:
+            problems.append(f"they are {blocks} head(s), fewer than the {c.parts} ranks")
+    if not problems:
+        problems.append(f"its shards over {cur.parts} ranks do not fall on whole heads, and "
+                        "the split of no single linear layer behind it can be re-cut")
+    return f"{text}: {'; '.join(problems)}; {ranks_that_fit(min(fits, default=0))}"
+
+
+def ranks_that_fit(most: int) -> str:
+    """The world sizes that split something into whole units, `most` of them at most."""
+    if most < 2:
+        return "no world_size above 1 splits it into whole heads"
+    sizes = "world_size 2" if most == 2 else f"a world_size from 2 to {most}"
+    return f"{sizes} splits it into whole heads"
