@@ -14,6 +14,7 @@ from fxtp.solve.placements import (
     Sharded,
     group_dims,
 )
+from fxtp.solve.splits import split_in_heads
 
 # ---------------------------------------------------------------------------------------------
 # DimShard
@@ -497,8 +498,6 @@ def test_split_in_heads_holds_a_single_head_chunk_beside_others_whole():
     """q|k|v of a fused multi-query qkv, cut at its chunks before the view into heads: the 4 q
     heads are split, the one k and one v head held whole on every rank; a lone single-head
     source is left to the solver (kept replicated)."""
-    from fxtp.solve.splits import split_in_heads
-
     fused = DimShard(2, 1, (64, 16, 16))
     heads = split_in_heads(fused, 16, alone=True)
     assert [(c.size, c.parts, c.unit) for c in heads.splits] == [(64, 2, 16), (16, 1, 16),
