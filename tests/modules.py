@@ -7,7 +7,6 @@ from torch import nn
 
 from .modules_mixers import (
     GatedHeadRows,
-    HeadSplitMultiQuery,
     LatentAttention,
     StateSpaceBlock,
     TensorSplitGateUp,
@@ -309,6 +308,23 @@ class FusedMultiQuery(nn.Module):
         v = qkv[:, :, [-1]].transpose(1, 2)
         att = ((q @ k.transpose(-1, -2)) * self.hd ** -0.5).softmax(-1)
         return self.o((att @ v).transpose(1, 2).reshape(b, s, d))
+
+
+class HeadSplitMultiQuery(FusedMultiQuery):
+    """Falcon-7B as transformers 5.25 writes it: the fused q|k|v output viewed as heads + 2
+    heads first, then split [heads, 1, 1] along the head dim; the one k and v head expanded
+    over the q heads for SDPA. The output is cut along the sequence with `tensor_split` at a
+    length known at run time and joined back (Bamba's scan keeps its last tokens apart so)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, -1, self.hd).split([self.heads, 1, 1], dim=-2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        k, v = (t.expand(b, self.heads, s, self.hd) for t in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        first, last = torch.tensor_split(y, [s - 1], dim=2)
+        y = torch.cat([first, last], dim=2)
+        return x + self.o(y.transpose(1, 2).reshape(b, s, d))
 
 
 def _rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Hand-written mixers and norm blocks used by the tests (tests/modules.py lists them in
 STRUCTURES): a Mamba-2 style mixer, torch's norms over split features, rows of heads, latent
-attention, attention that branches on the sequence length, multi-query heads split from one
-view, a fused gate|up cut with tensor_split."""
+attention, attention that branches on the sequence length, a fused gate|up cut with
+tensor_split."""
 from __future__ import annotations
 
 import torch
@@ -197,29 +197,6 @@ class WindowedAttention(nn.Module):
             x = x + self.extra_out(F.gelu(self.extra(x)))
         x = x + self.o(y.transpose(1, 2).reshape(b, s, d))
         return x + self.down(F.gelu(self.up(x)))
-
-
-class HeadSplitMultiQuery(nn.Module):
-    """Falcon-7B as transformers 5.25 writes it: the fused q|k|v output viewed as heads + 2
-    heads first, then split [heads, 1, 1] along the head dim; the one k and v head expanded
-    over the q heads for SDPA. The output is cut along the sequence with `tensor_split` at a
-    length known at run time and joined back (Bamba's scan keeps its last tokens apart so)."""
-
-    def __init__(self, dim: int = 32, heads: int = 4):
-        super().__init__()
-        self.heads, self.hd = heads, dim // heads
-        self.qkv = nn.Linear(dim, dim + 2 * self.hd, bias=False)
-        self.o = nn.Linear(dim, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, d = x.shape
-        q, k, v = self.qkv(x).view(b, s, -1, self.hd).split([self.heads, 1, 1], dim=-2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        k, v = (t.expand(b, self.heads, s, self.hd) for t in (k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        first, last = torch.tensor_split(y, [s - 1], dim=2)
-        y = torch.cat([first, last], dim=2)
-        return x + self.o(y.transpose(1, 2).reshape(b, s, d))
 
 
 class TensorSplitGateUp(nn.Module):
