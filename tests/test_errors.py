@@ -10,7 +10,7 @@ from fxtp.testing.models import tiny_model
 from fxtp.testing.ranks import free_port
 
 from fxtp.solve.placements import ChunkSplit, DimShard
-from fxtp.solve.splits import why_not_whole_heads
+from fxtp.solve.splits import ranks_that_fit, why_not_whole_heads
 
 from .modules import DataDependent, PlainMLP, TwoHeadSizes
 
@@ -152,6 +152,9 @@ def test_not_divisible_reasons_name_the_groups_and_a_world_size_that_works():
     mqa = DimShard(splits=(ChunkSplit(64, 8), ChunkSplit(16, 8), ChunkSplit(16, 8)))
     assert why_not_whole_heads(mqa, 16, 6).endswith("a world_size from 2 to 4 splits it into "
                                                      "whole heads")
+    # a column source's features cut in whole units (the reason a doomed split gives)
+    assert ranks_that_fit(2, "units") == "world_size 2 splits it into whole units"
+    assert ranks_that_fit(1, "units") == "no world_size above 1 splits it into whole units"
 
 
 def test_unknown_input_names_the_accepted_ones(llama, plans):

@@ -35,7 +35,7 @@ from .registry import (
     sharded_placement,
 )
 from .shapes import node_shape
-from .splits import refine_within
+from .splits import ranks_that_fit, refine_within
 
 aten = torch.ops.aten
 
@@ -367,7 +367,8 @@ class Propagation:
             # reason is reported; if not, the uneven split is.
             self.doomed[n.name] = Reason(
                 f"{m.out_features} output features of {m.module} cannot be shared out "
-                f"over {spec.parts} ranks in whole units", n.name, m.module,
+                f"over {spec.parts} ranks in whole units; "
+                f"{ranks_that_fit(min(c.units for c in spec.splits), 'units')}", n.name, m.module,
                 ReasonKind.NOT_DIVISIBLE)
             spec = DimShard(1, self.ws, spec.chunks)
         out_rank = len(node_shape(n))

@@ -164,13 +164,18 @@ def _strided(ctx: RuleContext, n: fx.Node, sp: Sharded, dim: int, start: int,
     return Sharded.of(dims, {d: o for d, o in sp.origin_dict().items() if d != dim})
 
 
+def _split_input(ctx: RuleContext, n: fx.Node) -> tuple[Sharded, int, Any]:
+    """The placement a split / tensor_split reads, the dim it cuts (argument 2) and the
+    pieces' values."""
+    x, sp, src = ctx.sharded_input(n)
+    dim = norm_dim(n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0), len(src))
+    return sp, dim, n.meta.get("val")
+
+
 @rule(*SPLITS)
 def split(ctx: RuleContext, n: fx.Node) -> list:
-    x, sp, src = ctx.sharded_input(n)
-    outs = n.meta.get("val")
-    dim = norm_dim(n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0), len(src))
-    ds = sp.get(dim)
-    if ds is None:
+    sp, dim, outs = _split_input(ctx, n)
+    if sp.get(dim) is None:
         return [sp for _ in outs]
     cuts = _cuts_of(outs, dim)
     pieces = _cut(ctx, sp, dim, cuts)
@@ -196,9 +201,7 @@ def tensor_split(ctx: RuleContext, n: fx.Node) -> list:
     """x.tensor_split(indices, dim): along a dim every rank holds whole, each piece keeps x's
     placement (Bamba's scan cuts the sequence at a length known at run time); along a sharded
     dim, constant indices on the boundaries of its shards, rewritten to each rank's offsets."""
-    x, sp, src = ctx.sharded_input(n)
-    outs = n.meta.get("val")
-    dim = norm_dim(n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0), len(src))
+    sp, dim, outs = _split_input(ctx, n)
     if sp.get(dim) is None:
         return [sp for _ in outs]
     if n.target != aten.tensor_split.indices or not all(isinstance(i, int) for i in n.args[1]):

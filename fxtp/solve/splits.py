@@ -118,14 +118,14 @@ def why_not_whole_heads(cur: DimShard, head: int, heads: int) -> str:
     """Why a view of the split `cur` as `heads` heads of `head` features finds no split into
     whole heads: its groups (fused chunks) and their head counts, the group that fails and
     why, and the world sizes that would split it (the reason a `NotDivisibleError` gives)."""
+    many = len(cur.splits) > 1
     text = f"views {cur.size} features as {heads} heads of {head}"
-    if len(cur.splits) > 1:
+    if many:
         counts = [str(c.size // head) if c.size % head == 0 else f"{c.size / head:g}"
                   for c in cur.splits]
         text += f", in groups of {', '.join(counts)} heads"
     problems, fits, start = [], [], 0
     for c in cur.splits:
-        many = len(cur.splits) > 1
         subject = f"the group of features {start}-{start + c.size}" if many else "they"
         start += c.size
         if c.parts == 1:
@@ -148,9 +148,9 @@ def why_not_whole_heads(cur: DimShard, head: int, heads: int) -> str:
     return f"{text}: {'; '.join(problems)}; {ranks_that_fit(min(fits, default=0))}"
 
 
-def ranks_that_fit(most: int) -> str:
-    """The world sizes that split something into whole units, `most` of them at most."""
+def ranks_that_fit(most: int, units: str = "heads") -> str:
+    """The world sizes that split something of `most` whole `units` (2 to `most`)."""
     if most < 2:
-        return "no world_size above 1 splits it into whole heads"
+        return f"no world_size above 1 splits it into whole {units}"
     sizes = "world_size 2" if most == 2 else f"a world_size from 2 to {most}"
-    return f"{sizes} splits it into whole heads"
+    return f"{sizes} splits it into whole {units}"
